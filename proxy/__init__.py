@@ -1,0 +1,21 @@
+"""dashscope-proxy: a drop-in gateway for Alibaba Cloud DashScope image generation.
+
+How a request flows (one straight line, one module per step):
+
+    __main__  -> server (loop, socket, signals) -> app (routes, the one middleware)
+    middleware: request id, in-flight gauge, error rendering (errors), metrics, access log
+    handler (native | openai | aliyun):
+        auth        bearer key -> configured key (constant time), model allowlist
+        inbound     bounded body read, JSON, model
+        upstream    choose the upstream by model glob, swap the key, filter headers
+        relay       stream the answer back unchanged while sniffing usage
+        metering    usage.image_count -> Meter (metric + listeners); once per task
+        tasks       who created which task, where (TaskStore: SQLite, shared later)
+
+Pure logic (config parsing, header filtering, usage extraction, error bodies) is
+plain functions over plain values; handlers only wire them to sockets. The
+DashScope simulator in `proxy.simulator` is a separate app that shares nothing
+private with the gateway.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,103 @@
+"""Command line: parse arguments, load config, run. Nothing else lives here.
+
+    dashscope-proxy --config PATH [--host H] [--port N]   serve the gateway
+    dashscope-proxy demo [--port N]                       simulator + gateway, no account
+    dashscope-proxy check-config PATH                     validate, list every problem
+    dashscope-proxy hash-key                              stdin key -> key_sha256
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from .config import ConfigError, load_config, sha256_hex
+
+COMMANDS = ("demo", "check-config", "hash-key", "serve")
+
+
+def _serve(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dashscope-proxy",
+                                     description="DashScope image-generation gateway.",
+                                     epilog="Other commands: demo, check-config PATH, hash-key.")
+    parser.add_argument("--config", "-c", default=os.environ.get("DASHSCOPE_PROXY_CONFIG"),
+                        help="YAML config file (env DASHSCOPE_PROXY_CONFIG)")
+    parser.add_argument("--host", help="override server.host")
+    parser.add_argument("--port", type=int, help="override server.port")
+    args = parser.parse_args(argv)
+    if not args.config:
+        parser.error("--config PATH is required (or try: dashscope-proxy demo)")
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"{args.config}: invalid config:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    from .server import install_fast_loop, serve
+
+    install_fast_loop()
+    return asyncio.run(serve(config, host=args.host, port=args.port, config_path=args.config))
+
+
+def _check_config(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dashscope-proxy check-config")
+    parser.add_argument("path")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{args.path}: {problem}", file=sys.stderr)
+        print(f"{len(exc.problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"{args.path}: OK ({len(config.upstreams)} upstream(s), {len(config.keys)} key(s), "
+          f"{len(config.models)} model override(s), state backend {config.state.backend})")
+    return 0
+
+
+def _hash_key(argv: Sequence[str]) -> int:
+    argparse.ArgumentParser(prog="dashscope-proxy hash-key",
+                            description="Read a key on stdin, print its key_sha256.").parse_args(argv)
+    secret = sys.stdin.readline().rstrip("\r\n")
+    if not secret:
+        print("no key on stdin", file=sys.stderr)
+        return 1
+    print(sha256_hex(secret))
+    return 0
+
+
+def _demo(argv: Sequence[str]) -> int:
+    from .demo import run_demo
+
+    parser = argparse.ArgumentParser(prog="dashscope-proxy demo")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--sim-port", type=int, default=8089)
+    args = parser.parse_args(argv)
+    return run_demo(args.host, args.port, args.sim_port)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=os.environ.get("DASHSCOPE_PROXY_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if args and args[0] in COMMANDS:
+        cmd, rest = args[0], args[1:]
+        if cmd == "demo":
+            return _demo(rest)
+        if cmd == "check-config":
+            return _check_config(rest)
+        if cmd == "hash-key":
+            return _hash_key(rest)
+        return _serve(rest)
+    return _serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""create_app(config): routes, the one middleware, and the lifecycles of shared resources.
+
+The middleware is the only place that renders errors (in the caller's
+dialect, and only before a response has started), counts requests, tracks
+in-flight requests and writes the access line. Shared resources are created
+in cleanup contexts and closed after `yield`, in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import IO
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from . import native
+from .accesslog import AccessLog
+from .config import Config
+from .errors import (
+    GatewayError,
+    dialect_for_path,
+    internal_error,
+    method_not_allowed,
+    not_found,
+    render_error,
+    too_large,
+)
+from .metering import Meter
+from .metrics import Metrics
+from .runtime import (
+    CTX,
+    METER,
+    METRICS,
+    RUNTIME,
+    SESSION,
+    TASKS,
+    RequestContext,
+    Runtime,
+    RuntimeHolder,
+)
+from .tasks import SqliteTaskStore
+from .upstream import make_session
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ACCESS_LOG = web.AppKey("access_log", AccessLog)
+# Routes not counted in request metrics (scrapes and probes would drown the signal).
+_OPS_ROUTES = frozenset({"ops.metrics", "ops.healthz", "ops.readyz"})
+
+
+def _http_exception_to_gateway(exc: web.HTTPException, method: str) -> GatewayError:
+    if exc.status == 404:
+        return not_found("No such endpoint.")
+    if exc.status == 405:
+        return method_not_allowed(method)
+    if exc.status == 413:
+        return too_large(0)
+    return GatewayError(exc.status, "InvalidParameter", exc.reason)
+
+
+@web.middleware
+async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    route = request.match_info.route.name or "unmatched"
+    if route in _OPS_ROUTES:
+        return await handler(request)
+    app = request.app
+    ctx = RequestContext(request_id=str(uuid.uuid4()), route=route)
+    request[CTX] = ctx
+    metrics = app[METRICS]
+    gauge = metrics.inflight_gauge(route)
+    gauge.inc()
+    status = 500
+    try:
+        try:
+            response = await handler(request)
+        except GatewayError as err:
+            ctx.error_code = ctx.error_code or err.code
+            response = render_error(err, dialect_for_path(request.path), ctx.request_id)
+        except web.HTTPException as exc:
+            err = _http_exception_to_gateway(exc, request.method)
+            ctx.error_code = err.code
+            response = render_error(err, dialect_for_path(request.path), ctx.request_id)
+        except (asyncio.CancelledError, ConnectionResetError):
+            status = 499  # client closed request (nginx's convention)
+            raise
+        except Exception:
+            log.exception("unhandled error in %s (request %s)", route, ctx.request_id)
+            err = internal_error()
+            ctx.error_code = err.code
+            response = render_error(err, dialect_for_path(request.path), ctx.request_id)
+        status = response.status
+        return response
+    finally:
+        gauge.dec()
+        seconds = time.perf_counter() - ctx.started
+        metrics.count_request(route, ctx.key, ctx.model_label, status, seconds)
+        config = app[RUNTIME].current.config
+        if config.server.access_log:
+            app[ACCESS_LOG].write(ctx, request.method, status, seconds, config.server.log_prompts)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    holder = request.app[RUNTIME]
+    problems = []
+    if holder.draining:
+        problems.append("draining")
+    if not holder.current.config.upstreams:
+        problems.append("no upstreams configured")
+    body = {"status": "ready" if not problems else "not ready", "problems": problems}
+    return web.json_response(body, status=200 if not problems else 503)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    data = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_app(config: Config, *, registry: CollectorRegistry | None = None,
+               access_stream: IO[bytes] | None = None) -> web.Application:
+    """The gateway application for `config`. Tests pass a fresh `registry`."""
+    # The body limit is enforced by inbound.read_body (from Content-Length, before
+    # reading); aiohttp's own cap is set above it so it never answers first.
+    app = web.Application(middlewares=[gateway_middleware],
+                          client_max_size=config.server.max_body_bytes + 1024 * 1024)
+    app[RUNTIME] = RuntimeHolder(Runtime.build(config))
+    metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    metrics.precreate([k.name for k in config.keys], [])
+    app[METRICS] = metrics
+    app[METER] = Meter(metrics)
+    app[ACCESS_LOG] = AccessLog(access_stream if access_stream is not None else sys.stdout.buffer)
+    app.cleanup_ctx.append(_session_ctx)
+    app.cleanup_ctx.append(_task_store_ctx)
+    native.add_routes(app)
+    app.router.add_get("/healthz", healthz, name="ops.healthz")
+    app.router.add_get("/readyz", readyz, name="ops.readyz")
+    app.router.add_get("/metrics", metrics_endpoint, name="ops.metrics")
+    return app
+
+
+async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
+    session = make_session(app[RUNTIME].current.config.upstreams)
+    app[SESSION] = session
+    yield
+    await session.close()
+
+
+async def _task_store_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = SqliteTaskStore(app[RUNTIME].current.config.state.path)
+    await store.open()
+    app[TASKS] = store
+    yield
+    await store.close()

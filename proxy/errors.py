@@ -1,0 +1,131 @@
+"""The gateway's error tree and the one place errors become HTTP responses.
+
+Every error the gateway itself raises is a `GatewayError` carrying both
+dialects: DashScope's `{"request_id", "code", "message"}` (the only shape the
+DashScope SDKs can read, used under `/api/v1`) and OpenAI's
+`{"error": {"message", "type", "code"}}` (used under `/v1` and `/aliyun/v1`,
+the shape the OpenAI SDK maps to its exception classes).
+
+Handlers raise; `render_error` is called by the error middleware only, and only
+before a response has started. Nothing here knows about sockets.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .jsonutil import dumps
+
+
+class Dialect(enum.Enum):
+    DASHSCOPE = "dashscope"
+    OPENAI = "openai"
+
+
+def dialect_for_path(path: str) -> Dialect:
+    """`/v1/...` and `/aliyun/...` speak OpenAI; everything else DashScope."""
+    if path.startswith("/v1/") or path == "/v1" or path.startswith("/aliyun/"):
+        return Dialect.OPENAI
+    return Dialect.DASHSCOPE
+
+
+# OpenAI error `type` by HTTP status, as the OpenAI API uses them.
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+@dataclass(slots=True)
+class GatewayError(Exception):
+    """An error answered to the client. `code` is DashScope's code."""
+
+    status: int
+    code: str
+    message: str
+    openai_type: str | None = None
+    openai_code: str | None = None
+    retry_after: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"
+
+    def openai_body(self) -> dict[str, object]:
+        etype = self.openai_type or _OPENAI_TYPES.get(
+            self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        return {"error": {"message": self.message, "type": etype,
+                          "code": self.openai_code or self.code}}
+
+    def dashscope_body(self, request_id: str) -> dict[str, object]:
+        return {"request_id": request_id, "code": self.code, "message": self.message}
+
+
+# ------------------------------------------------------------------ the common errors
+
+
+def invalid_api_key() -> GatewayError:
+    return GatewayError(401, "InvalidApiKey", "Invalid API-key provided.",
+                        openai_code="invalid_api_key")
+
+
+def access_denied(message: str = "Access denied.") -> GatewayError:
+    return GatewayError(403, "AccessDenied", message, openai_code="model_not_allowed")
+
+
+def invalid_parameter(message: str, openai_code: str = "invalid_request") -> GatewayError:
+    return GatewayError(400, "InvalidParameter", message, openai_code=openai_code)
+
+
+def not_found(message: str = "Not found.") -> GatewayError:
+    return GatewayError(404, "NotFound", message, openai_code="not_found")
+
+
+def method_not_allowed(method: str) -> GatewayError:
+    return GatewayError(405, "MethodNotAllowed", f"Method {method} is not allowed on this path.",
+                        openai_code="method_not_allowed")
+
+
+def too_large(limit: int) -> GatewayError:
+    return GatewayError(413, "BadRequest.TooLarge",
+                        f"Request body is larger than the gateway's limit of {limit} bytes.",
+                        openai_code="request_too_large")
+
+
+def upstream_unavailable(detail: str) -> GatewayError:
+    return GatewayError(502, "BadGateway", f"DashScope could not be reached: {detail}.",
+                        openai_type="server_error", openai_code="upstream_unavailable")
+
+
+def upstream_timeout() -> GatewayError:
+    return GatewayError(504, "GatewayTimeout", "DashScope did not answer in time.",
+                        openai_type="server_error", openai_code="upstream_timeout")
+
+
+def no_upstream(model: str) -> GatewayError:
+    return GatewayError(400, "InvalidParameter",
+                        f"Model {model!r} is not served by any configured upstream.",
+                        openai_code="model_not_found")
+
+
+def internal_error() -> GatewayError:
+    return GatewayError(500, "InternalError",
+                        "An internal error has occured, please try again later or contact "
+                        "service support.", openai_type="server_error", openai_code="internal_error")
+
+
+def render_error(err: GatewayError, dialect: Dialect, request_id: str) -> web.Response:
+    """The one renderer. Always JSON; `Retry-After` on throttling."""
+    body = err.openai_body() if dialect is Dialect.OPENAI else err.dashscope_body(request_id)
+    headers = {"x-request-id": request_id}
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(err.retry_after)
+    return web.Response(status=err.status, body=dumps(body), content_type="application/json",
+                        headers=headers)

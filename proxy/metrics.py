@@ -1,0 +1,119 @@
+"""Every Prometheus metric the gateway exports, built on an injected registry.
+
+Names and labels are the contract in PRODUCT.md. Label values come only from
+closed sets: key and upstream names from the config, routes from the code, and
+models through `ModelLabels` (configured or seen succeeding upstream, else
+`other`). No label ever holds a secret, a prompt, a task id or a raw path.
+
+Children are cached per label tuple so the hot path does one dict lookup
+instead of prometheus_client's label validation on every request.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# Image generation takes seconds to minutes; the tail needs buckets up to 10 min.
+REQUEST_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180,
+                   300, 600)
+
+OTHER = "other"
+ANONYMOUS = "anonymous"
+
+# Model names DashScope documents for images; always valid label values.
+KNOWN_MODELS = (
+    "qwen-image-2.0-pro", "qwen-image-2.0", "qwen-image-max", "qwen-image-plus", "qwen-image",
+    "qwen-image-edit", "qwen-image-edit-plus", "qwen-image-edit-max",
+    "wan2.6-t2i", "wan2.6-image", "wan2.5-t2i-preview", "wan2.5-i2i-preview",
+    "wan2.2-t2i-flash", "wan2.2-t2i-plus", "wanx2.1-t2i-turbo", "wanx2.1-t2i-plus", "wanx-v1",
+)
+
+# A model label must look like a model name; anything else is `other` even if
+# the upstream accepted it.
+_MODEL_SHAPE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class ModelLabels:
+    """Maps a requested model name to a bounded label value."""
+
+    def __init__(self, configured: Iterable[str], max_seen: int = 256) -> None:
+        self._known = {m for m in configured if _MODEL_SHAPE.match(m)} | set(KNOWN_MODELS)
+        self._max_total = len(self._known) + max_seen
+
+    def label(self, model: str | None) -> str:
+        if model and model in self._known:
+            return model
+        return OTHER
+
+    def seen_succeeding(self, model: str) -> None:
+        """An upstream answered 2xx for `model`: it is a real model, label it by name."""
+        if (model not in self._known and len(self._known) < self._max_total
+                and _MODEL_SHAPE.match(model)):
+            self._known.add(model)
+
+
+class Metrics:
+    """The gateway's metrics on one registry (tests pass a fresh one)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        # `_created` series double the exposition for no dashboard use.
+        disable_created_metrics()
+        self.registry = registry
+        self.requests = Counter(
+            "dashscope_proxy_requests_total", "Requests answered by the gateway.",
+            ["route", "key", "model", "code"], registry=registry)
+        self.images = Counter(
+            "dashscope_proxy_images_total",
+            "Images DashScope reported generated (usage.image_count), by key and model.",
+            ["key", "model"], registry=registry)
+        self.request_duration = Histogram(
+            "dashscope_proxy_request_duration_seconds",
+            "Time from request received to response finished.",
+            ["route", "model"], buckets=REQUEST_BUCKETS, registry=registry)
+        self.upstream_duration = Histogram(
+            "dashscope_proxy_upstream_request_duration_seconds",
+            "Time from sending a request to DashScope to its response headers.",
+            ["upstream", "endpoint"], buckets=REQUEST_BUCKETS, registry=registry)
+        self.upstream_errors = Counter(
+            "dashscope_proxy_upstream_errors_total",
+            "Failed upstream calls, by DashScope error code or transport failure kind.",
+            ["upstream", "code"], registry=registry)
+        self.inflight = Gauge(
+            "dashscope_proxy_inflight_requests", "Requests being handled now.",
+            ["route"], registry=registry)
+        self._req_children: dict[tuple[str, str, str, str], Counter] = {}
+        self._dur_children: dict[tuple[str, str], Histogram] = {}
+        self._img_children: dict[tuple[str, str], Counter] = {}
+        self._inflight_children: dict[str, Gauge] = {}
+
+    def precreate(self, key_names: Iterable[str], models: Iterable[str]) -> None:
+        """Series for configured keys exist at 0 so dashboards and rate() see them at once."""
+        for key in key_names:
+            for model in models:
+                self.image_counter(key, model)
+
+    def count_request(self, route: str, key: str, model: str, code: int, seconds: float) -> None:
+        k = (route, key, model, str(code))
+        child = self._req_children.get(k)
+        if child is None:
+            child = self._req_children[k] = self.requests.labels(*k)
+        child.inc()
+        d = self._dur_children.get((route, model))
+        if d is None:
+            d = self._dur_children[(route, model)] = self.request_duration.labels(route, model)
+        d.observe(seconds)
+
+    def image_counter(self, key: str, model: str) -> Counter:
+        c = self._img_children.get((key, model))
+        if c is None:
+            c = self._img_children[(key, model)] = self.images.labels(key, model)
+        return c
+
+    def inflight_gauge(self, route: str) -> Gauge:
+        g = self._inflight_children.get(route)
+        if g is None:
+            g = self._inflight_children[route] = self.inflight.labels(route)
+        return g

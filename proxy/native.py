@@ -1,0 +1,337 @@
+"""DashScope-native passthrough under `/api/v1`: what the official SDKs call.
+
+Every handler is the same straight line: authenticate, read what routing
+needs, choose the upstream, swap the key, relay the answer unchanged, then
+settle (meter images, record task ownership). Task polls, cancels and lists go
+to the upstream that created the task, and only for the key that created it;
+anyone else is answered exactly as DashScope answers an unknown id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import time
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from .auth import check_model_allowed
+from .config import KeyConfig, UpstreamConfig
+from .errors import GatewayError, invalid_parameter, upstream_unavailable
+from .inbound import parse_json_object, read_body, require_model
+from .jsonutil import dumps
+from .metering import BodyFacts, facts_from_bytes
+from .relay import Relayed, call_upstream, relay_response
+from .runtime import CTX, METER, METRICS, RUNTIME, SESSION, TASKS, RequestContext, Runtime
+from .tasks import TERMINAL, TaskRecord
+from .upstream import request_headers
+
+# DashScope task ids are UUIDs; accept a little more, never a path separator.
+_TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_CN_TZ = timezone(timedelta(hours=8))  # DashScope's list times are Beijing time
+
+SERVICE_ROUTES = {
+    "multimodal-generation": "/services/aigc/multimodal-generation/generation",
+    "image-generation": "/services/aigc/image-generation/generation",
+    "text2image": "/services/aigc/text2image/image-synthesis",
+    "image2image": "/services/aigc/image2image/image-synthesis",
+}
+
+
+def _authenticate(request: web.Request, rt: Runtime, ctx: RequestContext) -> KeyConfig:
+    key = rt.keyring.authenticate(request.headers.get("Authorization"))
+    ctx.key = key.name
+    return key
+
+
+def _set_model(ctx: RequestContext, rt: Runtime, model: str) -> None:
+    ctx.model = model
+    ctx.model_label = rt.models.label(model)
+
+
+async def settle(request: web.Request, ctx: RequestContext, rt: Runtime, key: KeyConfig,
+                 model: str, upstream: UpstreamConfig, relayed: Relayed,
+                 meta: str | None = None) -> None:
+    """After a service call: record a created task, meter what DashScope reported."""
+    app = request.app
+    ctx.upstream_request_id = relayed.upstream_request_id
+    ctx.error_code = relayed.error_code
+    if relayed.status != 200:
+        return
+    rt.models.seen_succeeding(model)
+    ctx.model_label = rt.models.label(model)
+    facts = relayed.facts
+    if facts.task_id:
+        # An async submit (PENDING), or a sync_call answering the final task
+        # shape: either way the task is ours, and metered at most once.
+        record = TaskRecord(facts.task_id, key.name, model, upstream.name, ctx.route, time.time(),
+                            facts.task_status or "PENDING", meta=meta)
+        await app[TASKS].put(record)
+        if facts.task_status == "SUCCEEDED" and facts.image_count:
+            if await app[TASKS].claim_metering(facts.task_id):
+                await _meter(request, ctx, key.name, model, upstream.name, facts.image_count,
+                             facts.task_id)
+        return
+    if facts.image_count:
+        await _meter(request, ctx, key.name, model, upstream.name, facts.image_count, None)
+
+
+async def _meter(request: web.Request, ctx: RequestContext, key: str, model: str, upstream: str,
+                 images: int, task_id: str | None) -> None:
+    ctx.images += images
+    await request.app[METER].record(key=key, model=model, model_label=ctx.model_label,
+                                    images=images, route=ctx.route, upstream=upstream,
+                                    request_id=ctx.request_id, task_id=task_id)
+
+
+async def service_call(request: web.Request, service: str) -> web.StreamResponse:
+    """POST /api/v1/services/aigc/...: sync, SSE and async submits alike."""
+    ctx = request[CTX]
+    rt = request.app[RUNTIME].current
+    key = _authenticate(request, rt, ctx)
+    body = await read_body(request, rt.config.server.max_body_bytes)
+    obj = parse_json_object(body)
+    model = require_model(obj)
+    _set_model(ctx, rt, model)
+    check_model_allowed(key, model)
+    if rt.config.server.log_prompts:
+        ctx.prompt = _prompt_of(obj)
+    upstream = rt.router.choose(model)
+    ctx.upstream = upstream.name
+    url = upstream.base_url + service
+    resp = await call_upstream(request.app[SESSION], request.app[METRICS], upstream, ctx.route,
+                               "POST", url, request_headers(request.headers, upstream.api_key),
+                               body)
+    relayed = await relay_response(request, resp, request.app[METRICS], upstream)
+    await settle(request, ctx, rt, key, model, upstream, relayed)
+    return relayed.response
+
+
+def _prompt_of(obj: dict[str, Any]) -> str | None:
+    inp = obj.get("input")
+    if not isinstance(inp, dict):
+        return None
+    if isinstance(inp.get("prompt"), str):
+        return str(inp["prompt"])
+    for msg in inp.get("messages") or ():
+        if isinstance(msg, dict):
+            for item in msg.get("content") or ():
+                if isinstance(item, dict) and isinstance(item.get("text"), str):
+                    return str(item["text"])
+    return None
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def _valid_task_id(request: web.Request) -> str:
+    task_id = request.match_info["task_id"]
+    if not _TASK_ID.match(task_id):
+        raise invalid_parameter("task_id is not a valid task id.", "invalid_task_id")
+    return task_id
+
+
+def unknown_task(task_id: str, request_id: str) -> web.Response:
+    """Exactly what DashScope answers for an id it does not know (HTTP 200)."""
+    body = {"request_id": request_id, "output": {"task_id": task_id, "task_status": "UNKNOWN"}}
+    return web.Response(body=dumps(body), content_type="application/json")
+
+
+async def _owned(request: web.Request, ctx: RequestContext, rt: Runtime, key: KeyConfig,
+                 task_id: str) -> tuple[TaskRecord, UpstreamConfig] | None:
+    record = await request.app[TASKS].get(task_id)
+    if record is None or record.key != key.name:
+        return None
+    _set_model(ctx, rt, record.model)
+    upstream = rt.router.by_name(record.upstream)
+    if upstream is None:
+        raise upstream_unavailable(f"upstream {record.upstream!r} that created this task is no "
+                                   "longer configured")
+    ctx.upstream = upstream.name
+    return record, upstream
+
+
+async def poll_task(request: web.Request, record: TaskRecord, upstream: UpstreamConfig,
+                    ctx: RequestContext, rt: Runtime) -> Relayed:
+    """GET the task from its upstream, relay it, meter the first SUCCEEDED."""
+    url = f"{upstream.base_url}/tasks/{record.task_id}"
+    resp = await call_upstream(request.app[SESSION], request.app[METRICS], upstream, "tasks.get",
+                               "GET", url, request_headers(request.headers, upstream.api_key),
+                               None)
+    relayed = await relay_response(request, resp, request.app[METRICS], upstream)
+    await settle_poll(request, ctx, record, relayed.status, relayed.facts)
+    ctx.upstream_request_id = relayed.upstream_request_id
+    ctx.error_code = relayed.error_code
+    return relayed
+
+
+async def settle_poll(request: web.Request, ctx: RequestContext, record: TaskRecord, status: int,
+                      facts: BodyFacts) -> None:
+    if status != 200 or not facts.task_status:
+        return
+    store = request.app[TASKS]
+    if facts.task_status != record.status:
+        await store.set_status(record.task_id, facts.task_status)
+    if facts.task_status == "SUCCEEDED" and facts.image_count and \
+            await store.claim_metering(record.task_id):
+        await _meter(request, ctx, record.key, record.model, record.upstream, facts.image_count,
+                     record.task_id)
+
+
+async def get_task(request: web.Request) -> web.StreamResponse:
+    ctx = request[CTX]
+    rt = request.app[RUNTIME].current
+    key = _authenticate(request, rt, ctx)
+    task_id = _valid_task_id(request)
+    owned = await _owned(request, ctx, rt, key, task_id)
+    if owned is None:
+        return unknown_task(task_id, ctx.request_id)
+    relayed = await poll_task(request, *owned, ctx, rt)
+    return relayed.response
+
+
+async def cancel_task(request: web.Request) -> web.StreamResponse:
+    ctx = request[CTX]
+    rt = request.app[RUNTIME].current
+    key = _authenticate(request, rt, ctx)
+    task_id = _valid_task_id(request)
+    owned = await _owned(request, ctx, rt, key, task_id)
+    if owned is None:
+        # Never reaches DashScope; answered as a task that cannot be canceled,
+        # which reveals nothing about whether the id exists.
+        raise GatewayError(400, "UnsupportedOperation",
+                           "Failed to cancel the task, please confirm if the task is in PENDING "
+                           "status.")
+    record, upstream = owned
+    url = f"{upstream.base_url}/tasks/{task_id}/cancel"
+    resp = await call_upstream(request.app[SESSION], request.app[METRICS], upstream,
+                               "tasks.cancel", "POST", url,
+                               request_headers(request.headers, upstream.api_key), None)
+    relayed = await relay_response(request, resp, request.app[METRICS], upstream)
+    ctx.error_code = relayed.error_code
+    if relayed.status == 200:
+        await request.app[TASKS].set_status(task_id, "CANCELED")
+    return relayed.response
+
+
+def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise invalid_parameter(f"{name} must be an integer.") from None
+    if not lo <= value <= hi:
+        raise invalid_parameter(f"{name} must be between {lo} and {hi}.")
+    return value
+
+
+def _time_param(request: web.Request, name: str) -> float | None:
+    raw = request.query.get(name)
+    if not raw:
+        return None
+    try:
+        return datetime.strptime(raw, "%Y%m%d%H%M%S").replace(tzinfo=_CN_TZ).timestamp()
+    except ValueError:
+        raise invalid_parameter(f"{name} must be YYYYMMDDhhmmss.") from None
+
+
+async def list_tasks(request: web.Request) -> web.StreamResponse:
+    """GET /api/v1/tasks: this key's tasks only, in DashScope's list shape.
+
+    The gateway's ownership store is authoritative for *which* tasks a key has
+    (DashScope's own list covers the whole account, i.e. every team); statuses
+    of unfinished tasks on the page are refreshed from the upstream that owns them.
+    """
+    ctx = request[CTX]
+    rt = request.app[RUNTIME].current
+    key = _authenticate(request, rt, ctx)
+    page_no = _int_param(request, "page_no", 1, 1, 1_000_000)
+    page_size = _int_param(request, "page_size", 10, 1, 100)
+    status = request.query.get("status") or None
+    model = request.query.get("model_name") or None
+    if model:
+        _set_model(ctx, rt, model)
+    records, total = await request.app[TASKS].list_for_key(
+        key.name, offset=(page_no - 1) * page_size, limit=page_size, model=model, status=status,
+        since=_time_param(request, "start_time"), until=_time_param(request, "end_time"))
+    records = list(await asyncio.gather(*(_refresh(request, rt, r) for r in records)))
+    data = [{"task_id": r.task_id, "status": r.status, "model_name": r.model,
+             "gmt_create": int(r.created_at * 1000), "region": r.upstream} for r in records]
+    body = {"request_id": ctx.request_id, "total": total,
+            "total_page": math.ceil(total / page_size), "page_no": page_no,
+            "page_size": page_size, "data": data, "tasks": data}
+    return web.Response(body=dumps(body), content_type="application/json")
+
+
+async def _refresh(request: web.Request, rt: Runtime, record: TaskRecord) -> TaskRecord:
+    """The record with a fresh status from its upstream (unfinished tasks only)."""
+    upstream = rt.router.by_name(record.upstream)
+    if record.status in TERMINAL or upstream is None:
+        return record
+    metrics = request.app[METRICS]
+    try:
+        resp = await call_upstream(request.app[SESSION], metrics, upstream, "tasks.get", "GET",
+                                   f"{upstream.base_url}/tasks/{record.task_id}",
+                                   request_headers(request.headers, upstream.api_key), None)
+    except GatewayError:
+        return record  # keep the last known status
+    try:
+        body = await resp.read()
+    except Exception:  # noqa: BLE001 - a refresh is best effort
+        return record
+    finally:
+        resp.release()
+    facts = facts_from_bytes(body)
+    if resp.status != 200 or not facts.task_status:
+        return record
+    await settle_poll(request, request[CTX], record, resp.status, facts)
+    return replace(record, status=facts.task_status)
+
+
+async def uploads(request: web.Request) -> web.StreamResponse:
+    """GET /api/v1/uploads?action=getPolicy&model=M: the SDK's upload policy for local files."""
+    ctx = request[CTX]
+    rt = request.app[RUNTIME].current
+    key = _authenticate(request, rt, ctx)
+    model = request.query.get("model")
+    if not model:
+        raise GatewayError(400, "BadRequest.EmptyModel",
+                           'Required parameter "model" missing from request.')
+    _set_model(ctx, rt, model)
+    check_model_allowed(key, model)
+    upstream = rt.router.choose(model)
+    ctx.upstream = upstream.name
+    resp = await call_upstream(request.app[SESSION], request.app[METRICS], upstream, "uploads",
+                               "GET", upstream.base_url + "/uploads",
+                               request_headers(request.headers, upstream.api_key), None,
+                               params=request.rel_url.query)
+    relayed = await relay_response(request, resp, request.app[METRICS], upstream)
+    ctx.error_code = relayed.error_code
+    return relayed.response
+
+
+def add_routes(app: web.Application, prefix: str = "/api/v1") -> None:
+    r = app.router
+    # One resource per service, so the route name (a metric label) is fixed.
+    for name, path in SERVICE_ROUTES.items():
+        r.add_post(prefix + path, _service_handler(path), name=name)
+    r.add_get(prefix + "/tasks/{task_id}", get_task, name="tasks.get")
+    r.add_post(prefix + "/tasks/{task_id}/cancel", cancel_task, name="tasks.cancel")
+    # The SDK calls /tasks, the docs show /tasks/: one resource for both.
+    r.add_get(prefix + "/tasks{slash:/?}", list_tasks, name="tasks.list")
+    r.add_get(prefix + "/uploads", uploads, name="uploads")
+
+
+def _service_handler(path: str) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await service_call(request, path)
+
+    return handler

@@ -1,0 +1,164 @@
+"""Relaying one DashScope response to the client, unchanged, while sniffing what metering needs.
+
+Three shapes:
+- small JSON with a Content-Length (the usual answer, a few KB): read whole,
+  parsed once for metering, written in one `web.Response`;
+- SSE (`text/event-stream`): streamed chunk by chunk as it arrives (never
+  buffered whole); `SseSniffer` keeps the last complete event for metering;
+- anything else (large or unknown length): streamed with `BodySniffer`.
+
+If the client goes away mid-relay we keep reading the upstream body to its end
+(within the upstream timeouts) without writing, because DashScope bills what it
+generated and the count must not be lost. If DashScope fails mid-relay after
+the response has started, the client connection is closed so the client sees a
+truncated body rather than a "complete" corrupt one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .config import UpstreamConfig
+from .jsonutil import loads
+from .metering import PARSE_LIMIT, BodyFacts, BodySniffer, SseSniffer, facts_from_bytes
+from .metrics import Metrics
+from .upstream import client_timeout, map_client_error, response_headers
+
+log = logging.getLogger(__name__)
+
+# Read size for streamed bodies: large enough to relay MB/s with few syscalls,
+# small enough that thousands of concurrent streams stay within memory.
+CHUNK = 64 * 1024
+
+_CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError, BrokenPipeError)
+
+
+@dataclass(slots=True)
+class Relayed:
+    """The outcome of one relayed upstream call."""
+
+    response: web.StreamResponse
+    status: int
+    facts: BodyFacts
+    error_code: str | None
+    complete: bool  # upstream body fully received
+    upstream_request_id: str | None
+
+
+async def call_upstream(session: aiohttp.ClientSession, metrics: Metrics,
+                        upstream: UpstreamConfig, endpoint: str, method: str, url: str,
+                        headers: CIMultiDict[str], body: bytes | None,
+                        params: object = None) -> aiohttp.ClientResponse:
+    """Send one request upstream; transport failures raise `UpstreamFailure` (502/504)."""
+    t0 = time.perf_counter()
+    try:
+        resp = await session.request(method, url, data=body, headers=headers, params=params,  # type: ignore[arg-type]
+                                     timeout=client_timeout(upstream), allow_redirects=False)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        failure = map_client_error(exc)
+        metrics.upstream_errors.labels(upstream.name, failure.kind).inc()
+        raise failure from None
+    metrics.upstream_duration.labels(upstream.name, endpoint).observe(time.perf_counter() - t0)
+    return resp
+
+
+def _error_code(status: int, facts_body: bytes | None) -> str | None:
+    if status < 400:
+        return None
+    if facts_body:
+        try:
+            obj = loads(facts_body)
+            if isinstance(obj, dict) and isinstance(obj.get("code"), str):
+                return obj["code"][:64] if obj["code"] else str(status)
+        except (ValueError, RecursionError):
+            pass
+    return str(status)
+
+
+async def relay_response(request: web.Request, resp: aiohttp.ClientResponse,
+                         metrics: Metrics, upstream: UpstreamConfig,
+                         extra_headers: dict[str, str] | None = None) -> Relayed:
+    """Relay `resp` to the client; always releases `resp`."""
+    upstream_rid = resp.headers.get("x-request-id") or resp.headers.get("x-dashscope-request-id")
+    try:
+        headers = response_headers(resp.headers)
+        if extra_headers:
+            headers.update(extra_headers)
+        ctype = resp.headers.get("Content-Type", "")
+        length = resp.content_length
+        if "text/event-stream" not in ctype and length is not None and length <= PARSE_LIMIT:
+            try:
+                body = await resp.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                failure = map_client_error(exc)
+                metrics.upstream_errors.labels(upstream.name, failure.kind).inc()
+                raise failure from None
+            code = _error_code(resp.status, body)
+            if code:
+                metrics.upstream_errors.labels(upstream.name, code).inc()
+            facts = facts_from_bytes(body) if resp.status == 200 else BodyFacts()
+            out = web.Response(status=resp.status, reason=resp.reason, body=body,
+                               headers=headers)
+            return Relayed(out, resp.status, facts, code, True, upstream_rid)
+        return await _stream(request, resp, headers, "text/event-stream" in ctype, metrics,
+                             upstream, upstream_rid)
+    finally:
+        resp.release()
+
+
+async def _stream(request: web.Request, resp: aiohttp.ClientResponse, headers: CIMultiDict[str],
+                  sse: bool, metrics: Metrics, upstream: UpstreamConfig,
+                  upstream_rid: str | None) -> Relayed:
+    sniffer: SseSniffer | BodySniffer = SseSniffer() if sse else BodySniffer()
+    # Keep an error body's first bytes to learn its DashScope code.
+    err_head = bytearray() if resp.status >= 400 else None
+    out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+    client_alive = True
+    try:
+        await out.prepare(request)
+    except _CLIENT_GONE:
+        client_alive = False
+    complete = False
+    try:
+        async for chunk in resp.content.iter_chunked(CHUNK) if not sse else resp.content.iter_any():
+            sniffer.feed(chunk)
+            if err_head is not None and len(err_head) < 4096:
+                err_head += chunk[: 4096 - len(err_head)]
+            if client_alive:
+                try:
+                    await out.write(chunk)
+                except _CLIENT_GONE:
+                    # Keep draining: DashScope bills what it generates.
+                    client_alive = False
+        complete = True
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        failure = map_client_error(exc)
+        metrics.upstream_errors.labels(upstream.name, failure.kind).inc()
+        log.warning("upstream %s failed mid-response (%s); closing client connection",
+                    upstream.name, failure.kind)
+        _abort(request)
+        client_alive = False
+    if client_alive:
+        try:
+            await out.write_eof()
+        except _CLIENT_GONE:
+            pass
+    code = _error_code(resp.status, bytes(err_head) if err_head is not None else None)
+    if sse and isinstance(sniffer, SseSniffer) and sniffer.error:
+        code = code or "stream_error"
+    if code:
+        metrics.upstream_errors.labels(upstream.name, code).inc()
+    facts = sniffer.facts() if resp.status == 200 else BodyFacts()
+    return Relayed(out, resp.status, facts, code, complete, upstream_rid)
+
+
+def _abort(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.close()

@@ -1,0 +1,75 @@
+"""What a request runs against: the config snapshot and the app's shared services.
+
+`Runtime` is everything derived from one config (key ring, upstream router,
+model labels). It is immutable and swapped whole on reload, and a handler takes
+it once at the start, so a request in flight finishes on the config it started
+with. The long-lived services (ClientSession, task store, metrics, meter) hang
+off the app under typed `AppKey`s; per-request facts under a `RequestKey`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from .auth import KeyRing
+from .config import Config
+from .metering import Meter
+from .metrics import ANONYMOUS, OTHER, Metrics, ModelLabels
+from .tasks import TaskStore
+from .upstream import UpstreamRouter
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    config: Config
+    keyring: KeyRing
+    router: UpstreamRouter
+    models: ModelLabels
+
+    @classmethod
+    def build(cls, config: Config, models: ModelLabels | None = None) -> Runtime:
+        configured: set[str] = set(config.models)
+        configured.update(o.target for o in config.models.values() if o.target)
+        for k in config.keys:
+            configured.update(p for p in k.models if not any(c in p for c in "*?["))
+        for u in config.upstreams:
+            configured.update(p for p in u.models if not any(c in p for c in "*?["))
+        return cls(config, KeyRing(config.keys), UpstreamRouter(config),
+                   models or ModelLabels(configured))
+
+
+class RuntimeHolder:
+    """The current Runtime; replaced atomically by a reload."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.current = runtime
+        self.draining = False
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Per-request facts filled in along the way, read by the metrics/log middleware."""
+
+    request_id: str
+    route: str
+    started: float = field(default_factory=time.perf_counter)
+    key: str = ANONYMOUS
+    model: str | None = None
+    model_label: str = OTHER
+    upstream: str | None = None
+    upstream_request_id: str | None = None
+    error_code: str | None = None
+    images: int = 0
+    prompt: str | None = None
+
+
+RUNTIME = web.AppKey("runtime", RuntimeHolder)
+METRICS = web.AppKey("metrics", Metrics)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+TASKS = web.AppKey("tasks", TaskStore)
+METER = web.AppKey("meter", Meter)
+CTX = web.RequestKey("ctx", RequestContext)

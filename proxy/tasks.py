@@ -1,0 +1,201 @@
+"""Task ownership and routing: who created which DashScope task, and where.
+
+A poll, cancel or list must reach the upstream that created the task, only the
+submitting key may see it, and a task is metered once. The gateway therefore
+records every task id it sees created, with its key, model and upstream.
+
+`TaskStore` is the interface; `SqliteTaskStore` is the embedded default (one
+file on local disk, survives restarts). A shared backend for several replicas
+implements the same protocol: every operation is a single-key read or write,
+and `claim_metering` is one atomic compare-and-set, so it maps onto Redis
+(`SET NX`) as directly as onto SQL (`UPDATE ... WHERE metered = 0`).
+
+SQLite calls run on one dedicated thread that owns the connection: they never
+block the event loop, and there is no connection sharing across threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
+
+TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN"})
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """A task the gateway saw created. `meta` is an opaque JSON string for front ends."""
+
+    task_id: str
+    key: str
+    model: str
+    upstream: str
+    route: str
+    created_at: float
+    status: str = "PENDING"
+    metered: bool = False
+    meta: str | None = None
+
+
+class TaskStore(Protocol):
+    async def put(self, record: TaskRecord) -> None:
+        """Record a newly created task (idempotent on task_id)."""
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        """The record, or None when the gateway never saw this id."""
+
+    async def set_status(self, task_id: str, status: str) -> None:
+        """Remember the last status a poll showed."""
+
+    async def claim_metering(self, task_id: str) -> bool:
+        """True exactly once per task, for the caller that must count its images."""
+
+    async def list_for_key(self, key: str, *, offset: int, limit: int, model: str | None = None,
+                           status: str | None = None, since: float | None = None,
+                           until: float | None = None) -> tuple[list[TaskRecord], int]:
+        """One page of a key's tasks, newest first, and the total matching."""
+
+    async def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id    TEXT PRIMARY KEY,
+    key        TEXT NOT NULL,
+    model      TEXT NOT NULL,
+    upstream   TEXT NOT NULL,
+    route      TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    status     TEXT NOT NULL,
+    metered    INTEGER NOT NULL DEFAULT 0,
+    meta       TEXT
+);
+CREATE INDEX IF NOT EXISTS tasks_by_key ON tasks (key, created_at);
+"""
+
+
+class SqliteTaskStore:
+    """The embedded task store: SQLite in WAL mode on local disk."""
+
+    # DashScope forgets tasks after 24 h; keep ours a little longer, then purge.
+    RETENTION_SECONDS = 48 * 3600
+
+    def __init__(self, path: str) -> None:
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-store")
+        self._path = path
+        self._conn: sqlite3.Connection | None = None
+        self._puts = 0
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    def _open(self) -> None:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        # WAL + synchronous=NORMAL: durable across process crashes (what a
+        # restart needs) without an fsync per write.
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.executescript(_SCHEMA)
+        self._conn = conn
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("task store is not open")
+        return self._conn
+
+    async def put(self, record: TaskRecord) -> None:
+        self._puts += 1
+        purge = self._puts % 1000 == 0
+
+        def op() -> None:
+            db = self._db()
+            db.execute(
+                "INSERT OR IGNORE INTO tasks VALUES (?,?,?,?,?,?,?,?,?)",
+                (record.task_id, record.key, record.model, record.upstream, record.route,
+                 record.created_at, record.status, int(record.metered), record.meta))
+            if purge:
+                db.execute("DELETE FROM tasks WHERE created_at < ?",
+                           (time.time() - self.RETENTION_SECONDS,))
+
+        await self._run(op)
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        def op() -> TaskRecord | None:
+            row = self._db().execute(
+                "SELECT task_id, key, model, upstream, route, created_at, status, metered, meta "
+                "FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            return _row(row) if row else None
+
+        return await self._run(op)
+
+    async def set_status(self, task_id: str, status: str) -> None:
+        def op() -> None:
+            self._db().execute("UPDATE tasks SET status = ? WHERE task_id = ? AND status != ?",
+                               (status, task_id, status))
+
+        await self._run(op)
+
+    async def claim_metering(self, task_id: str) -> bool:
+        def op() -> bool:
+            cur = self._db().execute(
+                "UPDATE tasks SET metered = 1 WHERE task_id = ? AND metered = 0", (task_id,))
+            return cur.rowcount == 1
+
+        return await self._run(op)
+
+    async def list_for_key(self, key: str, *, offset: int, limit: int, model: str | None = None,
+                           status: str | None = None, since: float | None = None,
+                           until: float | None = None) -> tuple[list[TaskRecord], int]:
+        where = ["key = ?"]
+        args: list[object] = [key]
+        for clause, value in (("model = ?", model), ("status = ?", status),
+                              ("created_at >= ?", since), ("created_at <= ?", until)):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        cond = " AND ".join(where)
+
+        def op() -> tuple[list[TaskRecord], int]:
+            db = self._db()
+            total = db.execute(f"SELECT COUNT(*) FROM tasks WHERE {cond}", args).fetchone()[0]  # noqa: S608 - clauses are literals
+            rows = db.execute(
+                "SELECT task_id, key, model, upstream, route, created_at, status, metered, meta "
+                f"FROM tasks WHERE {cond} ORDER BY created_at DESC LIMIT ? OFFSET ?",  # noqa: S608
+                [*args, limit, offset]).fetchall()
+            return [_row(r) for r in rows], int(total)
+
+        return await self._run(op)
+
+    async def close(self) -> None:
+        def op() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await self._run(op)
+        self._executor.shutdown(wait=True)
+
+
+def _row(row: tuple[object, ...]) -> TaskRecord:
+    task_id, key, model, upstream, route, created_at, status, metered, meta = row
+    return TaskRecord(str(task_id), str(key), str(model), str(upstream), str(route),
+                      float(created_at), str(status), bool(metered),  # type: ignore[arg-type]
+                      None if meta is None else str(meta))
+
+
+def with_status(record: TaskRecord, status: str) -> TaskRecord:
+    return replace(record, status=status)

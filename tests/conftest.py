@@ -1,0 +1,128 @@
+"""Shared fixtures: the simulator and the gateway on real sockets, SDK-ready."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dashscope
+import pytest
+from prometheus_client import CollectorRegistry
+
+from proxy.app import create_app
+from proxy.config import Config, parse_config, sha256_hex
+from proxy.simulator import SimSettings, create_sim_app
+from tests.support import Live, LoopThread
+
+UPSTREAM_KEY = "sk-sim-upstream"
+KEY_A = "gw-team-a-secret-0001"
+KEY_B = "gw-team-b-secret-0002"
+
+
+def gateway_yaml(sim_url: str, state_path: Path, extra: str = "") -> str:
+    return f"""
+server:
+  host: 127.0.0.1
+  port: 0
+upstreams:
+  - name: sim
+    base_url: {sim_url}/api/v1
+    api_key: {UPSTREAM_KEY}
+keys:
+  - name: team-a
+    key: {KEY_A}
+  - name: team-b
+    key_sha256: "{sha256_hex(KEY_B)}"
+    models: ["qwen-image*", "wan2.6-*"]
+state:
+  path: {state_path}
+{extra}
+"""
+
+
+@dataclass
+class Gateway:
+    live: Live
+    config: Config
+    registry: CollectorRegistry
+    access: io.BytesIO
+
+    @property
+    def url(self) -> str:
+        return self.live.url
+
+    @property
+    def api(self) -> str:
+        return self.live.url + "/api/v1"
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    def images(self, key: str, model: str) -> float:
+        return self.metric("dashscope_proxy_images_total", key=key, model=model)
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        import json
+
+        return [json.loads(line) for line in self.access.getvalue().splitlines() if line]
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+@pytest.fixture
+def sim_settings() -> SimSettings:
+    return SimSettings(pending_seconds=0.1, running_seconds=0.2)
+
+
+@pytest.fixture
+def sim(loop_thread: LoopThread, sim_settings: SimSettings) -> Iterator[Live]:
+    live = loop_thread.serve(create_sim_app(sim_settings))
+    yield live
+    loop_thread.stop(live)
+
+
+GatewayFactory = Callable[..., Gateway]
+
+
+@pytest.fixture
+def start_gateway(loop_thread: LoopThread, sim: Live, tmp_path: Path) -> Iterator[GatewayFactory]:
+    started: list[Gateway] = []
+
+    def start(extra: str = "", yaml_text: str | None = None, port: int = 0) -> Gateway:
+        text = yaml_text or gateway_yaml(sim.url, tmp_path / "state.db", extra)
+        config = parse_config(text, {})
+        registry = CollectorRegistry()
+        access = io.BytesIO()
+        app = create_app(config, registry=registry, access_stream=access)
+        gw = Gateway(loop_thread.serve(app, port=port), config, registry, access)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        try:
+            loop_thread.stop(gw.live)
+        except Exception:  # already stopped by the test
+            pass
+
+
+@pytest.fixture
+def gateway(start_gateway: GatewayFactory) -> Gateway:
+    return start_gateway()
+
+
+@pytest.fixture
+def ds(gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> Gateway:
+    """The dashscope SDK pointed at the gateway with team-a's key."""
+    monkeypatch.setattr(dashscope, "base_http_api_url", gateway.api)
+    monkeypatch.setattr(dashscope, "api_key", KEY_A)
+    return gateway
