@@ -61,8 +61,9 @@ def _check_config(argv: Sequence[str]) -> int:
 
 
 def _hash_key(argv: Sequence[str]) -> int:
-    argparse.ArgumentParser(prog="dashscope-proxy hash-key",
-                            description="Read a key on stdin, print its key_sha256.").parse_args(argv)
+    parser = argparse.ArgumentParser(prog="dashscope-proxy hash-key",
+                                     description="Read a key on stdin, print its key_sha256.")
+    parser.parse_args(argv)
     secret = sys.stdin.readline().rstrip("\r\n")
     if not secret:
         print("no key on stdin", file=sys.stderr)

@@ -81,21 +81,21 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         try:
             response = await handler(request)
-        except GatewayError as err:
-            ctx.error_code = ctx.error_code or err.code
-            response = render_error(err, dialect_for_path(request.path), ctx.request_id)
+        except GatewayError as exc:
+            ctx.error_code = ctx.error_code or exc.code
+            response = render_error(exc, dialect_for_path(request.path), ctx.request_id)
         except web.HTTPException as exc:
-            err = _http_exception_to_gateway(exc, request.method)
-            ctx.error_code = err.code
-            response = render_error(err, dialect_for_path(request.path), ctx.request_id)
+            mapped = _http_exception_to_gateway(exc, request.method)
+            ctx.error_code = mapped.code
+            response = render_error(mapped, dialect_for_path(request.path), ctx.request_id)
         except (asyncio.CancelledError, ConnectionResetError):
             status = 499  # client closed request (nginx's convention)
             raise
         except Exception:
             log.exception("unhandled error in %s (request %s)", route, ctx.request_id)
-            err = internal_error()
-            ctx.error_code = err.code
-            response = render_error(err, dialect_for_path(request.path), ctx.request_id)
+            internal = internal_error()
+            ctx.error_code = internal.code
+            response = render_error(internal, dialect_for_path(request.path), ctx.request_id)
         status = response.status
         return response
     finally:

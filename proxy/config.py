@@ -66,8 +66,8 @@ class ServerConfig:
     # aiohttp's run_app defaults to 128, which drops connections under a burst
     # of thousands of long image requests.
     backlog: int = 4096
-    # Seconds in-flight requests get to finish after SIGTERM (keep it below the
-    # pod's terminationGracePeriodSeconds).
+    # Seconds in-flight requests get to finish after SIGTERM (keep it below
+    # the pod's terminationGracePeriodSeconds).
     shutdown_grace_seconds: float = 30.0
     # Worker processes sharing the port (SO_REUSEPORT); 1 = single process.
     workers: int = 1
@@ -92,7 +92,7 @@ class TimeoutsConfig:
 
 @dataclass(frozen=True, slots=True)
 class CircuitBreakerConfig:
-    """Take an upstream out after `failures` consecutive failures, probe after `cooldown_seconds`."""
+    """Take an upstream out after `failures` failures in a row; probe after `cooldown_seconds`."""
 
     failures: int = 5
     cooldown_seconds: float = 30.0
@@ -222,7 +222,7 @@ def _interpolate(value: Any, where: str, environ: Mapping[str, str], p: _Problem
             name = m.group(1)
             if name not in environ:
                 p.add(where, f"environment variable {name} is not set")
-                return ""
+                return m.group(0)  # keep the text so later checks do not pile on
             return environ[name]
 
         return _VAR.sub(repl, value)
@@ -263,16 +263,17 @@ class _Section:
             return default
         return v
 
-    def str(self, key: str, default: Any = None, required: bool = False) -> Any:
+    def text(self, key: str, default: Any = None, required: bool = False) -> Any:
         if required and self.data.get(key) in (None, ""):
             self.p.add(self.loc(key), "is required")
             return default
         return self._get(key, default, lambda v: isinstance(v, str), "a string")
 
-    def bool(self, key: str, default: bool) -> bool:
+    def flag(self, key: str, default: bool) -> bool:
         return bool(self._get(key, default, lambda v: isinstance(v, bool), "true or false"))
 
-    def int(self, key: str, default: Any, minimum: int = 0, maximum: int | None = None) -> Any:
+    def integer(self, key: str, default: Any, minimum: int = 0,
+                maximum: int | None = None) -> Any:
         def ok(v: Any) -> bool:
             return (isinstance(v, int) and not isinstance(v, bool) and v >= minimum
                     and (maximum is None or v <= maximum))
@@ -298,7 +299,7 @@ class _Section:
     def section(self, key: str, allowed: set[str]) -> _Section:
         return _Section(self.data.get(key), self.loc(key), self.p, allowed)
 
-    def list(self, key: str) -> list[Any]:
+    def items(self, key: str) -> list[Any]:
         v = self.data.get(key)
         if v is None:
             return []
@@ -310,16 +311,16 @@ class _Section:
 
 def _parse_server(s: _Section) -> ServerConfig:
     d = ServerConfig()
-    usage_log = s.str("usage_log")
+    usage_log = s.text("usage_log")
     return ServerConfig(
-        host=s.str("host", d.host),
-        port=s.int("port", d.port, 0, 65535),
-        max_body_bytes=s.int("max_body_bytes", d.max_body_bytes, 1024),
-        backlog=s.int("backlog", d.backlog, 1),
+        host=s.text("host", d.host),
+        port=s.integer("port", d.port, 0, 65535),
+        max_body_bytes=s.integer("max_body_bytes", d.max_body_bytes, 1024),
+        backlog=s.integer("backlog", d.backlog, 1),
         shutdown_grace_seconds=s.number("shutdown_grace_seconds", d.shutdown_grace_seconds),
-        workers=s.int("workers", d.workers, 1, 256),
-        access_log=s.bool("access_log", d.access_log),
-        log_prompts=s.bool("log_prompts", d.log_prompts),
+        workers=s.integer("workers", d.workers, 1, 256),
+        access_log=s.flag("access_log", d.access_log),
+        log_prompts=s.flag("log_prompts", d.log_prompts),
         usage_log=usage_log,
     )
 
@@ -329,17 +330,17 @@ _UPSTREAM_FIELDS = {"name", "base_url", "api_key", "models", "priority", "weight
 
 
 def _parse_upstream(s: _Section) -> UpstreamConfig | None:
-    name = s.str("name", "", required=True)
+    name = s.text("name", "", required=True)
     if name and not _NAME.match(name):
         s.p.add(s.loc("name"), "must be 1-63 letters, digits, '_', '.', '-'")
-    base_url = s.str("base_url", "", required=True)
+    base_url = s.text("base_url", "", required=True)
     if base_url:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             s.p.add(s.loc("base_url"), f"must be an http(s) URL, got {base_url!r}")
         elif parts.query or parts.fragment:
             s.p.add(s.loc("base_url"), "must not have a query or fragment")
-    api_key = s.str("api_key", "", required=True)
+    api_key = s.text("api_key", "", required=True)
     t = s.section("timeouts", {"connect", "read", "total"})
     dt = TimeoutsConfig()
     timeouts = TimeoutsConfig(
@@ -350,7 +351,7 @@ def _parse_upstream(s: _Section) -> UpstreamConfig | None:
     c = s.section("circuit_breaker", {"failures", "cooldown_seconds"})
     dc = CircuitBreakerConfig()
     breaker = CircuitBreakerConfig(
-        failures=c.int("failures", dc.failures, 1),
+        failures=c.integer("failures", dc.failures, 1),
         cooldown_seconds=c.number("cooldown_seconds", dc.cooldown_seconds),
     )
     d = UpstreamConfig(name="", base_url="", api_key="")
@@ -359,23 +360,23 @@ def _parse_upstream(s: _Section) -> UpstreamConfig | None:
         base_url=(base_url or "").rstrip("/"),
         api_key=api_key or "",
         models=s.globs("models", d.models),
-        priority=s.int("priority", d.priority, -1000000),
-        weight=s.int("weight", d.weight, 1),
-        max_connections=s.int("max_connections", d.max_connections, 1),
-        max_concurrency=s.int("max_concurrency", None, 1),
+        priority=s.integer("priority", d.priority, -1000000),
+        weight=s.integer("weight", d.weight, 1),
+        max_connections=s.integer("max_connections", d.max_connections, 1),
+        max_concurrency=s.integer("max_concurrency", None, 1),
         timeouts=timeouts,
         circuit_breaker=breaker,
     )
 
 
 def _parse_key(s: _Section) -> KeyConfig:
-    name = s.str("name", "", required=True)
+    name = s.text("name", "", required=True)
     if name and not _NAME.match(name):
         s.p.add(s.loc("name"), "must be 1-63 letters, digits, '_', '.', '-'")
     if name == "anonymous":
         s.p.add(s.loc("name"), "'anonymous' is reserved for unauthenticated callers")
-    secret = s.str("key")
-    digest = s.str("key_sha256")
+    secret = s.text("key")
+    digest = s.text("key_sha256")
     if secret is not None and digest is not None:
         s.p.add(s.where, "set either key or key_sha256, not both")
     elif secret is None and digest is None:
@@ -387,10 +388,10 @@ def _parse_key(s: _Section) -> KeyConfig:
     lim = s.section("limits", {"requests_per_minute", "concurrent_requests", "images_per_day",
                                "images_per_month"})
     limits = LimitsConfig(
-        requests_per_minute=lim.int("requests_per_minute", None, 1),
-        concurrent_requests=lim.int("concurrent_requests", None, 1),
-        images_per_day=lim.int("images_per_day", None, 0),
-        images_per_month=lim.int("images_per_month", None, 0),
+        requests_per_minute=lim.integer("requests_per_minute", None, 1),
+        concurrent_requests=lim.integer("concurrent_requests", None, 1),
+        images_per_day=lim.integer("images_per_day", None, 0),
+        images_per_month=lim.integer("images_per_month", None, 0),
     )
     key_sha = sha256_hex(secret) if secret else (digest or "").lower()
     return KeyConfig(name=name or "", key_sha256=key_sha, models=s.globs("models", ("*",)),
@@ -401,41 +402,42 @@ def _parse_models(s: _Section, p: _Problems) -> dict[str, ModelOverride]:
     out: dict[str, ModelOverride] = {}
     for model, body in s.data.items():
         m = _Section(body, s.loc(str(model)), p, {"target", "mode", "async_only"})
-        mode = m.str("mode")
+        mode = m.text("mode")
         if mode is not None and mode not in ("sync", "async"):
             p.add(m.loc("mode"), f"must be sync or async, got {mode!r}")
             mode = None
-        out[str(model)] = ModelOverride(target=m.str("target"), mode=mode,
-                                        async_only=m.bool("async_only", False))
+        out[str(model)] = ModelOverride(target=m.text("target"), mode=mode,
+                                        async_only=m.flag("async_only", False))
     for model, o in out.items():
         if o.target is not None and o.target in out and out[o.target].target is not None:
-            p.add(s.loc(model) + ".target", f"{o.target!r} is itself an alias; chains are not allowed")
+            p.add(s.loc(model) + ".target",
+                  f"{o.target!r} is itself an alias; chains are not allowed")
     return out
 
 
 def _parse_state(s: _Section) -> StateConfig:
     d = StateConfig()
-    backend = s.str("backend", d.backend)
+    backend = s.text("backend", d.backend)
     if backend not in ("local", "redis"):
         s.p.add(s.loc("backend"), f"must be local or redis, got {backend!r}")
-    url = s.str("url")
+    url = s.text("url")
     if backend == "redis" and not url:
         s.p.add(s.loc("url"), "is required with backend: redis")
     if url and not url.startswith(("redis://", "rediss://", "unix://")):
         s.p.add(s.loc("url"), "must be a redis:// , rediss:// or unix:// URL")
-    return StateConfig(backend=backend, path=s.str("path", d.path), url=url)
+    return StateConfig(backend=backend, path=s.text("path", d.path), url=url)
 
 
 def _parse_openai(s: _Section) -> OpenAIConfig:
     d = OpenAIConfig()
-    fmt = s.str("default_response_format", d.default_response_format)
+    fmt = s.text("default_response_format", d.default_response_format)
     if fmt not in ("b64_json", "url"):
         s.p.add(s.loc("default_response_format"), "must be b64_json or url")
     f = s.section("image_fetch", {"allowed_hosts", "max_bytes", "timeout_seconds"})
     df = ImageFetchConfig()
     fetch = ImageFetchConfig(
         allowed_hosts=f.globs("allowed_hosts", df.allowed_hosts),
-        max_bytes=f.int("max_bytes", df.max_bytes, 1),
+        max_bytes=f.integer("max_bytes", df.max_bytes, 1),
         timeout_seconds=f.number("timeout_seconds", df.timeout_seconds, 0.001),
     )
     return OpenAIConfig(
@@ -461,7 +463,7 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
     server = _parse_server(root.section("server", set(ServerConfig.__dataclass_fields__)))
 
     upstreams: list[UpstreamConfig] = []
-    raw_upstreams = root.list("upstreams")
+    raw_upstreams = root.items("upstreams")
     if not raw_upstreams:
         p.add("upstreams", "at least one upstream is required")
     for i, item in enumerate(raw_upstreams):
@@ -475,7 +477,7 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
         seen.setdefault(u.name, i)
 
     keys: list[KeyConfig] = []
-    raw_keys = root.list("keys")
+    raw_keys = root.items("keys")
     if not raw_keys:
         p.add("keys", "at least one key is required")
     for i, item in enumerate(raw_keys):
@@ -497,8 +499,8 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
 
     models = _parse_models(root.section("models", set(root.data.get("models") or {})), p)
     state = _parse_state(root.section("state", {"backend", "path", "url"}))
-    openai = _parse_openai(root.section("openai", {"default_response_format", "sync_wait_seconds",
-                                                   "task_retention_seconds", "image_fetch"}))
+    openai = _parse_openai(root.section("openai", {
+        "default_response_format", "sync_wait_seconds", "task_retention_seconds", "image_fetch"}))
     if p.items:
         raise ConfigError(p.items)
     return Config(server=server, upstreams=tuple(upstreams), keys=tuple(keys), models=models,

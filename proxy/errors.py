@@ -118,7 +118,8 @@ def no_upstream(model: str) -> GatewayError:
 def internal_error() -> GatewayError:
     return GatewayError(500, "InternalError",
                         "An internal error has occured, please try again later or contact "
-                        "service support.", openai_type="server_error", openai_code="internal_error")
+                        "service support.", openai_type="server_error",
+                        openai_code="internal_error")
 
 
 def render_error(err: GatewayError, dialect: Dialect, request_id: str) -> web.Response:

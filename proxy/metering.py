@@ -114,9 +114,9 @@ class BodySniffer:
         for m in _TASK_STATUS.finditer(window):
             self._status = m.group(1).decode()
         if self._task_id is None:
-            m = _TASK_ID.search(window)
-            if m:
-                self._task_id = m.group(1).decode()
+            found = _TASK_ID.search(window)
+            if found:
+                self._task_id = found.group(1).decode()
         self._tail = window[-_OVERLAP:]
 
     def facts(self) -> BodyFacts:

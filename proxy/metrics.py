@@ -60,7 +60,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         # `_created` series double the exposition for no dashboard use.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry
         self.requests = Counter(
             "dashscope_proxy_requests_total", "Requests answered by the gateway.",

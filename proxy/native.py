@@ -13,9 +13,9 @@ import asyncio
 import math
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -73,9 +73,9 @@ async def settle(request: web.Request, ctx: RequestContext, rt: Runtime, key: Ke
         record = TaskRecord(facts.task_id, key.name, model, upstream.name, ctx.route, time.time(),
                             facts.task_status or "PENDING", meta=meta)
         await app[TASKS].put(record)
-        if facts.task_status == "SUCCEEDED" and facts.image_count:
-            if await app[TASKS].claim_metering(facts.task_id):
-                await _meter(request, ctx, key.name, model, upstream.name, facts.image_count,
+        if (facts.task_status == "SUCCEEDED" and facts.image_count
+                and await app[TASKS].claim_metering(facts.task_id)):
+            await _meter(request, ctx, key.name, model, upstream.name, facts.image_count,
                              facts.task_id)
         return
     if facts.image_count:

@@ -16,6 +16,7 @@ truncated body rather than a "complete" corrupt one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -145,10 +146,8 @@ async def _stream(request: web.Request, resp: aiohttp.ClientResponse, headers: C
         _abort(request)
         client_alive = False
     if client_alive:
-        try:
+        with contextlib.suppress(*_CLIENT_GONE):
             await out.write_eof()
-        except _CLIENT_GONE:
-            pass
     code = _error_code(resp.status, bytes(err_head) if err_head is not None else None)
     if sse and isinstance(sniffer, SseSniffer) and sniffer.error:
         code = code or "stream_error"

@@ -171,11 +171,13 @@ class SqliteTaskStore:
 
         def op() -> tuple[list[TaskRecord], int]:
             db = self._db()
-            total = db.execute(f"SELECT COUNT(*) FROM tasks WHERE {cond}", args).fetchone()[0]  # noqa: S608 - clauses are literals
-            rows = db.execute(
+            # `cond` is built from the literal clauses above; values are bound.
+            count_sql = "SELECT COUNT(*) FROM tasks WHERE " + cond  # noqa: S608
+            page_sql = (  # noqa: S608
                 "SELECT task_id, key, model, upstream, route, created_at, status, metered, meta "
-                f"FROM tasks WHERE {cond} ORDER BY created_at DESC LIMIT ? OFFSET ?",  # noqa: S608
-                [*args, limit, offset]).fetchall()
+                "FROM tasks WHERE " + cond + " ORDER BY created_at DESC LIMIT ? OFFSET ?")
+            total = db.execute(count_sql, args).fetchone()[0]
+            rows = db.execute(page_sql, [*args, limit, offset]).fetchall()
             return [_row(r) for r in rows], int(total)
 
         return await self._run(op)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,29 +90,39 @@ def sim(loop_thread: LoopThread, sim_settings: SimSettings) -> Iterator[Live]:
     loop_thread.stop(live)
 
 
-GatewayFactory = Callable[..., Gateway]
+class GatewayFactory:
+    """Starts gateways in front of the simulator; stops them at teardown."""
 
+    def __init__(self, loop_thread: LoopThread, sim: Live, tmp_path: Path) -> None:
+        self.loop_thread = loop_thread
+        self.sim = sim
+        self.state_path = tmp_path / "state.db"
+        self.running: list[Gateway] = []
 
-@pytest.fixture
-def start_gateway(loop_thread: LoopThread, sim: Live, tmp_path: Path) -> Iterator[GatewayFactory]:
-    started: list[Gateway] = []
-
-    def start(extra: str = "", yaml_text: str | None = None, port: int = 0) -> Gateway:
-        text = yaml_text or gateway_yaml(sim.url, tmp_path / "state.db", extra)
+    def __call__(self, extra: str = "", yaml_text: str | None = None, port: int = 0) -> Gateway:
+        text = yaml_text or gateway_yaml(self.sim.url, self.state_path, extra)
         config = parse_config(text, {})
         registry = CollectorRegistry()
         access = io.BytesIO()
         app = create_app(config, registry=registry, access_stream=access)
-        gw = Gateway(loop_thread.serve(app, port=port), config, registry, access)
-        started.append(gw)
+        gw = Gateway(self.loop_thread.serve(app, port=port), config, registry, access)
+        self.running.append(gw)
         return gw
 
-    yield start
-    for gw in started:
-        try:
-            loop_thread.stop(gw.live)
-        except Exception:  # already stopped by the test
-            pass
+    def stop(self, gw: Gateway) -> None:
+        self.running.remove(gw)
+        self.loop_thread.stop(gw.live)
+
+    def close(self) -> None:
+        for gw in list(self.running):
+            self.stop(gw)
+
+
+@pytest.fixture
+def start_gateway(loop_thread: LoopThread, sim: Live, tmp_path: Path) -> Iterator[GatewayFactory]:
+    factory = GatewayFactory(loop_thread, sim, tmp_path)
+    yield factory
+    factory.close()
 
 
 @pytest.fixture
