@@ -39,6 +39,8 @@ class SizeRule:
 
     kind: `pixels` (total pixels in [low, high]), `sides` (each side in [low, high]),
     `fixed` (only `fixed`), `any` (not checked: the output follows the input image).
+    Sizes listed in `fixed` are always accepted: the wan docs recommend sizes such as
+    1696*960 that fall just below their own stated pixel minimum.
     """
 
     kind: str
@@ -87,7 +89,8 @@ QWEN2_SIZE = SizeRule("pixels", 512 * 512, 2048 * 2048)
 QWEN_MAX_SIZE = SizeRule("pixels", 512 * 512, 2048 * 2048)
 QWEN_FIXED_SIZE = SizeRule("fixed", fixed=QWEN_FIXED)
 QWEN_EDIT_SIZE = SizeRule("sides", 512, 2048)
-WAN26_T2I_SIZE = SizeRule("pixels", 1280 * 1280, 1440 * 1440, max_aspect=4.0)
+WAN_RECOMMENDED = ((1280, 1280), (1104, 1472), (1472, 1104), (960, 1696), (1696, 960))
+WAN26_T2I_SIZE = SizeRule("pixels", 1280 * 1280, 1440 * 1440, fixed=WAN_RECOMMENDED, max_aspect=4.0)
 WAN26_EDIT_SIZE = SizeRule(
     "pixels",
     768 * 768,
@@ -97,7 +100,7 @@ WAN26_EDIT_SIZE = SizeRule(
     presets=(("1K", (1280, 1280)), ("2K", (2048, 2048))),
 )
 WAN26_INTERLEAVE_SIZE = SizeRule("pixels", 768 * 768, 1280 * 1280, max_aspect=4.0)
-WAN25_SIZE = SizeRule("pixels", 1280 * 1280, 1440 * 1440, max_aspect=4.0)
+WAN25_SIZE = SizeRule("pixels", 1280 * 1280, 1440 * 1440, fixed=WAN_RECOMMENDED, max_aspect=4.0)
 WAN22_SIZE = SizeRule("sides", 512, 1440)
 WANX_V1_SIZE = SizeRule("fixed", fixed=((1024, 1024), (720, 1280), (1280, 720), (768, 1152)))
 WAN25_I2I_SIZE = SizeRule("pixels", 768 * 768, 1280 * 1280, max_aspect=4.0)
@@ -224,7 +227,18 @@ _SPECS: tuple[ModelSpec, ...] = (
         images_min=1,
         images_max=3,
     ),
-    ModelSpec("wanx2.1-imageedit", Family.IMAGEEDIT, _E4, 800, SizeRule("any"), (1024, 1024), 4, 1),
+    ModelSpec(
+        "wanx2.1-imageedit",
+        Family.IMAGEEDIT,
+        _E4,
+        800,
+        SizeRule("any"),
+        (1024, 1024),
+        4,
+        1,
+        images_min=1,
+        images_max=2,  # base_image_url and an optional mask_image_url
+    ),
 )
 
 CATALOGUE: Mapping[str, ModelSpec] = MappingProxyType({spec.name: spec for spec in _SPECS})

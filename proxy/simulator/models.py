@@ -109,9 +109,9 @@ def check_size(rule: SizeRule, width: int, height: int) -> str | None:
         return None
     if width <= 0 or height <= 0:
         return "width and height must be positive"
+    if (width, height) in rule.fixed:
+        return None
     if rule.kind == "fixed":
-        if (width, height) in rule.fixed:
-            return None
         return "allowed sizes are " + ", ".join(f"{w}*{h}" for w, h in rule.fixed)
     if rule.kind == "sides" and not (
         rule.low <= width <= rule.high and rule.low <= height <= rule.high
