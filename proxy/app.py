@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from . import native
+from . import aliyun, native, openai_images
 from .accesslog import AccessLog
 from .config import Config
 from .errors import (
@@ -143,6 +143,8 @@ def create_app(config: Config, *, registry: CollectorRegistry | None = None,
     app.cleanup_ctx.append(_session_ctx)
     app.cleanup_ctx.append(_task_store_ctx)
     native.add_routes(app)
+    openai_images.add_routes(app)
+    aliyun.add_routes(app)
     app.router.add_get("/healthz", healthz, name="ops.healthz")
     app.router.add_get("/readyz", readyz, name="ops.readyz")
     app.router.add_get("/metrics", metrics_endpoint, name="ops.metrics")

@@ -24,6 +24,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .model_table import override_problem
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -412,6 +414,9 @@ def _parse_models(s: _Section, p: _Problems) -> dict[str, ModelOverride]:
         if o.target is not None and o.target in out and out[o.target].target is not None:
             p.add(s.loc(model) + ".target",
                   f"{o.target!r} is itself an alias; chains are not allowed")
+        problem = override_problem(model, o)
+        if problem:
+            p.add(s.loc(model), problem)
     return out
 
 

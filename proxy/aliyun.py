@@ -1,0 +1,114 @@
+"""`POST /aliyun/v1/images/generations`: the native DashScope body at one path for every model.
+
+The client sends what it would send DashScope (`model`, `input.messages`,
+`parameters`); the gateway picks the DashScope endpoint from the routing table
+(`model_table`): the sync multimodal-generation endpoint, or the async task
+endpoint of the model's family (image-generation for wan2.6, text2image /
+image2image for the `input.prompt` families, whose body is rewritten from the
+messages form). The upstream answer is relayed unchanged and settled like a
+native call: sync answers are metered from `usage.image_count`, submitted
+tasks are recorded for the key, so `GET /api/v1/tasks/{task_id}` with the same
+key polls (and meters) them.
+
+A model that no configured upstream serves is refused with the hosted
+platform's exact envelope (seed 000). Other errors the gateway raises here
+are OpenAI-envelope too (the middleware picks the dialect by path); DashScope's
+own errors pass through unchanged, as the platform documents.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from . import native
+from .auth import check_model_allowed
+from .errors import GatewayError
+from .inbound import parse_json_object, read_body, require_model
+from .jsonutil import dumps
+from .model_table import BodyShape, Endpoint, Route, resolve
+from .relay import call_upstream, relay_response
+from .runtime import CTX, METRICS, RUNTIME, SESSION
+from .upstream import request_headers
+
+ONLY_ALIYUN = "only aliyun channel is supported on /aliyun/v1/images/generations"
+
+
+def only_aliyun() -> GatewayError:
+    """Seed 000's envelope for a model no configured (Aliyun) upstream serves."""
+    return GatewayError(400, "InvalidParameter", ONLY_ALIYUN, openai_type="invalid_request_error",
+                        openai_code="invalid_request")
+
+
+def native_body(obj: dict[str, Any], route: Route) -> dict[str, Any]:
+    """Pure: the body for `route`'s endpoint. The alias's target replaces `model`; for the
+    `input.prompt` families the single user message becomes `input.prompt` (+ `images`)."""
+    out = dict(obj)
+    out["model"] = route.target
+    if route.spec.shape is not BodyShape.PROMPT or route.endpoint is Endpoint.MULTIMODAL:
+        return out
+    inp = obj.get("input")
+    if not isinstance(inp, dict) or "prompt" in inp or not isinstance(inp.get("messages"), list):
+        return out  # already the prompt form, or malformed: DashScope answers for itself
+    texts: list[str] = []
+    images: list[str] = []
+    for message in inp["messages"]:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            texts.append(content)
+        for item in content if isinstance(content, list) else ():
+            if isinstance(item, dict) and isinstance(item.get("text"), str):
+                texts.append(item["text"])
+            elif isinstance(item, dict) and isinstance(item.get("image"), str):
+                images.append(item["image"])
+    new_input: dict[str, Any] = {k: v for k, v in inp.items() if k != "messages"}
+    new_input["prompt"] = "\n".join(texts)
+    if images:
+        new_input["images"] = images
+    params = obj.get("parameters")
+    if isinstance(params, dict) and "negative_prompt" in params:
+        # The prompt families take the negative prompt in `input`.
+        new_input.setdefault("negative_prompt", params["negative_prompt"])
+        out["parameters"] = {k: v for k, v in params.items() if k != "negative_prompt"}
+    out["input"] = new_input
+    return out
+
+
+async def generations(request: web.Request) -> web.StreamResponse:
+    ctx = request[CTX]
+    rt = request.app[RUNTIME].current
+    key = native._authenticate(request, rt, ctx)
+    raw = await read_body(request, rt.config.server.max_body_bytes)
+    obj = parse_json_object(raw)
+    model = require_model(obj)
+    native._set_model(ctx, rt, model)
+    check_model_allowed(key, model)
+    if rt.config.server.log_prompts:
+        ctx.prompt = native._prompt_of(obj)
+    route = resolve(model, rt.config.models)
+    candidates = rt.router.candidates(route.target)
+    if not candidates:
+        raise only_aliyun()
+    upstream = candidates[0]
+    ctx.upstream = upstream.name
+    endpoint = route.endpoint
+    body = native_body(obj, route)
+    headers = request_headers(request.headers, upstream.api_key)
+    if route.mode == "async":
+        headers["X-DashScope-Async"] = "enable"
+        headers.popall("X-DashScope-SSE", None)  # a task submit never streams
+    else:
+        headers.popall("X-DashScope-Async", None)
+    payload = raw if body == obj else dumps(body)
+    resp = await call_upstream(request.app[SESSION], request.app[METRICS], upstream,
+                               endpoint.value, "POST",
+                               upstream.base_url + native.SERVICE_ROUTES[endpoint.value], headers,
+                               payload)
+    relayed = await relay_response(request, resp, request.app[METRICS], upstream)
+    await native.settle(request, ctx, rt, key, model, upstream, relayed)
+    return relayed.response
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/aliyun/v1/images/generations", generations, name="aliyun.generations")
