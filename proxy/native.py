@@ -73,7 +73,9 @@ async def settle(request: web.Request, ctx: RequestContext, rt: Runtime, key: Ke
         record = TaskRecord(facts.task_id, key.name, model, upstream.name, ctx.route, time.time(),
                             facts.task_status or "PENDING", meta=meta)
         await app[TASKS].put(record)
-        if (facts.task_status == "SUCCEEDED" and facts.image_count
+        # A sync answer that carries a task id is metered through the same
+        # once-per-task claim, so a later poll of that id never counts again.
+        if (facts.image_count and facts.task_status in (None, "SUCCEEDED")
                 and await app[TASKS].claim_metering(facts.task_id)):
             await _meter(request, ctx, key.name, model, upstream.name, facts.image_count,
                              facts.task_id)
