@@ -27,7 +27,7 @@ from .auth import check_model_allowed
 from .errors import GatewayError
 from .inbound import parse_json_object, read_body, require_model
 from .jsonutil import dumps
-from .model_table import BodyShape, Endpoint, Route, resolve
+from .model_table import BodyShape, Route, resolve
 from .relay import call_upstream, relay_response
 from .runtime import CTX, METRICS, RUNTIME, SESSION
 from .upstream import request_headers
@@ -46,7 +46,7 @@ def native_body(obj: dict[str, Any], route: Route) -> dict[str, Any]:
     `input.prompt` families the single user message becomes `input.prompt` (+ `images`)."""
     out = dict(obj)
     out["model"] = route.target
-    if route.spec.shape is not BodyShape.PROMPT or route.endpoint is Endpoint.MULTIMODAL:
+    if route.shape is not BodyShape.PROMPT:
         return out
     inp = obj.get("input")
     if not isinstance(inp, dict) or "prompt" in inp or not isinstance(inp.get("messages"), list):

@@ -52,10 +52,18 @@ class Endpoint(StrEnum):
 
 
 class BodyShape(StrEnum):
-    """Where the prompt goes in the DashScope request body."""
+    """Where the prompt goes in the DashScope request body (it depends on the endpoint)."""
 
     MESSAGES = "messages"  # input.messages[0].content = [{"text"}, {"image"}...]
     PROMPT = "prompt"  # input.prompt (+ input.images)
+
+
+def shape_of(endpoint: Endpoint) -> BodyShape:
+    """multimodal-generation and image-generation take messages; the synthesis endpoints a
+    prompt."""
+    if endpoint in (Endpoint.MULTIMODAL, Endpoint.IMAGE_GENERATION):
+        return BodyShape.MESSAGES
+    return BodyShape.PROMPT
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +88,6 @@ class ModelSpec:
     """One model family as DashScope runs it."""
 
     family: str
-    shape: BodyShape
     sync: Endpoint | None  # the sync endpoint, if DashScope offers one
     async_: Endpoint | None  # the async (task) endpoint, if any
     prompt_limit: int | None  # characters; None: not checked
@@ -109,40 +116,39 @@ class ModelSpec:
 QWEN_FIXED = ((1664, 928), (1472, 1104), (1328, 1328), (1104, 1472), (928, 1664))
 _E1, _E2, _E3, _E4 = (Endpoint.MULTIMODAL, Endpoint.IMAGE_GENERATION, Endpoint.TEXT2IMAGE,
                       Endpoint.IMAGE2IMAGE)
-_M, _P = BodyShape.MESSAGES, BodyShape.PROMPT
 
-_QWEN2 = ModelSpec("qwen-image-2.0", _M, _E1, None, 800,
+_QWEN2 = ModelSpec("qwen-image-2.0", _E1, None, 800,
                    SizeRule("pixels", 512 * 512, 2048 * 2048), 6)
 # The newer qwen-image-max page allows custom sizes in the 2.0 range (the five
 # fixed sizes all fall inside it); the older one only the fixed sizes.
-_QWEN_MAX = ModelSpec("qwen-image-max", _M, _E1, None, 800,
+_QWEN_MAX = ModelSpec("qwen-image-max", _E1, None, 800,
                       SizeRule("pixels", 512 * 512, 2048 * 2048), 1)
-_QWEN_PLUS = ModelSpec("qwen-image-plus", _M, _E1, _E3, 800,
+_QWEN_PLUS = ModelSpec("qwen-image-plus", _E1, _E3, 800,
                        SizeRule("fixed", fixed=QWEN_FIXED), 1)
-_QWEN_EDIT = ModelSpec("qwen-image-edit", _M, _E1, None, 800, SizeRule("sides", 512, 2048), 1,
+_QWEN_EDIT = ModelSpec("qwen-image-edit", _E1, None, 800, SizeRule("sides", 512, 2048), 1,
                        images_min=1, images_max=3)
-_QWEN_EDIT_PLUS = ModelSpec("qwen-image-edit", _M, _E1, None, 800, SizeRule("sides", 512, 2048),
+_QWEN_EDIT_PLUS = ModelSpec("qwen-image-edit", _E1, None, 800, SizeRule("sides", 512, 2048),
                             6, images_min=1, images_max=3)
-_WAN26_T2I = ModelSpec("wan2.6-t2i", _M, _E1, _E2, 2100,
+_WAN26_T2I = ModelSpec("wan2.6-t2i", _E1, _E2, 2100,
                        SizeRule("pixels", 1280 * 1280, 1440 * 1440, max_aspect=4.0), 4)
-_WAN26_IMAGE = ModelSpec("wan2.6-image", _M, _E1, _E2, 2000,
+_WAN26_IMAGE = ModelSpec("wan2.6-image", _E1, _E2, 2000,
                          SizeRule("pixels", 768 * 768, 2048 * 2048, max_aspect=4.0, multiple=16,
                                   presets=("1K", "2K")), 4, images_min=1, images_max=4)
-_WAN25_T2I = ModelSpec("wan2.5-t2i", _P, None, _E3, 2000,
+_WAN25_T2I = ModelSpec("wan2.5-t2i", None, _E3, 2000,
                        SizeRule("pixels", 1280 * 1280, 1440 * 1440, max_aspect=4.0), 4)
 # wan2.2 flash/plus also answer E3 without the async header (`ImageSynthesis.sync_call`).
-_WAN22_SYNCABLE = ModelSpec("wan2.2-t2i", _P, _E3, _E3, 500, SizeRule("sides", 512, 1440), 4,
+_WAN22_SYNCABLE = ModelSpec("wan2.2-t2i", _E3, _E3, 500, SizeRule("sides", 512, 1440), 4,
                             prefer_async=True)
-_WAN21_T2I = ModelSpec("wan2.1-t2i", _P, None, _E3, 500, SizeRule("sides", 512, 1440), 4)
-_WANX_V1 = ModelSpec("wanx-v1", _P, None, _E3, 500,
+_WAN21_T2I = ModelSpec("wan2.1-t2i", None, _E3, 500, SizeRule("sides", 512, 1440), 4)
+_WANX_V1 = ModelSpec("wanx-v1", None, _E3, 500,
                      SizeRule("fixed", fixed=((1024, 1024), (720, 1280), (1280, 720),
                                               (768, 1152))), 4)
-_WAN25_I2I = ModelSpec("wan2.5-i2i", _P, None, _E4, 2000,
+_WAN25_I2I = ModelSpec("wan2.5-i2i", None, _E4, 2000,
                        SizeRule("pixels", 768 * 768, 1280 * 1280, max_aspect=4.0), 4,
                        images_min=1, images_max=3)
 # Unknown models: routed like the current generation (messages on the sync
 # endpoint, or the messages task endpoint with mode: async), never checked here.
-UNKNOWN = ModelSpec("unknown", _M, _E1, _E2, None, SizeRule("any"), None, 0, 16)
+UNKNOWN = ModelSpec("unknown", _E1, _E2, None, SizeRule("any"), None, 0, 16)
 
 TABLE: Mapping[str, ModelSpec] = {
     "qwen-image-2.0-pro": _QWEN2,
@@ -179,7 +185,7 @@ def lookup(model: str) -> ModelSpec | None:
 
 def edit_models() -> list[str]:
     """The models that take input images through the messages body (edit mode)."""
-    return [name for name, spec in TABLE.items() if spec.edits and spec.shape is _M]
+    return [name for name, spec in TABLE.items() if spec.edits and spec.sync is Endpoint.MULTIMODAL]
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +202,10 @@ class Route:
     @property
     def endpoint(self) -> Endpoint:
         return self.spec.endpoint(self.mode)
+
+    @property
+    def shape(self) -> BodyShape:
+        return shape_of(self.endpoint)
 
 
 def resolve(model: str, overrides: Mapping[str, Override]) -> Route:

@@ -265,7 +265,7 @@ def dashscope_body(req: ImageRequest, route: Route) -> dict[str, Any]:
     if req.style and req.style.startswith("<"):
         params["style"] = req.style  # wanx-v1's styles (`<anime>`); OpenAI's vivid/natural are not
     inp: dict[str, Any]
-    if route.spec.shape is BodyShape.PROMPT:
+    if route.shape is BodyShape.PROMPT:
         inp = {"prompt": req.prompt}
         if req.negative_prompt:
             inp["negative_prompt"] = req.negative_prompt
