@@ -110,8 +110,11 @@ async def service_call(request: web.Request, service: str) -> web.StreamResponse
     resp = await call_upstream(request.app[SESSION], request.app[METRICS], upstream, ctx.route,
                                "POST", url, request_headers(request.headers, upstream.api_key),
                                body)
-    relayed = await relay_response(request, resp, request.app[METRICS], upstream)
-    await settle(request, ctx, rt, key, model, upstream, relayed)
+    async def settled(relayed: Relayed) -> None:
+        await settle(request, ctx, rt, key, model, upstream, relayed)
+
+    relayed = await relay_response(request, resp, request.app[METRICS], upstream,
+                                   settle=settled)
     return relayed.response
 
 
@@ -166,11 +169,12 @@ async def poll_task(request: web.Request, record: TaskRecord, upstream: Upstream
     resp = await call_upstream(request.app[SESSION], request.app[METRICS], upstream, "tasks.get",
                                "GET", url, request_headers(request.headers, upstream.api_key),
                                None)
-    relayed = await relay_response(request, resp, request.app[METRICS], upstream)
-    await settle_poll(request, ctx, record, relayed.status, relayed.facts)
-    ctx.upstream_request_id = relayed.upstream_request_id
-    ctx.error_code = relayed.error_code
-    return relayed
+    async def settled(relayed: Relayed) -> None:
+        ctx.upstream_request_id = relayed.upstream_request_id
+        ctx.error_code = relayed.error_code
+        await settle_poll(request, ctx, record, relayed.status, relayed.facts)
+
+    return await relay_response(request, resp, request.app[METRICS], upstream, settle=settled)
 
 
 async def settle_poll(request: web.Request, ctx: RequestContext, record: TaskRecord, status: int,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -82,10 +83,19 @@ def _error_code(status: int, facts_body: bytes | None) -> str | None:
     return str(status)
 
 
+Settle = Callable[[Relayed], Awaitable[None]]
+
+
 async def relay_response(request: web.Request, resp: aiohttp.ClientResponse,
                          metrics: Metrics, upstream: UpstreamConfig,
-                         extra_headers: dict[str, str] | None = None) -> Relayed:
-    """Relay `resp` to the client; always releases `resp`."""
+                         extra_headers: dict[str, str] | None = None,
+                         settle: Settle | None = None) -> Relayed:
+    """Relay `resp` to the client; always releases `resp`.
+
+    `settle` (metering, task recording) runs once the upstream body is complete
+    and *before* the client receives the end of the response, so a client that
+    has read the whole answer can rely on the count being recorded.
+    """
     upstream_rid = resp.headers.get("x-request-id") or resp.headers.get("x-dashscope-request-id")
     try:
         headers = response_headers(resp.headers)
@@ -106,16 +116,19 @@ async def relay_response(request: web.Request, resp: aiohttp.ClientResponse,
             facts = facts_from_bytes(body) if resp.status == 200 else BodyFacts()
             out = web.Response(status=resp.status, reason=resp.reason, body=body,
                                headers=headers)
-            return Relayed(out, resp.status, facts, code, True, upstream_rid)
+            relayed = Relayed(out, resp.status, facts, code, True, upstream_rid)
+            if settle is not None:
+                await settle(relayed)
+            return relayed
         return await _stream(request, resp, headers, "text/event-stream" in ctype, metrics,
-                             upstream, upstream_rid)
+                             upstream, upstream_rid, settle)
     finally:
         resp.release()
 
 
 async def _stream(request: web.Request, resp: aiohttp.ClientResponse, headers: CIMultiDict[str],
                   sse: bool, metrics: Metrics, upstream: UpstreamConfig,
-                  upstream_rid: str | None) -> Relayed:
+                  upstream_rid: str | None, settle: Settle | None) -> Relayed:
     sniffer: SseSniffer | BodySniffer = SseSniffer() if sse else BodySniffer()
     # Keep an error body's first bytes to learn its DashScope code.
     err_head = bytearray() if resp.status >= 400 else None
@@ -145,16 +158,19 @@ async def _stream(request: web.Request, resp: aiohttp.ClientResponse, headers: C
                     upstream.name, failure.kind)
         _abort(request)
         client_alive = False
-    if client_alive:
-        with contextlib.suppress(*_CLIENT_GONE):
-            await out.write_eof()
     code = _error_code(resp.status, bytes(err_head) if err_head is not None else None)
     if sse and isinstance(sniffer, SseSniffer) and sniffer.error:
         code = code or "stream_error"
     if code:
         metrics.upstream_errors.labels(upstream.name, code).inc()
     facts = sniffer.facts() if resp.status == 200 else BodyFacts()
-    return Relayed(out, resp.status, facts, code, complete, upstream_rid)
+    relayed = Relayed(out, resp.status, facts, code, complete, upstream_rid)
+    if settle is not None:
+        await settle(relayed)
+    if client_alive:
+        with contextlib.suppress(*_CLIENT_GONE):
+            await out.write_eof()
+    return relayed
 
 
 def _abort(request: web.Request) -> None:
