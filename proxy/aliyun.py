@@ -37,8 +37,13 @@ ONLY_ALIYUN = "only aliyun channel is supported on /aliyun/v1/images/generations
 
 def only_aliyun() -> GatewayError:
     """Seed 000's envelope for a model no configured (Aliyun) upstream serves."""
-    return GatewayError(400, "InvalidParameter", ONLY_ALIYUN, openai_type="invalid_request_error",
-                        openai_code="invalid_request")
+    return GatewayError(
+        400,
+        "InvalidParameter",
+        ONLY_ALIYUN,
+        openai_type="invalid_request_error",
+        openai_code="invalid_request",
+    )
 
 
 def native_body(obj: dict[str, Any], route: Route) -> dict[str, Any]:
@@ -101,10 +106,16 @@ async def generations(request: web.Request) -> web.StreamResponse:
     else:
         headers.popall("X-DashScope-Async", None)
     payload = raw if body == obj else dumps(body)
-    resp = await call_upstream(request.app[SESSION], request.app[METRICS], upstream,
-                               endpoint.value, "POST",
-                               upstream.base_url + native.SERVICE_ROUTES[endpoint.value], headers,
-                               payload)
+    resp = await call_upstream(
+        request.app[SESSION],
+        request.app[METRICS],
+        upstream,
+        endpoint.value,
+        "POST",
+        upstream.base_url + native.SERVICE_ROUTES[endpoint.value],
+        headers,
+        payload,
+    )
     relayed = await relay_response(request, resp, request.app[METRICS], upstream)
     await native.settle(request, ctx, rt, key, model, upstream, relayed)
     return relayed.response

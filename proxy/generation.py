@@ -35,7 +35,7 @@ from .config import KeyConfig, UpstreamConfig
 from .errors import GatewayError
 from .jsonutil import dumps, loads
 from .metering import facts_from_json
-from .openai_translate import task_error, upstream_error
+from .openai_errors import task_error, upstream_error
 from .relay import call_upstream
 from .runtime import METER, METRICS, SESSION, TASKS, RequestContext
 from .tasks import TERMINAL, TaskRecord
@@ -65,13 +65,15 @@ class Answer:
         code = message = None
         if isinstance(self.body, dict):
             code = self.body.get("code") if isinstance(self.body.get("code"), str) else None
-            message = (self.body.get("message") if isinstance(self.body.get("message"), str)
-                       else None)
+            message = (
+                self.body.get("message") if isinstance(self.body.get("message"), str) else None
+            )
         return upstream_error(self.status, code, message, self.retry_after)
 
 
-def dashscope_headers(incoming: Mapping[str, str], api_key: str, *,
-                      async_: bool) -> CIMultiDict[str]:
+def dashscope_headers(
+    incoming: Mapping[str, str], api_key: str, *, async_: bool
+) -> CIMultiDict[str]:
     """Pure: fresh headers for a translated request (nothing of the OpenAI client's own)."""
     out: CIMultiDict[str] = CIMultiDict()
     out["Authorization"] = f"Bearer {api_key}"
@@ -85,13 +87,21 @@ def dashscope_headers(incoming: Mapping[str, str], api_key: str, *,
     return out
 
 
-async def _call(request: web.Request, upstream: UpstreamConfig, endpoint: str, method: str,
-                url: str, headers: CIMultiDict[str], body: bytes | None) -> Answer:
+async def _call(
+    request: web.Request,
+    upstream: UpstreamConfig,
+    endpoint: str,
+    method: str,
+    url: str,
+    headers: CIMultiDict[str],
+    body: bytes | None,
+) -> Answer:
     metrics = request.app[METRICS]
     if body is not None:
         headers["Content-Type"] = "application/json"
-    resp = await call_upstream(request.app[SESSION], metrics, upstream, endpoint, method, url,
-                               headers, body)
+    resp = await call_upstream(
+        request.app[SESSION], metrics, upstream, endpoint, method, url, headers, body
+    )
     try:
         if resp.content_length is not None and resp.content_length > MAX_ANSWER_BYTES:
             raw = b""
@@ -107,16 +117,25 @@ async def _call(request: web.Request, upstream: UpstreamConfig, endpoint: str, m
         parsed = loads(raw) if raw and len(raw) <= MAX_ANSWER_BYTES else None
     except (ValueError, RecursionError):
         parsed = None
-    answer = Answer(resp.status, parsed, _retry_after(resp.headers.get("Retry-After")),
-                    resp.headers.get("x-request-id"))
+    answer = Answer(
+        resp.status,
+        parsed,
+        _retry_after(resp.headers.get("Retry-After")),
+        resp.headers.get("x-request-id"),
+    )
     if resp.status != 200:
         code = parsed.get("code") if isinstance(parsed, dict) else None
         label = code[:64] if isinstance(code, str) and code else str(resp.status)
         metrics.upstream_errors.labels(upstream.name, label).inc()
     elif not isinstance(parsed, dict):
         metrics.upstream_errors.labels(upstream.name, "bad_answer").inc()
-        raise GatewayError(502, "BadGateway", "DashScope answered with a body that is not JSON.",
-                           openai_type="server_error", openai_code="upstream_bad_answer")
+        raise GatewayError(
+            502,
+            "BadGateway",
+            "DashScope answered with a body that is not JSON.",
+            openai_type="server_error",
+            openai_code="upstream_bad_answer",
+        )
     return answer
 
 
@@ -126,22 +145,50 @@ def _retry_after(value: str | None) -> int | None:
     return None
 
 
-async def meter(request: web.Request, ctx: RequestContext, key: str, model: str,
-                upstream: str, images: int, task_id: str | None) -> None:
+async def meter(
+    request: web.Request,
+    ctx: RequestContext,
+    key: str,
+    model: str,
+    upstream: str,
+    images: int,
+    task_id: str | None,
+) -> None:
     """Count `images` for `key` and the model the client asked for."""
     ctx.images += images
-    await request.app[METER].record(key=key, model=model, model_label=ctx.model_label,
-                                    images=images, route=ctx.route, upstream=upstream,
-                                    request_id=ctx.request_id, task_id=task_id)
+    await request.app[METER].record(
+        key=key,
+        model=model,
+        model_label=ctx.model_label,
+        images=images,
+        route=ctx.route,
+        upstream=upstream,
+        request_id=ctx.request_id,
+        task_id=task_id,
+    )
 
 
-async def call_sync(request: web.Request, ctx: RequestContext, key: KeyConfig, model: str,
-                    upstream: UpstreamConfig, endpoint: str, body: dict[str, Any]) -> Any:
+async def call_sync(
+    request: web.Request,
+    ctx: RequestContext,
+    key: KeyConfig,
+    model: str,
+    upstream: UpstreamConfig,
+    endpoint: str,
+    body: dict[str, Any],
+) -> Any:
     """One sync generation on `endpoint` (a `native.SERVICE_ROUTES` name): the DashScope
     answer, metered; upstream errors raised."""
     headers = dashscope_headers(request.headers, upstream.api_key, async_=False)
-    answer = await _call(request, upstream, endpoint, "POST",
-                         upstream.base_url + native.SERVICE_ROUTES[endpoint], headers, dumps(body))
+    answer = await _call(
+        request,
+        upstream,
+        endpoint,
+        "POST",
+        upstream.base_url + native.SERVICE_ROUTES[endpoint],
+        headers,
+        dumps(body),
+    )
     ctx.upstream_request_id = answer.request_id
     if answer.status != 200:
         raise answer.error()
@@ -149,40 +196,73 @@ async def call_sync(request: web.Request, ctx: RequestContext, key: KeyConfig, m
     if facts.image_count:
         # A sync answer is metered here, once; a final-task-shaped answer
         # (text2image sync_call) carries a task id nobody will poll.
-        await meter(request, ctx, key.name, model, upstream.name, facts.image_count,
-                    facts.task_id)
+        await meter(request, ctx, key.name, model, upstream.name, facts.image_count, facts.task_id)
     return answer.body
 
 
-async def submit(request: web.Request, ctx: RequestContext, key: KeyConfig, model: str,
-                 upstream: UpstreamConfig, endpoint: str, body: dict[str, Any],
-                 meta: str) -> TaskRecord:
+async def submit(
+    request: web.Request,
+    ctx: RequestContext,
+    key: KeyConfig,
+    model: str,
+    upstream: UpstreamConfig,
+    endpoint: str,
+    body: dict[str, Any],
+    meta: str,
+) -> TaskRecord:
     """An async submit; the task is recorded for `key` (and `model`, the name asked for)."""
     headers = dashscope_headers(request.headers, upstream.api_key, async_=True)
-    answer = await _call(request, upstream, endpoint, "POST",
-                         upstream.base_url + native.SERVICE_ROUTES[endpoint], headers, dumps(body))
+    answer = await _call(
+        request,
+        upstream,
+        endpoint,
+        "POST",
+        upstream.base_url + native.SERVICE_ROUTES[endpoint],
+        headers,
+        dumps(body),
+    )
     ctx.upstream_request_id = answer.request_id
     if answer.status != 200:
         raise answer.error()
     facts = facts_from_json(answer.body)
     if not facts.task_id:
-        raise GatewayError(502, "BadGateway", "DashScope accepted the task but sent no task_id.",
-                           openai_type="server_error", openai_code="upstream_bad_answer")
-    record = TaskRecord(facts.task_id, key.name, model, upstream.name, ctx.route, time.time(),
-                        facts.task_status or "PENDING", meta=meta)
+        raise GatewayError(
+            502,
+            "BadGateway",
+            "DashScope accepted the task but sent no task_id.",
+            openai_type="server_error",
+            openai_code="upstream_bad_answer",
+        )
+    record = TaskRecord(
+        facts.task_id,
+        key.name,
+        model,
+        upstream.name,
+        ctx.route,
+        time.time(),
+        facts.task_status or "PENDING",
+        meta=meta,
+    )
     await request.app[TASKS].put(record)
     return record
 
 
-async def poll_once(request: web.Request, ctx: RequestContext, record: TaskRecord,
-                    upstream: UpstreamConfig) -> Answer:
+async def poll_once(
+    request: web.Request, ctx: RequestContext, record: TaskRecord, upstream: UpstreamConfig
+) -> Answer:
     """GET the task once; meter it if this is the first poll that shows it SUCCEEDED."""
     headers = dashscope_headers(request.headers, upstream.api_key, async_=False)
-    answer = await _call(request, upstream, "tasks.get", "GET",
-                         f"{upstream.base_url}/tasks/{record.task_id}", headers, None)
+    answer = await _call(
+        request,
+        upstream,
+        "tasks.get",
+        "GET",
+        f"{upstream.base_url}/tasks/{record.task_id}",
+        headers,
+        None,
+    )
     if answer.status == 200:
-        await native.settle_poll(request, ctx, record, answer.status,
-                                 facts_from_json(answer.body))
+        await native.settle_poll(request, ctx, record, answer.status, facts_from_json(answer.body))
     return answer
 
 
@@ -192,8 +272,13 @@ def task_status(body: Any) -> str | None:
     return status if isinstance(status, str) else None
 
 
-async def wait_for(request: web.Request, ctx: RequestContext, record: TaskRecord,
-                   upstream: UpstreamConfig, deadline_seconds: float) -> Any:
+async def wait_for(
+    request: web.Request,
+    ctx: RequestContext,
+    record: TaskRecord,
+    upstream: UpstreamConfig,
+    deadline_seconds: float,
+) -> Any:
     """Poll until the task ends: its SUCCEEDED answer, or a GatewayError."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + deadline_seconds
@@ -219,13 +304,21 @@ async def wait_for(request: web.Request, ctx: RequestContext, record: TaskRecord
 
 def _still_running(record: TaskRecord, waited: float) -> GatewayError:
     return GatewayError(
-        504, "GatewayTimeout",
+        504,
+        "GatewayTimeout",
         f"DashScope has not finished task {record.task_id} within {waited:g} s. It is still "
         f"running and will be billed; fetch its result with GET /v1/images/generations/"
-        f"{record.task_id} using the same key.", openai_type="server_error",
-        openai_code="generation_timeout")
+        f"{record.task_id} using the same key.",
+        openai_type="server_error",
+        openai_code="generation_timeout",
+    )
 
 
 def _unknown(record: TaskRecord) -> GatewayError:
-    return GatewayError(502, "BadGateway", f"DashScope no longer knows task {record.task_id}.",
-                        openai_type="server_error", openai_code="task_unknown")
+    return GatewayError(
+        502,
+        "BadGateway",
+        f"DashScope no longer knows task {record.task_id}.",
+        openai_type="server_error",
+        openai_code="task_unknown",
+    )

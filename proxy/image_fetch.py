@@ -63,11 +63,13 @@ class FetchFailed(Exception):
     """Why one image could not be fetched (a short reason, never the signed URL)."""
 
 
-async def fetch_all(session: aiohttp.ClientSession, urls: Sequence[str],
-                    policy: FetchPolicy) -> list[str]:
+async def fetch_all(
+    session: aiohttp.ClientSession, urls: Sequence[str], policy: FetchPolicy
+) -> list[str]:
     """Every image as base64, in order; a GatewayError naming the first image that failed."""
-    results = await asyncio.gather(*(_fetch(session, url, policy) for url in urls),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        *(_fetch(session, url, policy) for url in urls), return_exceptions=True
+    )
     out: list[str] = []
     for i, result in enumerate(results):
         if isinstance(result, FetchFailed):
@@ -80,10 +82,14 @@ async def fetch_all(session: aiohttp.ClientSession, urls: Sequence[str],
 
 def fetch_error(index: int, total: int, reason: str) -> GatewayError:
     return GatewayError(
-        502, "ImageFetchFailed",
+        502,
+        "ImageFetchFailed",
         f"Could not fetch generated image data[{index}] ({index + 1} of {total}) for "
         f"b64_json: {reason}. DashScope generated (and billed) it; retry, or ask for "
-        "response_format=url.", openai_type="server_error", openai_code="image_fetch_failed")
+        "response_format=url.",
+        openai_type="server_error",
+        openai_code="image_fetch_failed",
+    )
 
 
 async def _fetch(session: aiohttp.ClientSession, raw_url: str, policy: FetchPolicy) -> bytes:
@@ -97,8 +103,12 @@ async def _fetch(session: aiohttp.ClientSession, raw_url: str, policy: FetchPoli
             for _ in range(MAX_REDIRECTS + 1):
                 if not policy.allows(url):
                     raise FetchFailed(f"host {url.host!r} is not an allowed image host")
-                async with session.get(url, allow_redirects=False, timeout=timeout,
-                                       headers={"Accept-Encoding": "identity"}) as resp:
+                async with session.get(
+                    url,
+                    allow_redirects=False,
+                    timeout=timeout,
+                    headers={"Accept-Encoding": "identity"},
+                ) as resp:
                     if resp.status in _REDIRECTS and "Location" in resp.headers:
                         url = url.join(URL(resp.headers["Location"]))
                         continue

@@ -114,38 +114,65 @@ class ModelSpec:
 
 
 QWEN_FIXED = ((1664, 928), (1472, 1104), (1328, 1328), (1104, 1472), (928, 1664))
-_E1, _E2, _E3, _E4 = (Endpoint.MULTIMODAL, Endpoint.IMAGE_GENERATION, Endpoint.TEXT2IMAGE,
-                      Endpoint.IMAGE2IMAGE)
+_E1, _E2, _E3, _E4 = (
+    Endpoint.MULTIMODAL,
+    Endpoint.IMAGE_GENERATION,
+    Endpoint.TEXT2IMAGE,
+    Endpoint.IMAGE2IMAGE,
+)
 
-_QWEN2 = ModelSpec("qwen-image-2.0", _E1, None, 800,
-                   SizeRule("pixels", 512 * 512, 2048 * 2048), 6)
+_QWEN2 = ModelSpec("qwen-image-2.0", _E1, None, 800, SizeRule("pixels", 512 * 512, 2048 * 2048), 6)
 # The newer qwen-image-max page allows custom sizes in the 2.0 range (the five
 # fixed sizes all fall inside it); the older one only the fixed sizes.
-_QWEN_MAX = ModelSpec("qwen-image-max", _E1, None, 800,
-                      SizeRule("pixels", 512 * 512, 2048 * 2048), 1)
-_QWEN_PLUS = ModelSpec("qwen-image-plus", _E1, _E3, 800,
-                       SizeRule("fixed", fixed=QWEN_FIXED), 1)
-_QWEN_EDIT = ModelSpec("qwen-image-edit", _E1, None, 800, SizeRule("sides", 512, 2048), 1,
-                       images_min=1, images_max=3)
-_QWEN_EDIT_PLUS = ModelSpec("qwen-image-edit", _E1, None, 800, SizeRule("sides", 512, 2048),
-                            6, images_min=1, images_max=3)
-_WAN26_T2I = ModelSpec("wan2.6-t2i", _E1, _E2, 2100,
-                       SizeRule("pixels", 1280 * 1280, 1440 * 1440, max_aspect=4.0), 4)
-_WAN26_IMAGE = ModelSpec("wan2.6-image", _E1, _E2, 2000,
-                         SizeRule("pixels", 768 * 768, 2048 * 2048, max_aspect=4.0, multiple=16,
-                                  presets=("1K", "2K")), 4, images_min=1, images_max=4)
-_WAN25_T2I = ModelSpec("wan2.5-t2i", None, _E3, 2000,
-                       SizeRule("pixels", 1280 * 1280, 1440 * 1440, max_aspect=4.0), 4)
+_QWEN_MAX = ModelSpec(
+    "qwen-image-max", _E1, None, 800, SizeRule("pixels", 512 * 512, 2048 * 2048), 1
+)
+_QWEN_PLUS = ModelSpec("qwen-image-plus", _E1, _E3, 800, SizeRule("fixed", fixed=QWEN_FIXED), 1)
+_QWEN_EDIT = ModelSpec(
+    "qwen-image-edit", _E1, None, 800, SizeRule("sides", 512, 2048), 1, images_min=1, images_max=3
+)
+_QWEN_EDIT_PLUS = ModelSpec(
+    "qwen-image-edit", _E1, None, 800, SizeRule("sides", 512, 2048), 6, images_min=1, images_max=3
+)
+_WAN26_T2I = ModelSpec(
+    "wan2.6-t2i", _E1, _E2, 2100, SizeRule("pixels", 1280 * 1280, 1440 * 1440, max_aspect=4.0), 4
+)
+_WAN26_IMAGE = ModelSpec(
+    "wan2.6-image",
+    _E1,
+    _E2,
+    2000,
+    SizeRule("pixels", 768 * 768, 2048 * 2048, max_aspect=4.0, multiple=16, presets=("1K", "2K")),
+    4,
+    images_min=1,
+    images_max=4,
+)
+_WAN25_T2I = ModelSpec(
+    "wan2.5-t2i", None, _E3, 2000, SizeRule("pixels", 1280 * 1280, 1440 * 1440, max_aspect=4.0), 4
+)
 # wan2.2 flash/plus also answer E3 without the async header (`ImageSynthesis.sync_call`).
-_WAN22_SYNCABLE = ModelSpec("wan2.2-t2i", _E3, _E3, 500, SizeRule("sides", 512, 1440), 4,
-                            prefer_async=True)
+_WAN22_SYNCABLE = ModelSpec(
+    "wan2.2-t2i", _E3, _E3, 500, SizeRule("sides", 512, 1440), 4, prefer_async=True
+)
 _WAN21_T2I = ModelSpec("wan2.1-t2i", None, _E3, 500, SizeRule("sides", 512, 1440), 4)
-_WANX_V1 = ModelSpec("wanx-v1", None, _E3, 500,
-                     SizeRule("fixed", fixed=((1024, 1024), (720, 1280), (1280, 720),
-                                              (768, 1152))), 4)
-_WAN25_I2I = ModelSpec("wan2.5-i2i", None, _E4, 2000,
-                       SizeRule("pixels", 768 * 768, 1280 * 1280, max_aspect=4.0), 4,
-                       images_min=1, images_max=3)
+_WANX_V1 = ModelSpec(
+    "wanx-v1",
+    None,
+    _E3,
+    500,
+    SizeRule("fixed", fixed=((1024, 1024), (720, 1280), (1280, 720), (768, 1152))),
+    4,
+)
+_WAN25_I2I = ModelSpec(
+    "wan2.5-i2i",
+    None,
+    _E4,
+    2000,
+    SizeRule("pixels", 768 * 768, 1280 * 1280, max_aspect=4.0),
+    4,
+    images_min=1,
+    images_max=3,
+)
 # Unknown models: routed like the current generation (messages on the sync
 # endpoint, or the messages task endpoint with mode: async), never checked here.
 UNKNOWN = ModelSpec("unknown", _E1, _E2, None, SizeRule("any"), None, 0, 16)
@@ -218,8 +245,9 @@ def resolve(model: str, overrides: Mapping[str, Override]) -> Route:
     if spec is None:
         spec = UNKNOWN
     async_only = bool((own and own.async_only) or (of_target and of_target.async_only))
-    mode = ((own.mode if own else None) or (of_target.mode if of_target else None)
-            or spec.default_mode)
+    mode = (
+        (own.mode if own else None) or (of_target.mode if of_target else None) or spec.default_mode
+    )
     if async_only:
         mode = "async"  # the task object needs a DashScope task
     if (spec.sync if mode == "sync" else spec.async_) is None:
@@ -236,17 +264,23 @@ def override_problem(model: str, override: Override) -> str | None:
     if override.async_only and override.mode == "sync":
         return "async_only: true needs DashScope's async task endpoint; drop mode: sync"
     if override.async_only and spec.async_ is None:
-        return (f"{override.target or model} runs only synchronously on DashScope, so it "
-                "cannot answer with a task object; drop async_only")
+        return (
+            f"{override.target or model} runs only synchronously on DashScope, so it "
+            "cannot answer with a task object; drop async_only"
+        )
     if override.mode is None:
         return None
     if override.mode == "sync" and spec.sync is None:
-        return (f"{override.target or model} runs only as an async task on DashScope; "
-                "use mode: async (or async_only: true)")
+        return (
+            f"{override.target or model} runs only as an async task on DashScope; "
+            "use mode: async (or async_only: true)"
+        )
     if override.mode == "async" and spec.async_ is None:
-        return (f"{override.target or model} runs only synchronously on DashScope "
-                "(it answers 403 'current user api does not support asynchronous calls'); "
-                "use mode: sync")
+        return (
+            f"{override.target or model} runs only synchronously on DashScope "
+            "(it answers 403 'current user api does not support asynchronous calls'); "
+            "use mode: sync"
+        )
     return None
 
 
@@ -280,8 +314,10 @@ def _size_reason(rule: SizeRule, w: int, h: int) -> str | None:
     if rule.kind == "sides" and not (rule.low <= w <= rule.high and rule.low <= h <= rule.high):
         return f"each side must be between {rule.low} and {rule.high} pixels"
     if rule.kind == "pixels" and not rule.low <= w * h <= rule.high:
-        return (f"width*height must be between {_square(rule.low)} and {_square(rule.high)} "
-                "pixels in total")
+        return (
+            f"width*height must be between {_square(rule.low)} and {_square(rule.high)} "
+            "pixels in total"
+        )
     if rule.max_aspect and max(w, h) / min(w, h) > rule.max_aspect:
         return "the aspect ratio must be between 1:4 and 4:1"
     if w % rule.multiple or h % rule.multiple:
@@ -290,7 +326,7 @@ def _size_reason(rule: SizeRule, w: int, h: int) -> str | None:
 
 
 def _square(pixels: int) -> str:
-    side = round(pixels ** 0.5)
+    side = round(pixels**0.5)
     return f"{side}*{side}" if side * side == pixels else str(pixels)
 
 
@@ -306,8 +342,10 @@ def prompt_problem(model: str, spec: ModelSpec, prompt: str) -> str | None:
     if not prompt.strip():
         return "prompt must not be empty."
     if spec.prompt_limit is not None and len(prompt) > spec.prompt_limit:
-        return (f"prompt is too long for {model}: {len(prompt)} characters, at most "
-                f"{spec.prompt_limit}.")
+        return (
+            f"prompt is too long for {model}: {len(prompt)} characters, at most "
+            f"{spec.prompt_limit}."
+        )
     return None
 
 
@@ -315,8 +353,10 @@ def images_problem(model: str, spec: ModelSpec, count: int, *, known: bool) -> s
     if not known:
         return None
     if count and not spec.edits:
-        return (f"{model} does not take input images; use an edit model "
-                f"({', '.join(edit_models())}) or map this name to one in the config's models:.")
+        return (
+            f"{model} does not take input images; use an edit model "
+            f"({', '.join(edit_models())}) or map this name to one in the config's models:."
+        )
     if not spec.images_min <= count <= spec.images_max:
         return f"{model} needs {spec.images_min} to {spec.images_max} input images, got {count}."
     return None

@@ -40,10 +40,10 @@ from .inbound import parse_json_object, read_body
 from .jsonutil import dumps, loads
 from .model_table import TABLE, Route, resolve
 from .native import _authenticate, _valid_task_id
+from .openai_errors import bad_request, task_error
 from .openai_translate import (
     ImageRequest,
     ResultImage,
-    bad_request,
     check_against,
     dashscope_body,
     data_url,
@@ -51,7 +51,6 @@ from .openai_translate import (
     openai_response,
     openai_usage,
     parse_request,
-    task_error,
     task_object,
 )
 from .runtime import CTX, RUNTIME, SESSION, TASKS, RequestContext, Runtime
@@ -85,13 +84,15 @@ async def generations(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME].current
     key = _authenticate(request, rt, ctx)
     obj = parse_json_object(await read_body(request, rt.config.server.max_body_bytes))
-    req = parse_request(obj, default_model=DEFAULT_MODEL,
-                        default_format=rt.config.openai.default_response_format)
+    req = parse_request(
+        obj, default_model=DEFAULT_MODEL, default_format=rt.config.openai.default_response_format
+    )
     return await _generate(request, ctx, rt, key, req)
 
 
-async def _generate(request: web.Request, ctx: RequestContext, rt: Runtime, key: KeyConfig,
-                    req: ImageRequest) -> web.StreamResponse:
+async def _generate(
+    request: web.Request, ctx: RequestContext, rt: Runtime, key: KeyConfig, req: ImageRequest
+) -> web.StreamResponse:
     _set_model(ctx, rt, req.model)
     check_model_allowed(key, req.model)
     if rt.config.server.log_prompts:
@@ -103,16 +104,19 @@ async def _generate(request: web.Request, ctx: RequestContext, rt: Runtime, key:
     body = dashscope_body(req, route)
     created = int(time.time())
     if route.mode == "sync":
-        answer = await generation.call_sync(request, ctx, key, req.model, upstream,
-                                            route.endpoint, body)
+        answer = await generation.call_sync(
+            request, ctx, key, req.model, upstream, route.endpoint, body
+        )
     else:
         meta = _meta(req, created, sync=not route.async_only)
-        record = await generation.submit(request, ctx, key, req.model, upstream, route.endpoint,
-                                         body, meta)
+        record = await generation.submit(
+            request, ctx, key, req.model, upstream, route.endpoint, body, meta
+        )
         if route.async_only:
             return _json(task_object(record.task_id, record.status, loads(meta), req.model))
-        answer = await generation.wait_for(request, ctx, record, upstream,
-                                           rt.config.openai.sync_wait_seconds)
+        answer = await generation.wait_for(
+            request, ctx, record, upstream, rt.config.openai.sync_wait_seconds
+        )
     rt.models.seen_succeeding(req.model)
     ctx.model_label = rt.models.label(req.model)
     return _json(await _result(request, rt, created, answer, req.response_format))
@@ -120,19 +124,33 @@ async def _generate(request: web.Request, ctx: RequestContext, rt: Runtime, key:
 
 def _meta(req: ImageRequest, created: int, *, sync: bool) -> str:
     """What a task object needs later, kept with the task record (opaque to the store)."""
-    return dumps({"api": "openai", "prompt": req.prompt[:_META_PROMPT_MAX],
-                  "size": req.openai_size, "quality": req.quality, "mode": req.mode,
-                  "response_format": req.response_format, "created_at": created,
-                  "sync": sync}).decode()
+    return dumps(
+        {
+            "api": "openai",
+            "prompt": req.prompt[:_META_PROMPT_MAX],
+            "size": req.openai_size,
+            "quality": req.quality,
+            "mode": req.mode,
+            "response_format": req.response_format,
+            "created_at": created,
+            "sync": sync,
+        }
+    ).decode()
 
 
-async def _result(request: web.Request, rt: Runtime, created: int, answer: Any,
-                  response_format: str) -> dict[str, Any]:
+async def _result(
+    request: web.Request, rt: Runtime, created: int, answer: Any, response_format: str
+) -> dict[str, Any]:
     """The OpenAI answer for a finished DashScope answer: every image, fetched for b64_json."""
     images: list[ResultImage] = images_of(answer)
     if not images:
-        raise GatewayError(502, "BadGateway", "DashScope reported success but returned no image.",
-                           openai_type="server_error", openai_code="no_image")
+        raise GatewayError(
+            502,
+            "BadGateway",
+            "DashScope reported success but returned no image.",
+            openai_type="server_error",
+            openai_code="no_image",
+        )
     b64 = None
     if response_format == "b64_json":
         config = rt.config
@@ -145,8 +163,12 @@ async def _result(request: web.Request, rt: Runtime, created: int, answer: Any,
 
 
 def _task_not_found(task_id: str) -> GatewayError:
-    return GatewayError(404, "NotFound", f"No image generation task {task_id} found for this key.",
-                        openai_code="task_not_found")
+    return GatewayError(
+        404,
+        "NotFound",
+        f"No image generation task {task_id} found for this key.",
+        openai_code="task_not_found",
+    )
 
 
 async def get_task(request: web.Request) -> web.StreamResponse:
@@ -158,8 +180,12 @@ async def get_task(request: web.Request) -> web.StreamResponse:
     record = await request.app[TASKS].get(task_id)
     meta = _read_meta(record)
     # Another key's task is answered exactly like an id that does not exist.
-    if record is None or meta is None or record.key != key.name or \
-            time.time() - record.created_at > rt.config.openai.task_retention_seconds:
+    if (
+        record is None
+        or meta is None
+        or record.key != key.name
+        or time.time() - record.created_at > rt.config.openai.task_retention_seconds
+    ):
         raise _task_not_found(task_id)
     _set_model(ctx, rt, record.model)
     upstream = _task_upstream(rt, record)
@@ -170,15 +196,22 @@ async def get_task(request: web.Request) -> web.StreamResponse:
     status = generation.task_status(answer.body) or "UNKNOWN"
     body = task_object(task_id, status, meta, record.model)
     if status == "SUCCEEDED":
-        result = await _result(request, rt, int(meta.get("created_at", 0)), answer.body,
-                               str(meta.get("response_format", "url")))
+        result = await _result(
+            request,
+            rt,
+            int(meta.get("created_at", 0)),
+            answer.body,
+            str(meta.get("response_format", "url")),
+        )
         body.update(data=result["data"], usage=result["usage"])
     elif status in ("FAILED", "CANCELED"):
         body["error"] = task_error(answer.body).openai_body()["error"]
     elif status == "UNKNOWN":
-        body["error"] = {"message": "DashScope no longer has this task (results are kept 24 "
-                                    "hours).", "type": "invalid_request_error",
-                         "code": "task_expired"}
+        body["error"] = {
+            "message": "DashScope no longer has this task (results are kept 24 hours).",
+            "type": "invalid_request_error",
+            "code": "task_expired",
+        }
     return _json(body)
 
 
@@ -195,8 +228,9 @@ def _read_meta(record: TaskRecord | None) -> dict[str, Any] | None:
 def _task_upstream(rt: Runtime, record: TaskRecord) -> UpstreamConfig:
     upstream = rt.router.by_name(record.upstream)
     if upstream is None:
-        raise upstream_unavailable(f"upstream {record.upstream!r} that created this task is no "
-                                   "longer configured")
+        raise upstream_unavailable(
+            f"upstream {record.upstream!r} that created this task is no longer configured"
+        )
     return upstream
 
 
@@ -210,11 +244,15 @@ async def edits(request: web.Request) -> web.StreamResponse:
     key = _authenticate(request, rt, ctx)
     fields, images = await _read_form(request, rt.config.server.max_body_bytes)
     if not images:
-        raise bad_request("image is required: send one `image` file part or repeated "
-                          "`image[]` parts.")
-    req = parse_request(fields, default_model=DEFAULT_EDIT_MODEL,
-                        default_format=rt.config.openai.default_response_format,
-                        images=tuple(images))
+        raise bad_request(
+            "image is required: send one `image` file part or repeated `image[]` parts."
+        )
+    req = parse_request(
+        fields,
+        default_model=DEFAULT_EDIT_MODEL,
+        default_format=rt.config.openai.default_response_format,
+        images=tuple(images),
+    )
     return await _generate(request, ctx, rt, key, req)
 
 
@@ -224,8 +262,9 @@ async def _read_form(request: web.Request, limit: int) -> tuple[dict[str, str], 
     if request.content_length is not None and request.content_length > limit:
         raise too_large(limit)
     if not request.content_type.startswith("multipart/form-data"):
-        raise bad_request("/v1/images/edits takes multipart/form-data (as the OpenAI SDK's "
-                          "images.edit sends it).")
+        raise bad_request(
+            "/v1/images/edits takes multipart/form-data (as the OpenAI SDK's images.edit sends it)."
+        )
     try:
         reader = await request.multipart()
     except (ValueError, AssertionError):
@@ -254,8 +293,10 @@ async def _read_form(request: web.Request, limit: int) -> tuple[dict[str, str], 
             mime = part.headers.get("Content-Type")
             images.append(data_url(data, mime, f"image[{len(images)}]"))
         elif name == "mask":
-            raise bad_request("mask is not supported: DashScope's edit models take the "
-                              "instruction from the prompt; describe the change there.")
+            raise bad_request(
+                "mask is not supported: DashScope's edit models take the "
+                "instruction from the prompt; describe the change there."
+            )
         elif name == "markup":
             raise bad_request("markup is not supported by DashScope's edit models.")
         else:
@@ -297,8 +338,12 @@ async def list_models(request: web.Request) -> web.StreamResponse:
         route: Route = resolve(name, rt.config.models)
         if not key.allows(name) or not rt.router.candidates(route.target):
             continue
-        item: dict[str, Any] = {"id": name, "object": "model", "created": 0,
-                                "owned_by": "dashscope"}
+        item: dict[str, Any] = {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "dashscope",
+        }
         if route.target != name:
             item["owned_by"] = "dashscope-proxy"
             item["target"] = route.target

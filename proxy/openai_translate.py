@@ -11,11 +11,10 @@
 - `images_of` / `openai_response`: a DashScope answer (sync, or a finished
   task) -> OpenAI's `{"created", "data": [...], "usage": {...}}` with every
   image, from every choice, every content item and every `results[]` entry.
-- `upstream_error` / `task_error`: DashScope errors -> `GatewayError`s whose
-  OpenAI envelope makes the OpenAI SDK raise its matching exception class.
 - `task_object`: the async task object of seed 002.
 
-Deliberately not here: fetching images (`image_fetch.py`), calling DashScope
+DashScope errors -> OpenAI errors are in `openai_errors.py`. Deliberately not
+here: fetching images (`image_fetch.py`), calling DashScope
 (`generation.py`), sockets (`openai_images.py`).
 """
 
@@ -30,18 +29,12 @@ from typing import Any
 
 from .errors import GatewayError
 from .model_table import BodyShape, Route, images_problem, n_problem, prompt_problem, size_problem
+from .openai_errors import IMAGE_REQUEST, bad_request
 
 RESPONSE_FORMATS = ("b64_json", "url")
 SEED_MAX = 2147483647
 # Enough input images for every DashScope edit model (at most 4), with room.
 MAX_INPUT_IMAGES = 16
-IMAGE_REQUEST = "invalid_image_request"  # the OpenAI `code` of the relay's parameter errors
-
-
-def bad_request(message: str) -> GatewayError:
-    """A 400 on an images request, as the OpenAI relay words it."""
-    return GatewayError(400, "InvalidParameter", message, openai_type="invalid_request_error",
-                        openai_code=IMAGE_REQUEST)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,18 +63,30 @@ class ImageRequest:
 # ------------------------------------------------------------------ request parsing
 
 
-def parse_request(obj: Mapping[str, Any], *, default_model: str, default_format: str,
-                  images: tuple[str, ...] | None = None) -> ImageRequest:
+def parse_request(
+    obj: Mapping[str, Any],
+    *,
+    default_model: str,
+    default_format: str,
+    images: tuple[str, ...] | None = None,
+) -> ImageRequest:
     """Validate an OpenAI images body. `images` is given by the multipart edits endpoint."""
     if _bool(obj, "stream"):
-        raise bad_request("stream: true is not supported on the images API of this gateway; "
-                          "omit stream or set it to false.")
+        raise bad_request(
+            "stream: true is not supported on the images API of this gateway; "
+            "omit stream or set it to false."
+        )
     fmt = obj.get("response_format")
     if fmt is None:
         fmt = default_format
     if fmt not in RESPONSE_FORMATS:
-        raise GatewayError(400, "InvalidParameter", "response_format must be one of: b64_json, url",
-                           openai_type="invalid_request_error", openai_code=IMAGE_REQUEST)
+        raise GatewayError(
+            400,
+            "InvalidParameter",
+            "response_format must be one of: b64_json, url",
+            openai_type="invalid_request_error",
+            openai_code=IMAGE_REQUEST,
+        )
     model = obj.get("model")
     if model is None or model == "":
         model = default_model
@@ -106,10 +111,20 @@ def parse_request(obj: Mapping[str, Any], *, default_model: str, default_format:
     if size is not None and not isinstance(size, str):
         raise bad_request("size must be a string like 1024x1024.")
     return ImageRequest(
-        model=model, prompt=prompt, n=1 if n is None else n, size=dashscope_size(size),
-        openai_size=size, response_format=fmt, quality=_str(obj, "quality"),
-        style=_str(obj, "style"), images=images, negative_prompt=negative,
-        prompt_extend=extend, seed=seed, watermark=_bool(obj, "watermark"))
+        model=model,
+        prompt=prompt,
+        n=1 if n is None else n,
+        size=dashscope_size(size),
+        openai_size=size,
+        response_format=fmt,
+        quality=_str(obj, "quality"),
+        style=_str(obj, "style"),
+        images=images,
+        negative_prompt=negative,
+        prompt_extend=extend,
+        seed=seed,
+        watermark=_bool(obj, "watermark"),
+    )
 
 
 _OPENAI_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
@@ -128,10 +143,13 @@ def dashscope_size(size: str | None) -> str | None:
     if size.upper() in ("1K", "2K"):
         return size.upper()
     if "\u00d7" in size:
-        raise bad_request(f"size must use a lowercase x between width and height (e.g. "
-                          f"1024x1024), not the multiplication sign \u00d7: got {size!r}.")
-    raise bad_request(f"size must be WIDTHxHEIGHT with a lowercase x, e.g. 1024x1024; "
-                      f"got {size!r}.")
+        raise bad_request(
+            f"size must use a lowercase x between width and height (e.g. "
+            f"1024x1024), not the multiplication sign \u00d7: got {size!r}."
+        )
+    raise bad_request(
+        f"size must be WIDTHxHEIGHT with a lowercase x, e.g. 1024x1024; got {size!r}."
+    )
 
 
 def _str(obj: Mapping[str, Any], name: str) -> str | None:
@@ -231,8 +249,9 @@ def _b64(text: str, where: str) -> bytes:
     try:
         return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise bad_request(f"{where} must be an image URL, a data URL or base64 image "
-                          "data.") from None
+        raise bad_request(
+            f"{where} must be an image URL, a data URL or base64 image data."
+        ) from None
 
 
 # ------------------------------------------------------------------ to DashScope
@@ -244,9 +263,12 @@ def check_against(req: ImageRequest, route: Route) -> None:
     name = route.requested
     problem = images_problem(name, spec, len(req.images), known=route.known)
     if route.known:
-        problem = (problem or prompt_problem(name, spec, req.prompt)
-                   or n_problem(name, spec, req.n)
-                   or (size_problem(name, spec, req.size) if req.size else None))
+        problem = (
+            problem
+            or prompt_problem(name, spec, req.prompt)
+            or n_problem(name, spec, req.n)
+            or (size_problem(name, spec, req.size) if req.size else None)
+        )
     if problem:
         raise bad_request(problem)
 
@@ -321,13 +343,18 @@ def openai_usage(body: Any, images: int) -> dict[str, Any]:
         v = usage.get(name)
         return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
-    return {"generated_images": images, "total_tokens": tokens("total_tokens"),
-            "input_tokens": tokens("input_tokens"), "output_tokens": tokens("output_tokens"),
-            "input_tokens_details": {"text_tokens": tokens("input_tokens"), "image_tokens": 0}}
+    return {
+        "generated_images": images,
+        "total_tokens": tokens("total_tokens"),
+        "input_tokens": tokens("input_tokens"),
+        "output_tokens": tokens("output_tokens"),
+        "input_tokens_details": {"text_tokens": tokens("input_tokens"), "image_tokens": 0},
+    }
 
 
-def openai_response(created: int, images: list[ResultImage], b64: list[str] | None,
-                    usage: dict[str, Any]) -> dict[str, Any]:
+def openai_response(
+    created: int, images: list[ResultImage], b64: list[str] | None, usage: dict[str, Any]
+) -> dict[str, Any]:
     """`{"created", "data", "usage"}`; `b64` holds the fetched images for `b64_json`."""
     data: list[dict[str, str]] = []
     for i, image in enumerate(images):
@@ -338,82 +365,32 @@ def openai_response(created: int, images: list[ResultImage], b64: list[str] | No
     return {"created": created, "data": data, "usage": usage}
 
 
-# -------------------------------------------------------------------------- errors
-
-
-_CONTENT_CODES = frozenset({"DataInspectionFailed", "InvalidParameter.DataInspection",
-                            "IPInfringementSuspect"})
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
-          429: "rate_limit_error"}
-
-
-def status_for_code(code: str) -> int:
-    """The HTTP status DashScope uses for `code` (for failures reported inside a task)."""
-    for prefix, status in (("InvalidApiKey", 401), ("AccessDenied", 403), ("Throttling", 429),
-                           ("InternalError", 500), ("RequestTimeOut", 408)):
-        if code.startswith(prefix):
-            return status
-    if code in _CONTENT_CODES or code.startswith(("InvalidParameter", "BadRequest", "InvalidURL",
-                                                  "Arrearage", "UnsupportedOperation")):
-        return 400
-    return 500
-
-
-def upstream_error(status: int, code: str | None, message: str | None,
-                   retry_after: int | None = None) -> GatewayError:
-    """A DashScope error, in the OpenAI envelope the OpenAI SDK maps to its exception classes."""
-    code = code or str(status)
-    message = message or "DashScope returned an error."
-    if code in _CONTENT_CODES:
-        return GatewayError(400, code, f"The request was rejected by DashScope's content "
-                            f"inspection ({code}: {message}) Change the prompt or the input "
-                            "images and try again.", openai_type="invalid_request_error",
-                            openai_code="content_policy_violation")
-    if status == 401:
-        message = (f"DashScope rejected the gateway's upstream credentials ({code}: {message}). "
-                   "Your gateway key was accepted; tell the gateway operator.")
-    etype = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return GatewayError(status, code, message, openai_type=etype, openai_code=code,
-                        retry_after=retry_after if status == 429 else None)
-
-
-def error_fields(body: Any) -> tuple[str | None, str | None]:
-    """`(code, message)` of a DashScope error body or failed task (inside `output` or top level)."""
-    if not isinstance(body, dict):
-        return None, None
-    output = body.get("output")
-    for where in (body, output if isinstance(output, dict) else {}):
-        code = where.get("code")
-        if isinstance(code, str) and code:
-            message = where.get("message")
-            return code, message if isinstance(message, str) else None
-    return None, None
-
-
-def task_error(body: Any) -> GatewayError:
-    """A FAILED (or CANCELED) task's error with the status DashScope uses for its code."""
-    code, message = error_fields(body)
-    if code is None:
-        output = body.get("output") if isinstance(body, dict) else None
-        status = output.get("task_status") if isinstance(output, dict) else None
-        return GatewayError(500, "TaskFailed", f"The DashScope task ended {status or 'FAILED'}.",
-                            openai_type="server_error", openai_code="task_failed")
-    return upstream_error(status_for_code(code), code, message)
-
-
 # -------------------------------------------------------------------- task objects
 
 
-TASK_STATUS = {"PENDING": "QUEUED", "RUNNING": "IN_PROGRESS", "SUCCEEDED": "SUCCEEDED",
-               "FAILED": "FAILED", "CANCELED": "CANCELED", "UNKNOWN": "EXPIRED"}
+TASK_STATUS = {
+    "PENDING": "QUEUED",
+    "RUNNING": "IN_PROGRESS",
+    "SUCCEEDED": "SUCCEEDED",
+    "FAILED": "FAILED",
+    "CANCELED": "CANCELED",
+    "UNKNOWN": "EXPIRED",
+}
 
 
-def task_object(task_id: str, dashscope_status: str, meta: Mapping[str, Any],
-                model: str) -> dict[str, Any]:
+def task_object(
+    task_id: str, dashscope_status: str, meta: Mapping[str, Any], model: str
+) -> dict[str, Any]:
     """Seed 002's `image.generation.task` object."""
-    return {"id": task_id, "task_id": task_id, "object": "image.generation.task",
-            "status": TASK_STATUS.get(dashscope_status, "IN_PROGRESS"),
-            "created_at": int(meta.get("created_at", 0)), "model": model,
-            "prompt": meta.get("prompt"), "size": meta.get("size") or "auto",
-            "quality": meta.get("quality") or "auto", "mode": meta.get("mode", "generation")}
+    return {
+        "id": task_id,
+        "task_id": task_id,
+        "object": "image.generation.task",
+        "status": TASK_STATUS.get(dashscope_status, "IN_PROGRESS"),
+        "created_at": int(meta.get("created_at", 0)),
+        "model": model,
+        "prompt": meta.get("prompt"),
+        "size": meta.get("size") or "auto",
+        "quality": meta.get("quality") or "auto",
+        "mode": meta.get("mode", "generation"),
+    }

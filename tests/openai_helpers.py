@@ -42,12 +42,20 @@ def png(width: int = 300, height: int = 300, shade: int = 90) -> bytes:
     raw = b"".join(b"\x00" + bytes([shade, 120, 200]) * width for _ in range(height))
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def data_url(data: bytes, mime: str = "image/png") -> str:
@@ -60,14 +68,17 @@ def fetch(url: str) -> bytes:
     return resp.content
 
 
-def http(lt: LoopThread, method: str, url: str, key: str | None = KEY_A,
-         json: Any = None) -> tuple[int, Any]:
+def http(
+    lt: LoopThread, method: str, url: str, key: str | None = KEY_A, json: Any = None
+) -> tuple[int, Any]:
     """One plain HTTP request with aiohttp's client (run on the loop thread): status, JSON."""
 
     async def go() -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        async with aiohttp.ClientSession() as session, \
-                session.request(method, url, json=json, headers=headers) as resp:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(method, url, json=json, headers=headers) as resp,
+        ):
             return resp.status, await resp.json(content_type=None)
 
     return lt.run(go())

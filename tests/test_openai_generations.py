@@ -23,10 +23,20 @@ from tests.support import Live, LoopThread
 
 def test_url_format_with_dashscope_extras(gateway: Gateway, sim: Live) -> None:
     rsp = client(gateway).images.generate(
-        model="qwen-image-2.0", prompt="a red fox", size="1024x1024", response_format="url",
-        quality="auto", style="vivid", user="end-user-7",
-        extra_body={"negative_prompt": "blurry", "prompt_extend": False, "seed": "42",
-                    "watermark": True})
+        model="qwen-image-2.0",
+        prompt="a red fox",
+        size="1024x1024",
+        response_format="url",
+        quality="auto",
+        style="vivid",
+        user="end-user-7",
+        extra_body={
+            "negative_prompt": "blurry",
+            "prompt_extend": False,
+            "seed": "42",
+            "watermark": True,
+        },
+    )
     assert isinstance(rsp.created, int)
     assert rsp.data is not None and len(rsp.data) == 1
     assert fetch(rsp.data[0].url or "").startswith(b"\x89PNG")
@@ -37,23 +47,44 @@ def test_url_format_with_dashscope_extras(gateway: Gateway, sim: Live) -> None:
     assert seen["body"] == {
         "model": "qwen-image-2.0",
         "input": {"messages": [{"role": "user", "content": [{"text": "a red fox"}]}]},
-        "parameters": {"n": 1, "size": "1024*1024", "seed": 42, "prompt_extend": False,
-                       "watermark": True, "negative_prompt": "blurry"}}
+        "parameters": {
+            "n": 1,
+            "size": "1024*1024",
+            "seed": 42,
+            "prompt_extend": False,
+            "watermark": True,
+            "negative_prompt": "blurry",
+        },
+    }
     assert header(seen, "Authorization") == f"Bearer {UPSTREAM_KEY}"
     assert header(seen, "X-DashScope-Async") is None
     assert KEY_A not in str(seen)
     assert gateway.images("team-a", "qwen-image-2.0") == 1
-    assert gateway.metric("dashscope_proxy_requests_total", route="openai.generations",
-                          key="team-a", model="qwen-image-2.0", code="200") == 1
+    assert (
+        gateway.metric(
+            "dashscope_proxy_requests_total",
+            route="openai.generations",
+            key="team-a",
+            model="qwen-image-2.0",
+            code="200",
+        )
+        == 1
+    )
 
 
 def test_b64_default_n2_bytes_equal_simulator_pngs(gateway: Gateway, sim: Live) -> None:
     c = client(gateway)
     # No response_format: the configured default (b64_json, as seed 002 says).
-    b64 = c.images.generate(model="qwen-image-2.0-pro", prompt="two cats", n=2,
-                            extra_body={"seed": 7})
-    urls = c.images.generate(model="qwen-image-2.0-pro", prompt="two cats", n=2,
-                             response_format="url", extra_body={"seed": 7})
+    b64 = c.images.generate(
+        model="qwen-image-2.0-pro", prompt="two cats", n=2, extra_body={"seed": 7}
+    )
+    urls = c.images.generate(
+        model="qwen-image-2.0-pro",
+        prompt="two cats",
+        n=2,
+        response_format="url",
+        extra_body={"seed": 7},
+    )
     assert b64.data is not None and urls.data is not None
     assert len(b64.data) == 2 and len(urls.data) == 2
     assert all(d.url is None for d in b64.data)
@@ -66,8 +97,14 @@ def test_b64_default_n2_bytes_equal_simulator_pngs(gateway: Gateway, sim: Live) 
 
 def test_every_image_of_every_choice_and_default_n_is_one(gateway: Gateway, sim: Live) -> None:
     c = client(gateway)
-    rsp = c.images.generate(model="wan2.6-t2i", prompt="a lighthouse", n=3, size="1280x1280",
-                            response_format="url", extra_body={"prompt_upsampling": True})
+    rsp = c.images.generate(
+        model="wan2.6-t2i",
+        prompt="a lighthouse",
+        n=3,
+        size="1280x1280",
+        response_format="url",
+        extra_body={"prompt_upsampling": True},
+    )
     assert rsp.data is not None and len({d.url for d in rsp.data}) == 3
     one = c.images.generate(model="wan2.6-t2i", prompt="a lighthouse", response_format="url")
     assert one.data is not None and len(one.data) == 1
@@ -78,10 +115,12 @@ def test_every_image_of_every_choice_and_default_n_is_one(gateway: Gateway, sim:
     assert gateway.images("team-a", "wan2.6-t2i") == 4
 
 
-def test_task_models_are_submitted_and_polled_by_the_gateway(gateway: Gateway, sim: Live,
-                                                             loop_thread: LoopThread) -> None:
-    rsp = client(gateway).images.generate(model="wan2.2-t2i-flash", prompt="a pagoda", n=2,
-                                          size="1024x1024", response_format="url")
+def test_task_models_are_submitted_and_polled_by_the_gateway(
+    gateway: Gateway, sim: Live, loop_thread: LoopThread
+) -> None:
+    rsp = client(gateway).images.generate(
+        model="wan2.2-t2i-flash", prompt="a pagoda", n=2, size="1024x1024", response_format="url"
+    )
     assert rsp.data is not None and len(rsp.data) == 2
     # text2image results carry the rewritten prompt: revised_prompt.
     assert all(d.revised_prompt for d in rsp.data)
@@ -107,11 +146,13 @@ models:
   qwen-image-plus: {mode: async}
 """)
     c = client(gw)
-    rsp = c.images.generate(model="gpt-image-1", prompt="a bridge", size="1024x1024",
-                            response_format="url")
+    rsp = c.images.generate(
+        model="gpt-image-1", prompt="a bridge", size="1024x1024", response_format="url"
+    )
     assert rsp.data is not None and len(rsp.data) == 1
-    rsp = c.images.generate(model="qwen-image-plus", prompt="a bridge", size="1328x1328",
-                            response_format="url")
+    rsp = c.images.generate(
+        model="qwen-image-plus", prompt="a bridge", size="1328x1328", response_format="url"
+    )
     assert rsp.data is not None and len(rsp.data) == 1
     alias, plus = sim_generations(sim)
     assert alias["body"]["model"] == "qwen-image-2.0-pro"
@@ -127,13 +168,26 @@ models:
 def test_edit_mode_through_the_image_field(gateway: Gateway, sim: Live) -> None:
     raw = png()
     rsp = client(gateway).images.generate(
-        model="wan2.6-image", prompt="make it blue", n=1, response_format="url",
-        extra_body={"image": [base64.b64encode(raw).decode(), data_url(raw, "image/png"),
-                              "https://example.com/in.png"]})
+        model="wan2.6-image",
+        prompt="make it blue",
+        n=1,
+        response_format="url",
+        extra_body={
+            "image": [
+                base64.b64encode(raw).decode(),
+                data_url(raw, "image/png"),
+                "https://example.com/in.png",
+            ]
+        },
+    )
     assert rsp.data is not None and len(rsp.data) == 1
     [seen] = sim_generations(sim)
-    assert content_of(seen) == [{"text": "make it blue"}, {"image": data_url(raw)},
-                                {"image": data_url(raw)}, {"image": "https://example.com/in.png"}]
+    assert content_of(seen) == [
+        {"text": "make it blue"},
+        {"image": data_url(raw)},
+        {"image": data_url(raw)},
+        {"image": "https://example.com/in.png"},
+    ]
     assert gateway.images("team-a", "wan2.6-image") == 1
 
 
@@ -141,8 +195,9 @@ def test_edit_mode_through_the_image_field(gateway: Gateway, sim: Live) -> None:
 def test_key_b_within_its_allowlist(gateway: Gateway, response_format: str) -> None:
     from tests.conftest import KEY_B
 
-    rsp = client(gateway, KEY_B).images.generate(model="qwen-image-max", prompt="a kite",
-                                                  response_format=response_format)  # type: ignore[arg-type]
+    rsp = client(gateway, KEY_B).images.generate(
+        model="qwen-image-max", prompt="a kite", response_format=response_format
+    )  # type: ignore[arg-type]
     assert rsp.data is not None and len(rsp.data) == 1
     assert gateway.images("team-b", "qwen-image-max") == 1
     assert gateway.images("team-a", "qwen-image-max") == 0
