@@ -37,7 +37,7 @@ from .jsonutil import dumps, loads
 from .metering import facts_from_json
 from .openai_errors import task_error, upstream_error
 from .relay import call_upstream
-from .runtime import METER, METRICS, SESSION, TASKS, RequestContext
+from .runtime import METER, METRICS, RUNTIME, SESSION, TASKS, RequestContext
 from .tasks import TERMINAL, TaskRecord
 from .upstream import map_client_error
 
@@ -155,6 +155,7 @@ async def meter(
     task_id: str | None,
 ) -> None:
     """Count `images` for `key` and the model the client asked for."""
+    _seen_succeeding(request, ctx, model)
     ctx.images += images
     await request.app[METER].record(
         key=key,
@@ -244,7 +245,15 @@ async def submit(
         meta=meta,
     )
     await request.app[TASKS].put(record)
+    _seen_succeeding(request, ctx, model)
     return record
+
+
+def _seen_succeeding(request: web.Request, ctx: RequestContext, model: str) -> None:
+    """DashScope accepted `model`: label it by name from now on (as `native.settle` does)."""
+    models = request.app[RUNTIME].current.models
+    models.seen_succeeding(model)
+    ctx.model_label = models.label(model)
 
 
 async def poll_once(

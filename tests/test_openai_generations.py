@@ -201,3 +201,11 @@ def test_key_b_within_its_allowlist(gateway: Gateway, response_format: str) -> N
     assert rsp.data is not None and len(rsp.data) == 1
     assert gateway.images("team-b", "qwen-image-max") == 1
     assert gateway.images("team-a", "qwen-image-max") == 0
+
+
+def test_a_snapshot_name_is_labelled_by_name_once_dashscope_accepts_it(gateway: Gateway) -> None:
+    model = "qwen-image-2.0-pro-2026-03-03"  # not in the gateway's list of known names
+    rsp = client(gateway).images.generate(model=model, prompt="a dune", response_format="url")
+    assert rsp.data is not None and len(rsp.data) == 1
+    assert gateway.images("team-a", model) == 1
+    assert gateway.images("team-a", "other") == 0
