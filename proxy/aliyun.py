@@ -28,7 +28,7 @@ from .errors import GatewayError
 from .inbound import parse_json_object, read_body, require_model
 from .jsonutil import dumps
 from .model_table import BodyShape, Route, resolve
-from .relay import call_upstream, relay_response
+from .relay import Relayed, call_upstream, relay_response
 from .runtime import CTX, METRICS, RUNTIME, SESSION
 from .upstream import request_headers
 
@@ -116,8 +116,11 @@ async def generations(request: web.Request) -> web.StreamResponse:
         headers,
         payload,
     )
-    relayed = await relay_response(request, resp, request.app[METRICS], upstream)
-    await native.settle(request, ctx, rt, key, model, upstream, relayed)
+    async def settled(relayed: Relayed) -> None:
+        await native.settle(request, ctx, rt, key, model, upstream, relayed)
+
+    relayed = await relay_response(request, resp, request.app[METRICS], upstream,
+                                   settle=settled)
     return relayed.response
 
 

@@ -80,7 +80,9 @@ def loop_thread() -> Iterator[LoopThread]:
 
 @pytest.fixture
 def sim_settings() -> SimSettings:
-    return SimSettings(pending_seconds=0.1, running_seconds=0.2)
+    # PENDING long enough that a cancel issued right after submit lands in it even on
+    # a loaded machine, short enough that the SDK's first 1 s poll sees SUCCEEDED.
+    return SimSettings(pending_seconds=0.5, running_seconds=0.3)
 
 
 @pytest.fixture
