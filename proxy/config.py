@@ -207,6 +207,8 @@ class Config:
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+# Fields whose value a problem message must never echo (problems are logged on reload).
+_SECRET_FIELDS = frozenset({"key", "api_key"})
 
 
 class _Problems:
@@ -261,7 +263,8 @@ class _Section:
             return default
         v = self.data[key]
         if not check(v):
-            self.p.add(self.loc(key), f"must be {kind}, got {v!r}"[:200])
+            shown = f"a {type(v).__name__} (value not shown)" if key in _SECRET_FIELDS else repr(v)
+            self.p.add(self.loc(key), f"must be {kind}, got {shown}"[:200])
             return default
         return v
 

@@ -7,6 +7,13 @@ models through `ModelLabels` (configured or seen succeeding upstream, else
 
 Children are cached per label tuple so the hot path does one dict lookup
 instead of prometheus_client's label validation on every request.
+
+With `server.workers > 1` every worker runs prometheus_client's multiprocess
+mode (values in per-process mmap files under a per-run directory the
+supervisor creates): `/metrics` on any worker then shows the sum over all
+workers, and counters of a worker that died keep their counts. Every Gauge
+therefore declares how workers combine (`multiprocess_mode`); the mode is
+ignored in a single process.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import re
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # Image generation takes seconds to minutes; the tail needs buckets up to 10 min.
 REQUEST_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180,
@@ -58,10 +66,15 @@ class ModelLabels:
 class Metrics:
     """The gateway's metrics on one registry (tests pass a fresh one)."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, multiprocess_dir: str | None = None) -> None:
         # `_created` series double the exposition for no dashboard use.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry
+        # What /metrics serves: this registry, or every worker's values.
+        self.exposition = registry
+        if multiprocess_dir is not None:
+            self.exposition = CollectorRegistry(auto_describe=True)
+            MultiProcessCollector(self.exposition, path=multiprocess_dir)  # type: ignore[no-untyped-call]
         self.requests = Counter(
             "dashscope_proxy_requests_total", "Requests answered by the gateway.",
             ["route", "key", "model", "code"], registry=registry)
@@ -77,17 +90,79 @@ class Metrics:
             "dashscope_proxy_upstream_request_duration_seconds",
             "Time from sending a request to DashScope to its response headers.",
             ["upstream", "endpoint"], buckets=REQUEST_BUCKETS, registry=registry)
-        self.upstream_errors = Counter(
+        self.upstream_errors = BoundedCodes(Counter(
             "dashscope_proxy_upstream_errors_total",
             "Failed upstream calls, by DashScope error code or transport failure kind.",
-            ["upstream", "code"], registry=registry)
+            ["upstream", "code"], registry=registry))
         self.inflight = Gauge(
             "dashscope_proxy_inflight_requests", "Requests being handled now.",
-            ["route"], registry=registry)
+            ["route"], registry=registry, multiprocess_mode="livesum")
+        self.config_reloads = Counter(
+            "dashscope_proxy_config_reloads_total",
+            "Config reload attempts (SIGHUP or file change), by result: success | failure.",
+            ["result"], registry=registry)
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
+        # Both gauges are set when the first config loads, as Prometheus does.
+        self.config_last_success = Gauge(
+            "dashscope_proxy_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful config load or reload.",
+            registry=registry, multiprocess_mode="livemax")
+        self.config_last_ok = Gauge(
+            "dashscope_proxy_config_last_reload_successful",
+            "1 if the last config reload succeeded (or none was tried), 0 if it was rejected.",
+            registry=registry, multiprocess_mode="livemin")
+        self.usage_log_errors = Counter(
+            "dashscope_proxy_usage_log_errors_total",
+            "Usage ledger lines that could not be written (the image metric still counted them).",
+            registry=registry)
         self._req_children: dict[tuple[str, str, str, str], Counter] = {}
         self._dur_children: dict[tuple[str, str], Histogram] = {}
         self._img_children: dict[tuple[str, str], Counter] = {}
         self._inflight_children: dict[str, Gauge] = {}
+        self._upstream_children: dict[tuple[str, str], Histogram] = {}
+        # Resilience (proxy.failover, proxy.limits, proxy.state). Every label
+        # comes from the config (upstream and key names) or a closed set.
+        self.upstream_up = Gauge(
+            "dashscope_proxy_upstream_up",
+            "1 while the upstream's circuit breaker is closed, 0 while it is open or probing.",
+            ["upstream"], registry=registry, multiprocess_mode="livemin")
+        self.upstream_failovers = Counter(
+            "dashscope_proxy_upstream_failovers_total",
+            "Requests moved from an upstream to the next candidate, by reason: connect | "
+            "connect_timeout | throttled | unavailable | circuit_open | busy.",
+            ["from_upstream", "reason"], registry=registry)
+        self.limit_rejections = Counter(
+            "dashscope_proxy_limit_rejections_total",
+            "Requests refused with 429 by a per-key limit, by limit name.",
+            ["key", "limit"], registry=registry)
+        self.quota_remaining = Gauge(
+            "dashscope_proxy_quota_remaining_images",
+            "Images a key may still generate in the current UTC day or month (window).",
+            ["key", "window"], registry=registry, multiprocess_mode="livemin")
+        self.state_backend_up = Gauge(
+            "dashscope_proxy_state_backend_up",
+            "1 while the shared state backend (Redis) answers; 0 while the gateway serves "
+            "from its local fallback. Always 1 with the local backend.",
+            registry=registry, multiprocess_mode="livemin")
+        self.state_fallbacks = Counter(
+            "dashscope_proxy_state_fallbacks_total",
+            "State operations served by the local fallback because Redis was unreachable, "
+            "by operation: limits | usage | tasks.",
+            ["operation"], registry=registry)
+        self.state_backend_up.set(1)
+
+    def config_loaded(self, when: float) -> None:
+        """A config was loaded (at startup) or reloaded successfully at `when`."""
+        self.config_last_success.set(when)
+        self.config_last_ok.set(1)
+
+    def config_reloaded(self, ok: bool, when: float) -> None:
+        self.config_reloads.labels("success" if ok else "failure").inc()
+        if ok:
+            self.config_loaded(when)
+        else:
+            self.config_last_ok.set(0)
 
     def precreate(self, key_names: Iterable[str], models: Iterable[str]) -> None:
         """Series for configured keys exist at 0 so dashboards and rate() see them at once."""
@@ -117,3 +192,36 @@ class Metrics:
         if g is None:
             g = self._inflight_children[route] = self.inflight.labels(route)
         return g
+
+    def upstream_timer(self, upstream: str, endpoint: str) -> Histogram:
+        """The `upstream_duration` child, cached (labels() validates on every call)."""
+        h = self._upstream_children.get((upstream, endpoint))
+        if h is None:
+            h = self._upstream_children[(upstream, endpoint)] = self.upstream_duration.labels(
+                upstream, endpoint)
+        return h
+
+
+class BoundedCodes:
+    """`upstream_errors` with a bounded `code` label.
+
+    The code comes from upstream bodies, so it is not a closed set by
+    construction: the first `cap` distinct values shaped like a DashScope code
+    (`Throttling.RateQuota`) or a transport kind keep their name, anything
+    else is `other`. Only `.labels(upstream, code)` is offered.
+    """
+
+    _SHAPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+    def __init__(self, counter: Counter, cap: int = 64) -> None:
+        self.counter = counter
+        self._cap = cap
+        self._codes: set[str] = set()
+
+    def labels(self, upstream: str, code: str) -> Counter:
+        if code not in self._codes:
+            if len(self._codes) < self._cap and self._SHAPE.match(code):
+                self._codes.add(code)
+            else:
+                code = OTHER
+        return self.counter.labels(upstream, code)

@@ -4,8 +4,15 @@
   event loop's share of per-request CPU.
 - The listen backlog comes from `server.backlog` (aiohttp's default of 128
   drops connections under a burst of thousands of clients).
-- SIGTERM/SIGINT: `/readyz` turns 503 at once, the listener closes, in-flight
-  requests get `server.shutdown_grace_seconds` to finish, then exit 0.
+- SIGTERM/SIGINT: `/readyz` turns 503 at once, the listener closes (new
+  connections are refused; idle keep-alive connections are closed), in-flight
+  requests get `server.shutdown_grace_seconds` to finish (a request still
+  running then is cancelled), the app's resources close, and serve returns 0.
+  A second signal while draining changes nothing: Kubernetes follows with
+  SIGKILL at `terminationGracePeriodSeconds` anyway.
+- SIGHUP: reload the config file (proxy.reload), which is also watched for
+  changes. Without a config file (the demo) SIGHUP is logged and ignored
+  rather than killing the process, SIGHUP's default.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from aiohttp import web
 
 from .app import create_app
 from .config import Config
+from .reload import POLL_SECONDS, install_reloader
 from .runtime import RUNTIME
 
 log = logging.getLogger(__name__)
@@ -37,9 +45,17 @@ def install_fast_loop() -> bool:
 
 async def serve(config: Config, *, host: str | None = None, port: int | None = None,
                 on_ready: Callable[[web.AppRunner], None] | None = None,
-                app: web.Application | None = None, config_path: str | None = None) -> int:
-    """Serve until SIGTERM/SIGINT, then drain. Returns the process exit code."""
+                app: web.Application | None = None, config_path: str | None = None,
+                config_poll_seconds: float = POLL_SECONDS) -> int:
+    """Serve until SIGTERM/SIGINT, then drain. Returns the process exit code.
+
+    With `config_path` the config reloads on SIGHUP and when the file changes
+    (`config_poll_seconds` between checks; 0 = SIGHUP only).
+    """
     app = app if app is not None else create_app(config)
+    reloader = (install_reloader(app, config_path, poll_seconds=config_poll_seconds)
+                if config_path else None)
+    holder = app[RUNTIME]
     server = config.server
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=server.shutdown_grace_seconds)
@@ -49,15 +65,43 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_stop(sig: signal.Signals) -> None:
+        # Readiness fails from this instant, before the loop runs anything else.
+        if holder.draining:
+            log.info("%s: already draining", sig.name)
+        holder.draining = True
+        stop.set()
+
+    def on_hup() -> None:
+        if reloader is None:
+            log.warning("SIGHUP: no config file to reload (started without --config)")
+        else:
+            reloader.request()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_stop, sig)
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
     if on_ready is not None:
         on_ready(runner)
-    log.info("dashscope-proxy listening on %s", ", ".join(str(a) for a in runner.addresses))
+    log.info("dashscope-proxy listening on %s",
+             ", ".join(_url(a) for a in runner.addresses))
     await stop.wait()
-    log.info("shutting down: draining in-flight requests (grace %.0fs)",
+    log.info("shutting down: not ready, listener closed, in-flight requests get up to %gs",
              server.shutdown_grace_seconds)
-    app[RUNTIME].draining = True
+    # Closes the listener, then waits up to shutdown_grace_seconds for
+    # in-flight handlers, then runs the cleanup contexts (usage ledger fsync,
+    # task store, ClientSession).
     await runner.cleanup()
+    log.info("shutdown complete")
     return 0
+
+
+def _url(address: object) -> str:
+    """`http://127.0.0.1:8080` for a socket address tuple."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = str(address[0])
+        return f"http://[{host}]:{address[1]}" if ":" in host else f"http://{host}:{address[1]}"
+    return str(address)
