@@ -1,6 +1,7 @@
 """Command line: parse arguments, load config, run. Nothing else lives here.
 
     dashscope-proxy --config PATH [--host H] [--port N]   serve the gateway
+        (with server.workers > 1: a supervisor of N worker processes, proxy.supervisor)
     dashscope-proxy demo [--port N]                       simulator + gateway, no account
     dashscope-proxy check-config PATH                     validate, list every problem
     dashscope-proxy hash-key                              stdin key -> key_sha256
@@ -28,6 +29,11 @@ def _serve(argv: Sequence[str]) -> int:
                         help="YAML config file (env DASHSCOPE_PROXY_CONFIG)")
     parser.add_argument("--host", help="override server.host")
     parser.add_argument("--port", type=int, help="override server.port")
+    parser.add_argument("--config-poll-seconds", type=float, default=1.0, metavar="S",
+                        help="check the config file for changes every S seconds and reload "
+                             "(default 1; 0: reload on SIGHUP only)")
+    # Set by the supervisor on the processes it starts (server.workers > 1).
+    parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.config:
         parser.error("--config PATH is required (or try: dashscope-proxy demo)")
@@ -38,10 +44,32 @@ def _serve(argv: Sequence[str]) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
+    poll = max(args.config_poll_seconds, 0.0)
+    if config.server.workers > 1 and args.worker_index is None:
+        from .supervisor import Supervisor
+
+        return Supervisor(config, args.config, host=args.host or config.server.host,
+                          port=config.server.port if args.port is None else args.port,
+                          environ=os.environ,
+                          worker_args=["--config-poll-seconds", str(poll)]).run()
+    metrics_dir = None
+    if args.worker_index is not None:
+        _tag_log_lines(f"worker-{args.worker_index}")
+        # Set by the supervisor; prometheus_client reads it at import too.
+        metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    from .app import create_app
     from .server import install_fast_loop, serve
 
     install_fast_loop()
-    return asyncio.run(serve(config, host=args.host, port=args.port, config_path=args.config))
+    app = create_app(config, metrics_dir=metrics_dir)
+    return asyncio.run(serve(config, host=args.host, port=args.port, config_path=args.config,
+                             app=app, config_poll_seconds=poll))
+
+
+def _tag_log_lines(tag: str) -> None:
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag} %(name)s: "
+                                               "%(message)s"))
 
 
 def _check_config(argv: Sequence[str]) -> int:
