@@ -101,11 +101,11 @@ class SqliteTaskStore:
 
     def _open(self) -> None:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=5000")
         # WAL + synchronous=NORMAL: durable across process crashes (what a
         # restart needs) without an fsync per write.
-        conn.execute("PRAGMA journal_mode=WAL")
+        _set_wal(conn)
         conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(_SCHEMA)
         self._conn = conn
 
@@ -190,6 +190,20 @@ class SqliteTaskStore:
 
         await self._run(op)
         self._executor.shutdown(wait=True)
+
+
+def _set_wal(conn: sqlite3.Connection, attempts: int = 250) -> None:
+    """Switch to WAL. Workers opening a fresh file at the same moment (`server.workers`)
+    make this fail with "database is locked" at once -- SQLite skips the busy
+    handler for this lock -- so retry for up to ~5 s."""
+    for attempt in range(attempts):
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.02)
 
 
 def _row(row: tuple[object, ...]) -> TaskRecord:
