@@ -192,8 +192,8 @@ class Supervisor:
                     for sig in (signal.SIGTERM, signal.SIGINT)}
         previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hup)
         try:
-            log.info("supervisor (pid %d): %d workers on http://%s:%d", os.getpid(),
-                     len(self._workers), self._host, self._port)
+            log.info("supervisor (pid %d): %d workers on http://%s:%d (metrics directory %s)",
+                     os.getpid(), len(self._workers), self._host, self._port, self._metrics_dir)
             for w in self._workers:
                 self._start(w)
             self._loop()
