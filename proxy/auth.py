@@ -17,10 +17,23 @@ from .errors import GatewayError, access_denied, invalid_api_key
 
 
 class KeyRing:
-    """The configured keys, indexed by the SHA-256 of their secret."""
+    """The configured keys, indexed by the SHA-256 of their secret.
+
+    Built once per config (Runtime), so everything derivable from the config
+    alone is computed here, not per request: the digests as bytes, and each
+    key's allowlist answer per model (a bounded cache: the glob match runs once
+    per distinct key and model).
+    """
+
+    _ALLOW_CACHE_MAX = 4096
 
     def __init__(self, keys: Iterable[KeyConfig]) -> None:
-        self._by_digest = {bytes.fromhex(k.key_sha256): k for k in keys}
+        # digest -> (key, digest): the stored digest kept as bytes for compare_digest.
+        self._by_digest: dict[bytes, tuple[KeyConfig, bytes]] = {}
+        for k in keys:
+            raw = bytes.fromhex(k.key_sha256)
+            self._by_digest[raw] = (k, raw)
+        self._allowed: dict[tuple[str, str], bool] = {}
 
     def authenticate(self, authorization: str | None) -> KeyConfig:
         """The key for an `Authorization: Bearer <key>` header, or 401 InvalidApiKey."""
@@ -31,12 +44,23 @@ class KeyRing:
         if scheme.lower() != "bearer" or not token or len(token) > 512:
             raise invalid_api_key()
         digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-        key = self._by_digest.get(digest)
+        found = self._by_digest.get(digest)
         # compare_digest keeps the final check constant-time even if the dict
         # implementation ever short-circuits on a partial match.
-        if key is None or not hmac.compare_digest(bytes.fromhex(key.key_sha256), digest):
+        if found is None or not hmac.compare_digest(found[1], digest):
             raise invalid_api_key()
-        return key
+        return found[0]
+
+    def check_allowed(self, key: KeyConfig, model: str) -> None:
+        """`check_model_allowed`, memoised per (key, model) for this config."""
+        ck = (key.name, model)
+        ok = self._allowed.get(ck)
+        if ok is None:
+            ok = key.allows(model)
+            if len(self._allowed) < self._ALLOW_CACHE_MAX:
+                self._allowed[ck] = ok
+        if not ok:
+            raise model_denied(model)
 
 
 def check_model_allowed(key: KeyConfig, model: str) -> None:

@@ -66,7 +66,7 @@ async def call_upstream(session: aiohttp.ClientSession, metrics: Metrics,
         failure = map_client_error(exc)
         metrics.upstream_errors.labels(upstream.name, failure.kind).inc()
         raise failure from None
-    metrics.upstream_duration.labels(upstream.name, endpoint).observe(time.perf_counter() - t0)
+    metrics.upstream_timer(upstream.name, endpoint).observe(time.perf_counter() - t0)
     return resp
 
 
