@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import stat
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -86,6 +87,7 @@ class UsageLedger:
         self._fd: int | None = None
         self._identity: tuple[int, int] | None = None
         self._dirty = False
+        self._regular = True
         self._flusher: asyncio.Task[None] | None = None
 
     # -- everything below `_` runs on the ledger thread --------------------------------
@@ -94,7 +96,9 @@ class UsageLedger:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         st = os.fstat(fd)
-        if st.st_size:
+        # A pipe or /dev/stdout works too: no torn-line repair, no fsync.
+        self._regular = stat.S_ISREG(st.st_mode)
+        if self._regular and st.st_size:
             # A line torn by a crash: end it so the next line starts clean.
             with open(self.path, "rb") as f:
                 f.seek(-1, os.SEEK_END)
@@ -130,7 +134,7 @@ class UsageLedger:
         self._dirty = True
 
     def _sync(self) -> None:
-        if self._dirty and self._fd is not None:
+        if self._dirty and self._fd is not None and self._regular:
             self._dirty = False
             os.fsync(self._fd)
 
