@@ -133,6 +133,11 @@ async def _stream(request: web.Request, resp: aiohttp.ClientResponse, headers: C
     # Keep an error body's first bytes to learn its DashScope code.
     err_head = bytearray() if resp.status >= 400 else None
     out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+    if not sse and resp.content_length is not None:
+        # The bytes pass through unchanged (no decompression), so DashScope's
+        # length holds: the client gets it instead of chunked framing, and a
+        # body cut short upstream shows as truncated (we then close).
+        out.content_length = resp.content_length
     client_alive = True
     try:
         await out.prepare(request)
@@ -140,7 +145,9 @@ async def _stream(request: web.Request, resp: aiohttp.ClientResponse, headers: C
         client_alive = False
     complete = False
     try:
-        async for chunk in resp.content.iter_chunked(CHUNK) if not sse else resp.content.iter_any():
+        # iter_any: each buffer as the socket delivered it (at most the reader's
+        # high-water mark), without iter_chunked's re-slicing and joining.
+        async for chunk in resp.content.iter_any():
             sniffer.feed(chunk)
             if err_head is not None and len(err_head) < 4096:
                 err_head += chunk[: 4096 - len(err_head)]
