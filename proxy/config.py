@@ -205,6 +205,9 @@ class Config:
 # --------------------------------------------------------------------------- parsing
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# libyaml's safe loader when PyYAML has it: ~10x faster on a config with a
+# thousand keys, which a reload parses while the gateway serves.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 # Fields whose value a problem message must never echo (problems are logged on reload).
@@ -460,7 +463,7 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
     """Parse and validate a YAML config. Raises ConfigError listing every problem."""
     p = _Problems()
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "yaml"
