@@ -89,11 +89,15 @@ def restart_required(startup: Config, new: Config) -> list[str]:
             # The URL may carry a password: name the field, not the value.
             shown = "changed" if name == "url" else f"{before!r} -> {after!r}"
             out.append(f"state.{name}: {shown}")
+    # The ClientSession lives as long as the app, so in-flight requests keep
+    # their connections and new upstreams simply work. Its connector's per-host
+    # ceiling is sized once, from the startup config; per-upstream caps below
+    # it apply at once, a cap raised above it waits for a restart.
     old_cap = max((u.max_connections for u in startup.upstreams), default=0)
     new_cap = max((u.max_connections for u in new.upstreams), default=0)
-    if old_cap != new_cap:
-        out.append(f"upstreams[].max_connections: the connection pool keeps its startup cap of "
-                   f"{old_cap} per host (new config asks for {new_cap})")
+    if new_cap > old_cap:
+        out.append(f"upstreams[].max_connections: raised to {new_cap}, above the connection "
+                   f"pool's startup ceiling of {old_cap} per host")
     return out
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import KEY_A, UPSTREAM_KEY
+from proxy.config import parse_config
+from proxy.reload import describe_changes, file_signature, restart_required
+from tests.conftest import KEY_A, UPSTREAM_KEY, gateway_yaml
 from tests.ops_support import (
     GatewayProcess,
     Launcher,
@@ -172,3 +174,53 @@ def test_configmap_symlink_swap_and_restart_only_fields(launcher: Launcher,
     wait_for(lambda: "changed but its content did not" in gw.stderr_text()
              or gw.metric(RELOADS, result="success") != 1, 3, "the watcher to look")
     assert gw.metric(RELOADS, result="success") == 1
+
+
+def test_restart_required_and_change_summary_are_pure_and_name_no_secret(tmp_path: Path) -> None:
+    base_text = gateway_yaml("http://127.0.0.1:1", tmp_path / "s.db")
+    base = parse_config(base_text, {})
+    assert restart_required(base, base) == []
+    assert describe_changes(base, base) == "no effective change"
+
+    changed = parse_config(
+        with_key_c_text(base_text).replace(
+            "  port: 0\n", "  port: 9090\n  workers: 2\n  max_body_bytes: 99999999\n"
+                           "  usage_log: /tmp/u.jsonl\n").replace(
+            f"api_key: {UPSTREAM_KEY}", f"api_key: {UPSTREAM_KEY}-rotated\n"
+                                        "    max_connections: 20000").replace(
+            f"  path: {tmp_path / 's.db'}",
+            "  backend: redis\n  url: redis://:hunter2-password@redis:6379/0"), {})
+    lines = restart_required(base, changed)
+    text = "\n".join(lines)
+    for field in ("server.port: 0 -> 9090", "server.workers: 1 -> 2", "server.usage_log",
+                  "server.max_body_bytes: raised", "state.backend", "state.url: changed",
+                  "upstreams[].max_connections: raised to 20000"):
+        assert field in text, field
+    assert "hunter2" not in text
+    summary = describe_changes(base, changed)
+    assert summary == "keys +team-c; upstreams ~sim; server changed", summary
+    assert UPSTREAM_KEY not in summary
+
+    # Lowering what is checked per request applies at once: no restart needed.
+    smaller = parse_config(base_text.replace("  port: 0\n", "  port: 0\n  max_body_bytes: 4096\n"),
+                           {})
+    assert restart_required(base, smaller) == []
+
+
+def with_key_c_text(text: str) -> str:
+    return text.replace("state:\n", TEAM_C + "state:\n", 1)
+
+
+def test_file_signature_follows_symlinks(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("x")
+    b.write_text("x")
+    link = tmp_path / "config.yaml"
+    os.symlink(a, link)
+    first = file_signature(link)
+    assert first is not None and first[0] == str(a)
+    os.remove(link)
+    os.symlink(b, link)
+    assert file_signature(link) != first  # same size and maybe mtime: the target differs
+    os.remove(b)
+    assert file_signature(link) is None  # a dangling link: keep the last good config
