@@ -59,10 +59,17 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
     server = config.server
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=server.shutdown_grace_seconds)
-    await runner.setup()
-    site = web.TCPSite(runner, host or server.host, server.port if port is None else port,
-                       backlog=server.backlog, reuse_port=server.workers > 1 or None)
-    await site.start()
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, host or server.host, server.port if port is None else port,
+                           backlog=server.backlog, reuse_port=server.workers > 1 or None)
+        await site.start()
+    except OSError as exc:
+        # An address in use, an unwritable state file or usage ledger: say
+        # which, close what was opened, exit non-zero (no traceback).
+        log.error("cannot start: %s", exc)
+        await runner.cleanup()
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
