@@ -187,7 +187,11 @@ async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     ledger = UsageLedger(path, app[METRICS])
-    await ledger.open()
+    try:
+        await ledger.open()
+    except OSError as exc:
+        await ledger.close()
+        raise OSError(exc.errno, f"usage ledger {path}: {exc.strerror or exc}") from None
     meter = app[METER]
     meter.listeners.append(ledger)
     log.info("usage ledger: appending to %s", path)

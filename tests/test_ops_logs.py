@@ -7,6 +7,8 @@ import logging
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 import requests
 
 from tests.conftest import KEY_A, KEY_B, UPSTREAM_KEY, GatewayFactory, gateway_yaml
-from tests.ops_support import MM, Launcher, body, launching, wait_for
+from tests.ops_support import MM, REPO, Launcher, body, launching, wait_for
 from tests.support import Live
 
 ACCESS_FIELDS = {"ts", "request_id", "dashscope_request_id", "key", "model", "route", "method",
@@ -160,3 +162,12 @@ def test_a_failing_ledger_never_fails_the_request_nor_loses_the_count(
     lost = [r.getMessage() for r in caplog.records if "lost line" in r.getMessage()]
     assert len(lost) == 1 and '"key":"team-a"' in lost[0] and '"images":2' in lost[0]
     assert KEY_A not in lost[0]
+
+
+def test_a_ledger_that_cannot_be_opened_stops_startup_cleanly(launcher: Launcher) -> None:
+    launcher.config_path.write_text(launcher.yaml(server="  usage_log: /proc/none/usage.jsonl\n"))
+    done = subprocess.run([sys.executable, "-m", "proxy", "--config", str(launcher.config_path)],
+                          capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert done.returncode == 1
+    assert "cannot start: [Errno 2] usage ledger /proc/none/usage.jsonl" in done.stderr
+    assert "Traceback" not in done.stderr and "Unclosed" not in done.stderr
