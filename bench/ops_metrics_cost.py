@@ -55,15 +55,21 @@ def run(n: int, multiprocess: bool) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="metrics-cost-") as tmp:
         if multiprocess:
             env["PROMETHEUS_MULTIPROC_DIR"] = tmp
-        out = subprocess.run([sys.executable, "-c", CHILD, str(n)], env=env, check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, str(n)],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
     result: dict[str, float] = json.loads(out)
     return result
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--requests", type=int, default=200_000)
     args = p.parse_args()
     single = run(args.requests, False)

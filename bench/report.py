@@ -40,7 +40,7 @@ def _ratio(m: Metric) -> str:
 
 def table(results: list[ScenarioResult]) -> str:
     used = [c for c in COLUMNS if any(c in m.values for r in results for m in r.metrics)]
-    head = ["scenario", "metric", *used, "gateway/ref", "target", "met"]
+    head = ["scenario", "metric", *used, "ratio", "target", "met"]
     rows: list[list[str]] = []
     for r in results:
         if r.skipped:

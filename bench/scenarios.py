@@ -367,11 +367,43 @@ def workers(b: Bench) -> ScenarioResult:
                     used = proc.cpu_seconds() - c0
                     if used:
                         eff.add(name, r["requests"] / used)
+        _metrics_add_up(b, res, gw2)
         res.notes.append(
             f"gateway column = workers: 2 ({procs_2} processes); nothing pinned: "
             "the load generator and the upstream share the same 2 cores"
         )
     return res
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """Sums of the request and image counters on /metrics (any worker answers for all)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:  # noqa: S310
+        text = resp.read().decode()
+    sums = {"requests": 0.0, "images": 0.0}
+    for line in text.splitlines():
+        if line.startswith("dashscope_proxy_requests_total{") and 'code="200"' in line:
+            sums["requests"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("dashscope_proxy_images_total{"):
+            sums["images"] += float(line.rsplit(" ", 1)[1])
+    return sums
+
+
+def _metrics_add_up(b: Bench, res: ScenarioResult, gw: Proc) -> None:
+    """N requests spread over the workers must show as exactly N on one scrape."""
+    n = 100 if b.s.quick else 1000
+    before = _scrape(gw.port)
+    r = b.load(gw.port, [sync_request()], connections=n, mode="once", timeout=60.0)
+    after = _scrape(gw.port)
+    got = {k: after[k] - before[k] for k in after}
+    ok = r["ok"] == n and got["requests"] == n and got["images"] == n
+    m = res.metric(
+        "metrics add up (1 = yes)", "", ratio_to=None, target="= 1", check=lambda v, _r: v == 1
+    )
+    m.add("gateway", 1.0 if ok else 0.0)
+    res.notes.append(
+        f"metrics: {n} requests sent, {r['ok']} answered 200; one /metrics scrape "
+        f"shows +{got['requests']:g} requests, +{got['images']:g} images"
+    )
 
 
 SCENARIOS: dict[str, Scenario] = {
