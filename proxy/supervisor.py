@@ -106,7 +106,7 @@ class Supervisor:
 
     def __init__(self, config: Config, config_path: str, *, host: str, port: int,
                  environ: Mapping[str, str], worker_args: Sequence[str] = (),
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, restart_backoff: float = 1.0) -> None:
         self._config = config
         self._config_path = config_path
         self._host = host
@@ -114,6 +114,8 @@ class Supervisor:
         self._environ = dict(environ)
         self._worker_args = list(worker_args)
         self._python = python
+        # First restart delay after a quick exit; doubles per further quick exit.
+        self._backoff = restart_backoff
         self._workers = [Worker(i) for i in range(config.server.workers)]
         self._stop_signal: int | None = None
         self._hups = 0
@@ -173,7 +175,8 @@ class Supervisor:
             self._exit_code = 1
             self._stop_signal = signal.SIGTERM
             return
-        delay = min(2.0 ** (w.quick_exits - 1), MAX_BACKOFF_SECONDS) if quick else 0.0
+        delay = min(self._backoff * 2.0 ** (w.quick_exits - 1), MAX_BACKOFF_SECONDS) if quick \
+            else 0.0
         log.error("worker %d (pid %d) exited unexpectedly with %d; restarting in %gs",
                   w.index, pid, rc, delay)
         w.restart_at = now + delay

@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.conftest import KEY_A
+from proxy.config import parse_config
+from proxy.supervisor import Supervisor
+from tests.conftest import KEY_A, gateway_yaml
 from tests.ops_support import (
     GatewayProcess,
     Launcher,
@@ -109,3 +113,22 @@ def test_supervisor_forwards_sighup_and_sigterm(launcher: Launcher) -> None:
     assert gw.wait(20) == 0
     assert "all workers stopped, exit code 0" in gw.stderr_text()
     assert not metrics_dir.exists()  # the per-run directory is removed
+
+
+def test_supervisor_gives_up_on_a_crash_loop_and_on_a_busy_port(tmp_path: Path) -> None:
+    config = parse_config(gateway_yaml("http://127.0.0.1:1", tmp_path / "s.db").replace(
+        "  port: 0\n", "  port: 0\n  workers: 2\n"), {})
+    # Workers that die at once (here: a "python" that exits 1) are restarted with
+    # backoff, then the supervisor stops and reports failure to its orchestrator.
+    sup = Supervisor(config, "unused.yaml", host="127.0.0.1", port=0, environ={},
+                     python="/bin/false", restart_backoff=0.01)
+    t0 = time.monotonic()
+    assert sup.run() == 1
+    assert time.monotonic() - t0 < 10
+
+    with socket.socket() as busy:  # an ordinary listener, no SO_REUSEPORT
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        sup = Supervisor(config, "unused.yaml", host="127.0.0.1",
+                         port=busy.getsockname()[1], environ={})
+        assert sup.run() == 1  # at once: no worker is started
