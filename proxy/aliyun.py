@@ -21,15 +21,21 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from . import native
+from .admission import admit
 from .auth import check_model_allowed
+from .config import UpstreamConfig
 from .errors import GatewayError
+from .failover import call_with_failover
 from .inbound import parse_json_object, read_body, require_model
+from .input_limits import check_prompts
 from .jsonutil import dumps
+from .limits import requested_images
 from .model_table import BodyShape, Route, resolve
-from .relay import Relayed, call_upstream, relay_response
-from .runtime import CTX, METRICS, RUNTIME, SESSION
+from .relay import Relayed, relay_response
+from .runtime import CTX, METRICS, RUNTIME
 from .upstream import request_headers
 
 ONLY_ALIYUN = "only aliyun channel is supported on /aliyun/v1/images/generations"
@@ -95,32 +101,32 @@ async def generations(request: web.Request) -> web.StreamResponse:
     candidates = rt.router.candidates(route.target)
     if not candidates:
         raise only_aliyun()
-    upstream = candidates[0]
-    ctx.upstream = upstream.name
+    check_prompts(obj)
+    await admit(request, key, model=route.target,
+                images=requested_images(route.target, obj.get("parameters")))
     endpoint = route.endpoint
     body = native_body(obj, route)
-    headers = request_headers(request.headers, upstream.api_key)
-    if route.mode == "async":
-        headers["X-DashScope-Async"] = "enable"
-        headers.popall("X-DashScope-SSE", None)  # a task submit never streams
-    else:
-        headers.popall("X-DashScope-Async", None)
-    payload = raw if body == obj else dumps(body)
-    resp = await call_upstream(
-        request.app[SESSION],
-        request.app[METRICS],
-        upstream,
-        endpoint.value,
-        "POST",
-        upstream.base_url + native.SERVICE_ROUTES[endpoint.value],
-        headers,
-        payload,
-    )
-    async def settled(relayed: Relayed) -> None:
-        await native.settle(request, ctx, rt, key, model, upstream, relayed)
 
-    relayed = await relay_response(request, resp, request.app[METRICS], upstream,
-                                   settle=settled)
+    def headers_for(upstream: UpstreamConfig) -> CIMultiDict[str]:
+        headers = request_headers(request.headers, upstream.api_key)
+        if route.mode == "async":
+            headers["X-DashScope-Async"] = "enable"
+            headers.popall("X-DashScope-SSE", None)  # a task submit never streams
+        else:
+            headers.popall("X-DashScope-Async", None)
+        return headers
+
+    payload = raw if body == obj else dumps(body)
+    async with call_with_failover(request, candidates, endpoint.value, "POST",
+                                  native.SERVICE_ROUTES[endpoint.value], headers_for, payload,
+                                  pinned=native.uses_uploads(request)) as call:
+        upstream = call.upstream
+
+        async def settled(relayed: Relayed) -> None:
+            await native.settle(request, ctx, rt, key, model, upstream, relayed)
+
+        relayed = await relay_response(request, call.response, request.app[METRICS], upstream,
+                                       settle=settled)
     return relayed.response
 
 

@@ -20,8 +20,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from . import aliyun, native, openai_images
+from . import aliyun, native, openai_images, openapi
 from .accesslog import AccessLog
+from .admission import limits_ctx
 from .config import Config
 from .errors import (
     GatewayError,
@@ -32,6 +33,7 @@ from .errors import (
     render_error,
     too_large,
 )
+from .failover import UPSTREAMS, UpstreamHealth
 from .ledger import ledger_ctx
 from .metering import Meter
 from .metrics import Metrics
@@ -41,12 +43,11 @@ from .runtime import (
     METRICS,
     RUNTIME,
     SESSION,
-    TASKS,
     RequestContext,
     Runtime,
     RuntimeHolder,
 )
-from .tasks import SqliteTaskStore
+from .state import STATE, state_ctx
 from .upstream import make_session
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,11 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         return response
     finally:
         gauge.dec()
+        for cleanup in ctx.cleanups:  # limits: the concurrency slot, the reservation
+            try:
+                cleanup()
+            except Exception:
+                log.exception("request cleanup failed (request %s)", ctx.request_id)
         seconds = time.perf_counter() - ctx.started
         metrics.count_request(route, ctx.key, ctx.model_label, status, seconds)
         config = app[RUNTIME].current.config
@@ -125,7 +131,12 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append("draining")
     if not holder.current.config.upstreams:
         problems.append("no upstreams configured")
-    body = {"status": "ready" if not problems else "not ready", "problems": problems}
+    # Degraded still serves (e.g. Redis down: local fallback), so it stays 200.
+    degraded = request.app[STATE].problems() if STATE in request.app else []
+    degraded += [f"upstream {name}: circuit open" for name in
+                 request.app[UPSTREAMS].open_circuits(holder.current.config.upstreams)]
+    body = {"status": ("not ready" if problems else "degraded" if degraded else "ready"),
+            "problems": problems, "degraded": degraded}
     return web.json_response(body, status=200 if not problems else 503)
 
 
@@ -154,7 +165,10 @@ def create_app(config: Config, *, registry: CollectorRegistry | None = None,
     app[METER] = Meter(metrics)
     app[ACCESS_LOG] = AccessLog(access_stream if access_stream is not None else sys.stdout.buffer)
     app.cleanup_ctx.append(_session_ctx)
-    app.cleanup_ctx.append(_task_store_ctx)
+    app[UPSTREAMS] = UpstreamHealth(metrics)
+    app[UPSTREAMS].precreate(config.upstreams)
+    app.cleanup_ctx.append(state_ctx)  # app[STATE], app[TASKS]
+    app.cleanup_ctx.append(limits_ctx)
     app.cleanup_ctx.append(ledger_ctx)
     native.add_routes(app)
     openai_images.add_routes(app)
@@ -162,6 +176,7 @@ def create_app(config: Config, *, registry: CollectorRegistry | None = None,
     app.router.add_get("/healthz", healthz, name="ops.healthz")
     app.router.add_get("/readyz", readyz, name="ops.readyz")
     app.router.add_get("/metrics", metrics_endpoint, name="ops.metrics")
+    app.router.add_get("/openapi.json", openapi.serve, name="ops.openapi")
     return app
 
 
@@ -171,10 +186,3 @@ async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await session.close()
 
-
-async def _task_store_ctx(app: web.Application) -> AsyncIterator[None]:
-    store = SqliteTaskStore(app[RUNTIME].current.config.state.path)
-    await store.open()
-    app[TASKS] = store
-    yield
-    await store.close()

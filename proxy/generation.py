@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,11 +33,11 @@ from multidict import CIMultiDict
 from . import native
 from .config import KeyConfig, UpstreamConfig
 from .errors import GatewayError
+from .failover import call_pinned, call_with_failover
 from .jsonutil import dumps, loads
 from .metering import facts_from_json
 from .openai_errors import task_error, upstream_error
-from .relay import call_upstream
-from .runtime import METER, METRICS, RUNTIME, SESSION, TASKS, RequestContext
+from .runtime import METER, METRICS, RUNTIME, TASKS, RequestContext
 from .tasks import TERMINAL, TaskRecord
 from .upstream import map_client_error
 
@@ -89,24 +89,38 @@ def dashscope_headers(
 
 async def _call(
     request: web.Request,
-    upstream: UpstreamConfig,
+    candidates: Sequence[UpstreamConfig],
     endpoint: str,
-    method: str,
-    url: str,
-    headers: CIMultiDict[str],
-    body: bytes | None,
+    path: str,
+    body: bytes,
+    *,
+    async_: bool,
+) -> tuple[UpstreamConfig, Answer]:
+    """A generation POST through `failover.call_with_failover`: the first of `candidates`
+    that takes it answers. The upstream that answered, and its answer read whole."""
+
+    def headers_for(upstream: UpstreamConfig) -> CIMultiDict[str]:
+        headers = dashscope_headers(request.headers, upstream.api_key, async_=async_)
+        headers["Content-Type"] = "application/json"
+        return headers
+
+    async with call_with_failover(
+        request, candidates, endpoint, "POST", path, headers_for, body
+    ) as call:
+        return call.upstream, await _read_answer(request, call.upstream, call.response)
+
+
+async def _read_answer(
+    request: web.Request, upstream: UpstreamConfig, resp: aiohttp.ClientResponse
 ) -> Answer:
     metrics = request.app[METRICS]
-    if body is not None:
-        headers["Content-Type"] = "application/json"
-    resp = await call_upstream(
-        request.app[SESSION], metrics, upstream, endpoint, method, url, headers, body
-    )
     try:
         if resp.content_length is not None and resp.content_length > MAX_ANSWER_BYTES:
             raw = b""
         else:
-            raw = await resp.content.read(MAX_ANSWER_BYTES + 1)
+            # read() keeps a body failover already peeked at; content.read() would not.
+            raw = await (resp.read() if resp.content_length is not None
+                         else resp.content.read(MAX_ANSWER_BYTES + 1))
     except (aiohttp.ClientError, TimeoutError) as exc:
         failure = map_client_error(exc)
         metrics.upstream_errors.labels(upstream.name, failure.kind).inc()
@@ -174,21 +188,14 @@ async def call_sync(
     ctx: RequestContext,
     key: KeyConfig,
     model: str,
-    upstream: UpstreamConfig,
+    candidates: Sequence[UpstreamConfig],
     endpoint: str,
     body: dict[str, Any],
 ) -> Any:
-    """One sync generation on `endpoint` (a `native.SERVICE_ROUTES` name): the DashScope
-    answer, metered; upstream errors raised."""
-    headers = dashscope_headers(request.headers, upstream.api_key, async_=False)
-    answer = await _call(
-        request,
-        upstream,
-        endpoint,
-        "POST",
-        upstream.base_url + native.SERVICE_ROUTES[endpoint],
-        headers,
-        dumps(body),
+    """One sync generation on `endpoint` (a `native.SERVICE_ROUTES` name) on the first of
+    `candidates` that takes it: the DashScope answer, metered; upstream errors raised."""
+    upstream, answer = await _call(
+        request, candidates, endpoint, native.SERVICE_ROUTES[endpoint], dumps(body), async_=False
     )
     ctx.upstream_request_id = answer.request_id
     if answer.status != 200:
@@ -206,21 +213,15 @@ async def submit(
     ctx: RequestContext,
     key: KeyConfig,
     model: str,
-    upstream: UpstreamConfig,
+    candidates: Sequence[UpstreamConfig],
     endpoint: str,
     body: dict[str, Any],
     meta: str,
 ) -> TaskRecord:
-    """An async submit; the task is recorded for `key` (and `model`, the name asked for)."""
-    headers = dashscope_headers(request.headers, upstream.api_key, async_=True)
-    answer = await _call(
-        request,
-        upstream,
-        endpoint,
-        "POST",
-        upstream.base_url + native.SERVICE_ROUTES[endpoint],
-        headers,
-        dumps(body),
+    """An async submit; the task is recorded for `key` (and `model`, the name asked for)
+    with the upstream that accepted it, where its polls go."""
+    upstream, answer = await _call(
+        request, candidates, endpoint, native.SERVICE_ROUTES[endpoint], dumps(body), async_=True
     )
     ctx.upstream_request_id = answer.request_id
     if answer.status != 200:
@@ -261,15 +262,11 @@ async def poll_once(
 ) -> Answer:
     """GET the task once; meter it if this is the first poll that shows it SUCCEEDED."""
     headers = dashscope_headers(request.headers, upstream.api_key, async_=False)
-    answer = await _call(
-        request,
-        upstream,
-        "tasks.get",
-        "GET",
-        f"{upstream.base_url}/tasks/{record.task_id}",
-        headers,
-        None,
-    )
+    # Pinned: the task exists only on the upstream that created it.
+    async with call_pinned(
+        request, upstream, "tasks.get", "GET", f"/tasks/{record.task_id}", headers, None
+    ) as call:
+        answer = await _read_answer(request, upstream, call.response)
     if answer.status == 200:
         await native.settle_poll(request, ctx, record, answer.status, facts_from_json(answer.body))
     return answer

@@ -20,14 +20,18 @@ from typing import Any
 
 from aiohttp import web
 
+from .admission import admit, task_created, task_ended
 from .auth import check_model_allowed
 from .config import KeyConfig, UpstreamConfig
-from .errors import GatewayError, invalid_parameter, upstream_unavailable
+from .errors import GatewayError, invalid_parameter, no_upstream, upstream_unavailable
+from .failover import call_pinned, call_with_failover
 from .inbound import parse_json_object, read_body, require_model
+from .input_limits import check_prompts
 from .jsonutil import dumps
+from .limits import requested_images
 from .metering import BodyFacts, facts_from_bytes
-from .relay import Relayed, call_upstream, relay_response
-from .runtime import CTX, METER, METRICS, RUNTIME, SESSION, TASKS, RequestContext, Runtime
+from .relay import Relayed, relay_response
+from .runtime import CTX, METER, METRICS, RUNTIME, TASKS, RequestContext, Runtime
 from .tasks import TERMINAL, TaskRecord
 from .upstream import request_headers
 
@@ -73,6 +77,8 @@ async def settle(request: web.Request, ctx: RequestContext, rt: Runtime, key: Ke
         record = TaskRecord(facts.task_id, key.name, model, upstream.name, ctx.route, time.time(),
                             facts.task_status or "PENDING", meta=meta)
         await app[TASKS].put(record)
+        if record.status not in TERMINAL:
+            await task_created(request, facts.task_id)
         # A sync answer that carries a task id is metered through the same
         # once-per-task claim, so a later poll of that id never counts again.
         if (facts.image_count and facts.task_status in (None, "SUCCEEDED")
@@ -101,21 +107,33 @@ async def service_call(request: web.Request, service: str) -> web.StreamResponse
     obj = parse_json_object(body)
     model = require_model(obj)
     _set_model(ctx, rt, model)
-    check_model_allowed(key, model)
+    rt.keyring.check_allowed(key, model)
     if rt.config.server.log_prompts:
         ctx.prompt = _prompt_of(obj)
-    upstream = rt.router.choose(model)
-    ctx.upstream = upstream.name
-    url = upstream.base_url + service
-    resp = await call_upstream(request.app[SESSION], request.app[METRICS], upstream, ctx.route,
-                               "POST", url, request_headers(request.headers, upstream.api_key),
-                               body)
-    async def settled(relayed: Relayed) -> None:
-        await settle(request, ctx, rt, key, model, upstream, relayed)
+    check_prompts(obj)
+    candidates = rt.router.candidates(model)
+    if not candidates:
+        raise no_upstream(model)
+    await admit(request, key, model=model, images=requested_images(model, obj.get("parameters")))
+    # Failover across the model's upstreams while nothing reached the client
+    # (proxy.failover says what is retried); `oss://` inputs stay pinned.
+    async with call_with_failover(request, candidates, ctx.route, "POST", service,
+                                  lambda u: request_headers(request.headers, u.api_key), body,
+                                  pinned=uses_uploads(request)) as call:
+        upstream = call.upstream
 
-    relayed = await relay_response(request, resp, request.app[METRICS], upstream,
-                                   settle=settled)
+        async def settled(relayed: Relayed) -> None:
+            await settle(request, ctx, rt, key, model, upstream, relayed)
+
+        relayed = await relay_response(request, call.response, request.app[METRICS], upstream,
+                                       settle=settled)
     return relayed.response
+
+
+def uses_uploads(request: web.Request) -> bool:
+    """Does the request reference files uploaded through `/uploads` (`oss://`)? Those live
+    in one DashScope account, so the request must go where the upload policy came from."""
+    return request.headers.get("X-DashScope-OssResourceResolve", "").lower() == "enable"
 
 
 def _prompt_of(obj: dict[str, Any]) -> str | None:
@@ -165,16 +183,16 @@ async def _owned(request: web.Request, ctx: RequestContext, rt: Runtime, key: Ke
 async def poll_task(request: web.Request, record: TaskRecord, upstream: UpstreamConfig,
                     ctx: RequestContext, rt: Runtime) -> Relayed:
     """GET the task from its upstream, relay it, meter the first SUCCEEDED."""
-    url = f"{upstream.base_url}/tasks/{record.task_id}"
-    resp = await call_upstream(request.app[SESSION], request.app[METRICS], upstream, "tasks.get",
-                               "GET", url, request_headers(request.headers, upstream.api_key),
-                               None)
     async def settled(relayed: Relayed) -> None:
         ctx.upstream_request_id = relayed.upstream_request_id
         ctx.error_code = relayed.error_code
         await settle_poll(request, ctx, record, relayed.status, relayed.facts)
 
-    return await relay_response(request, resp, request.app[METRICS], upstream, settle=settled)
+    # Pinned: the task exists only on the upstream that created it.
+    async with call_pinned(request, upstream, "tasks.get", "GET", f"/tasks/{record.task_id}",
+                           request_headers(request.headers, upstream.api_key), None) as call:
+        return await relay_response(request, call.response, request.app[METRICS], upstream,
+                                    settle=settled)
 
 
 async def settle_poll(request: web.Request, ctx: RequestContext, record: TaskRecord, status: int,
@@ -184,6 +202,9 @@ async def settle_poll(request: web.Request, ctx: RequestContext, record: TaskRec
     store = request.app[TASKS]
     if facts.task_status != record.status:
         await store.set_status(record.task_id, facts.task_status)
+        if facts.task_status in TERMINAL and not (facts.task_status == "SUCCEEDED"
+                                                 and facts.image_count):
+            await task_ended(request, record.key, record.task_id)  # frees its reservation
     if facts.task_status == "SUCCEEDED" and facts.image_count and \
             await store.claim_metering(record.task_id):
         await _meter(request, ctx, record.key, record.model, record.upstream, facts.image_count,
@@ -215,14 +236,13 @@ async def cancel_task(request: web.Request) -> web.StreamResponse:
                            "Failed to cancel the task, please confirm if the task is in PENDING "
                            "status.")
     record, upstream = owned
-    url = f"{upstream.base_url}/tasks/{task_id}/cancel"
-    resp = await call_upstream(request.app[SESSION], request.app[METRICS], upstream,
-                               "tasks.cancel", "POST", url,
-                               request_headers(request.headers, upstream.api_key), None)
-    relayed = await relay_response(request, resp, request.app[METRICS], upstream)
+    async with call_pinned(request, upstream, "tasks.cancel", "POST", f"/tasks/{task_id}/cancel",
+                           request_headers(request.headers, upstream.api_key), None) as call:
+        relayed = await relay_response(request, call.response, request.app[METRICS], upstream)
     ctx.error_code = relayed.error_code
     if relayed.status == 200:
         await request.app[TASKS].set_status(task_id, "CANCELED")
+        await task_ended(request, record.key, task_id)
     return relayed.response
 
 
@@ -282,23 +302,19 @@ async def _refresh(request: web.Request, rt: Runtime, record: TaskRecord) -> Tas
     upstream = rt.router.by_name(record.upstream)
     if record.status in TERMINAL or upstream is None:
         return record
-    metrics = request.app[METRICS]
     try:
-        resp = await call_upstream(request.app[SESSION], metrics, upstream, "tasks.get", "GET",
-                                   f"{upstream.base_url}/tasks/{record.task_id}",
-                                   request_headers(request.headers, upstream.api_key), None)
+        async with call_pinned(request, upstream, "tasks.get", "GET", f"/tasks/{record.task_id}",
+                               request_headers(request.headers, upstream.api_key), None) as call:
+            status = call.response.status
+            body = await call.response.read()
     except GatewayError:
         return record  # keep the last known status
-    try:
-        body = await resp.read()
     except Exception:  # noqa: BLE001 - a refresh is best effort
         return record
-    finally:
-        resp.release()
     facts = facts_from_bytes(body)
-    if resp.status != 200 or not facts.task_status:
+    if status != 200 or not facts.task_status:
         return record
-    await settle_poll(request, request[CTX], record, resp.status, facts)
+    await settle_poll(request, request[CTX], record, status, facts)
     return replace(record, status=facts.task_status)
 
 
@@ -313,13 +329,16 @@ async def uploads(request: web.Request) -> web.StreamResponse:
                            'Required parameter "model" missing from request.')
     _set_model(ctx, rt, model)
     check_model_allowed(key, model)
-    upstream = rt.router.choose(model)
-    ctx.upstream = upstream.name
-    resp = await call_upstream(request.app[SESSION], request.app[METRICS], upstream, "uploads",
-                               "GET", upstream.base_url + "/uploads",
-                               request_headers(request.headers, upstream.api_key), None,
-                               params=request.rel_url.query)
-    relayed = await relay_response(request, resp, request.app[METRICS], upstream)
+    candidates = rt.router.candidates(model)
+    if not candidates:
+        raise no_upstream(model)
+    # Pinned (config order, no failover once sent): the generation that uses the
+    # upload must pick the same account (see `uses_uploads`).
+    async with call_with_failover(request, candidates, "uploads", "GET", "/uploads",
+                                  lambda u: request_headers(request.headers, u.api_key), None,
+                                  params=request.rel_url.query, pinned=True) as call:
+        relayed = await relay_response(request, call.response, request.app[METRICS],
+                                       call.upstream)
     ctx.error_code = relayed.error_code
     return relayed.response
 

@@ -32,11 +32,13 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 
 from . import generation
+from .admission import admit, task_created
 from .auth import check_model_allowed
 from .config import KeyConfig, UpstreamConfig
-from .errors import GatewayError, too_large, upstream_unavailable
+from .errors import GatewayError, no_upstream, too_large, upstream_unavailable
 from .image_fetch import FetchPolicy, fetch_all
 from .inbound import parse_json_object, read_body
+from .input_limits import check_prompt
 from .jsonutil import dumps, loads
 from .model_table import TABLE, Route, resolve
 from .native import _authenticate, _valid_task_id
@@ -99,23 +101,27 @@ async def _generate(
         ctx.prompt = req.prompt
     route = resolve(req.model, rt.config.models)
     check_against(req, route)
-    upstream = rt.router.choose(route.target)
-    ctx.upstream = upstream.name
+    candidates = rt.router.candidates(route.target)
+    if not candidates:
+        raise no_upstream(route.target)
+    check_prompt(req.prompt)
+    await admit(request, key, model=route.target, images=req.n)  # per-key limits
     body = dashscope_body(req, route)
     created = int(time.time())
     if route.mode == "sync":
         answer = await generation.call_sync(
-            request, ctx, key, req.model, upstream, route.endpoint, body
+            request, ctx, key, req.model, candidates, route.endpoint, body
         )
     else:
         meta = _meta(req, created, sync=not route.async_only)
         record = await generation.submit(
-            request, ctx, key, req.model, upstream, route.endpoint, body, meta
+            request, ctx, key, req.model, candidates, route.endpoint, body, meta
         )
         if route.async_only:
+            await task_created(request, record.task_id)  # its images stay reserved
             return _json(task_object(record.task_id, record.status, loads(meta), req.model))
         answer = await generation.wait_for(
-            request, ctx, record, upstream, rt.config.openai.sync_wait_seconds
+            request, ctx, record, _task_upstream(rt, record), rt.config.openai.sync_wait_seconds
         )
     rt.models.seen_succeeding(req.model)
     ctx.model_label = rt.models.label(req.model)

@@ -10,6 +10,7 @@ off the app under typed `AppKey`s; per-request facts under a `RequestKey`.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -65,6 +66,9 @@ class RequestContext:
     error_code: str | None = None
     images: int = 0
     prompt: str | None = None
+    # Run by the middleware when the request ends, however it ends (limits release
+    # their concurrency slot here). Synchronous and must not raise.
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
 
 
 RUNTIME = web.AppKey("runtime", RuntimeHolder)

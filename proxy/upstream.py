@@ -80,6 +80,9 @@ class UpstreamFailure(GatewayError):
 
 def map_client_error(exc: BaseException) -> UpstreamFailure:
     """Translate an aiohttp/asyncio exception raised before any byte reached the client."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        # No connection was made, so nothing was sent: safe to try another upstream.
+        return UpstreamFailure.of("connect_timeout", upstream_timeout())
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return UpstreamFailure.of("timeout", upstream_timeout())
     if isinstance(exc, aiohttp.ClientConnectorError):
