@@ -10,9 +10,9 @@ is appended:
 
 Durability policy, and why:
 - The file is opened `O_APPEND` and never truncated, so a restart continues it.
-  Each line is written with a single `write()`: lines from several workers (or
-  a restarted process) appending to the same file never interleave on a local
-  filesystem (not NFS).
+  Each line is written whole within a single `write()` (lines metered at the
+  same moment share one): lines from several workers (or a restarted process)
+  appending to the same file never interleave on a local filesystem (not NFS).
 - After every line the data is in the kernel (no user-space buffer): a crash,
   `SIGKILL` or OOM kill of the gateway loses nothing already counted.
 - `fsync` runs at most once a second when something was written, and at
@@ -89,6 +89,9 @@ class UsageLedger:
         self._dirty = False
         self._regular = True
         self._flusher: asyncio.Task[None] | None = None
+        # Lines waiting for the thread, and the task writing them (see _submit).
+        self._queue: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     # -- everything below `_` runs on the ledger thread --------------------------------
 
@@ -125,13 +128,13 @@ class UsageLedger:
             self._close()
             self._open()
 
-    def _append(self, line: bytes) -> None:
+    def _append_batch(self, data: bytes) -> int:
+        """Append queued lines with one write(); how many bytes landed (short on a full disk)."""
         self._reopen_if_rotated()
         assert self._fd is not None
-        written = os.write(self._fd, line)
-        if written != len(line):  # a full disk: the rest would land as a torn line
-            raise OSError(f"short write ({written} of {len(line)} bytes)")
+        written = os.write(self._fd, data)
         self._dirty = True
+        return written
 
     def _sync(self) -> None:
         if self._dirty and self._fd is not None and self._regular:
@@ -152,11 +155,51 @@ class UsageLedger:
         try:
             # Shielded: once submitted the line is written even if the request
             # is cancelled meanwhile (shutdown after the grace period).
-            await asyncio.shield(self._run(partial(self._append, line)))
+            await asyncio.shield(self._submit(line))
         except OSError as exc:
             self._metrics.usage_log_errors.inc()
             log.error("usage ledger %s: write failed (%s); lost line: %s", self.path,
                       exc.strerror or exc, line.decode("utf-8", "replace").rstrip())
+
+    def _submit(self, line: bytes) -> asyncio.Future[None]:
+        """Queue `line`; the future completes once it is in the kernel (or fails).
+
+        One thread hop per *batch*, not per line: lines metered while a write
+        is on the thread go out together in the next single write(), still in
+        order and each whole. Under load that turns a hop per image request
+        (about a third of the gateway's CPU at 1,000 requests/s) into a few
+        per second; at low rates a batch is one line, as before.
+        """
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((line, fut))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_queued(), name="usage-ledger-write")
+        return fut
+
+    async def _write_queued(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                data = b"".join(line for line, _ in batch)
+                error: BaseException | None = None
+                try:
+                    written = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, partial(self._append_batch, data))
+                except Exception as exc:  # noqa: BLE001 - handed to every waiter
+                    written, error = 0, exc
+                end = 0
+                for line, fut in batch:
+                    end += len(line)
+                    if fut.done():
+                        continue
+                    if end <= written:
+                        fut.set_result(None)
+                    else:
+                        # A line cut short lands torn (repaired on the next open).
+                        fut.set_exception(error or OSError(
+                            f"short write ({written} of {len(data)} bytes)"))
+        finally:
+            self._writer = None
 
     async def _flush_loop(self) -> None:
         while True:
@@ -172,6 +215,8 @@ class UsageLedger:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
             self._flusher = None
+        if self._writer is not None:
+            await self._writer  # lines already metered are written before closing
         await self._run(self._close)
         self._executor.shutdown(wait=True)
 

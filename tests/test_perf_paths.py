@@ -1,0 +1,102 @@
+"""The fast paths behave exactly like the slow ones they replaced (see docs/performance.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+
+from proxy.accesslog import AccessLog, rfc3339
+from proxy.auth import KeyRing, check_model_allowed
+from proxy.config import KeyConfig, sha256_hex
+from proxy.errors import GatewayError
+from proxy.ledger import UsageLedger
+from proxy.metering import PARSE_LIMIT, BodySniffer, UsageEvent, facts_from_bytes
+from proxy.metrics import Metrics
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    count=st.integers(0, 99),
+    status=st.sampled_from(["PENDING", "RUNNING", "SUCCEEDED"]),
+    usage_first=st.booleans(),
+    indent=st.sampled_from([None, 1]),
+    pad=st.integers(PARSE_LIMIT - 1000, PARSE_LIMIT + 300_000),
+    structure=st.integers(0, 40),
+    sizes=st.lists(st.sampled_from([1, 7, 255, 256, 257, 4096, 65536, 100_000]), min_size=1,
+                   max_size=8),
+)
+def test_body_sniffer_agrees_with_a_full_parse(count: int, status: str, usage_first: bool,
+                                               indent: int | None, pad: int, structure: int,
+                                               sizes: list[int]) -> None:
+    output = {"task_id": "9c1e-task", "task_status": status, "pad": "A" * pad,
+              "choices": [{"finish_reason": "stop"}] * structure}
+    usage = {"image_count": count}
+    obj = {"usage": usage, "output": output} if usage_first else {"output": output,
+                                                                  "usage": usage}
+    body = json.dumps(obj, indent=indent).encode()
+    sniffer = BodySniffer()
+    i = n = 0
+    while i < len(body):
+        step = sizes[n % len(sizes)]
+        sniffer.feed(body[i:i + step])
+        i, n = i + step, n + 1
+    got, want = sniffer.facts(), facts_from_bytes(body)
+    assert (got.image_count, got.task_id, got.task_status) == (
+        want.image_count, want.task_id, want.task_status)
+
+
+def test_access_log_timestamp_cache_matches_rfc3339() -> None:
+    log = AccessLog(io.BytesIO())
+    now = time.time()
+    for ts in (now, now + 0.9996, now + 1, 0.0, 1.5, 1763780000.0004):
+        assert log._ts(ts) == rfc3339(ts)
+
+
+def test_keyring_memoised_allowlist_answers_like_the_globs() -> None:
+    keys = [KeyConfig("a", sha256_hex("secret-a-0001"), ("qwen-image*",)),
+            KeyConfig("b", sha256_hex("secret-b-0002"))]
+    ring = KeyRing(keys)
+    a = ring.authenticate("Bearer secret-a-0001")
+    assert a.name == "a" and ring.authenticate("bearer  secret-b-0002").name == "b"
+    for model in ("qwen-image-plus", "wan2.6-t2i", "qwen-image-plus", "wan2.6-t2i"):
+        try:
+            ring.check_allowed(a, model)
+            cached = True
+        except GatewayError:
+            cached = False
+        try:
+            check_model_allowed(a, model)
+            direct = True
+        except GatewayError:
+            direct = False
+        assert cached == direct == model.startswith("qwen-image")
+    with pytest.raises(GatewayError):
+        ring.authenticate("Bearer secret-a-0002")
+
+
+async def test_ledger_batches_concurrent_lines_whole_and_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "usage.jsonl"
+    ledger = UsageLedger(str(path), Metrics(CollectorRegistry()))
+    await ledger.open()
+
+    def event(i: int) -> UsageEvent:
+        return UsageEvent("team-a", "qwen-image-plus", "qwen-image-plus", 1, "route", "up",
+                          f"req-{i:05d}", None, time.time())
+
+    await asyncio.gather(*(ledger(event(i)) for i in range(500)))
+    # Lines still queued when the app shuts down are written before the file closes.
+    pending = [asyncio.ensure_future(ledger(event(i))) for i in range(500, 600)]
+    await asyncio.sleep(0)
+    await ledger.close()
+    await asyncio.gather(*pending)
+    lines = path.read_bytes().splitlines()
+    ids = [json.loads(line)["request_id"] for line in lines]
+    assert ids == [f"req-{i:05d}" for i in range(600)]
