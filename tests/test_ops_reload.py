@@ -56,7 +56,7 @@ def slow_request(gw: GatewayProcess, seconds: int = 2) -> tuple[object, list[obj
 def test_file_edit_adds_key_while_slow_request_is_in_flight(launcher: Launcher) -> None:
     gw = launcher.start("", *FAST_POLL)
     assert gw.generate(KEY_C).status_code == 401
-    t, result = slow_request(gw, 3)
+    t, result = slow_request(gw, 4)
 
     write_atomically(launcher.config_path, with_key_c(launcher))
     wait_for(lambda: gw.generate(KEY_C).status_code == 200, 10, "the new key to work")

@@ -30,7 +30,7 @@ def in_flight(gw: object) -> None:
 def test_sigterm_drains_a_slow_request_then_exits_0(launcher: Launcher, tmp_path: Path) -> None:
     ledger = tmp_path / "usage.jsonl"
     gw = launcher.start(server=f"  usage_log: {ledger}\n")
-    t, result = in_background(lambda: gw.generate(KEY_A, "slow [sim:slow=2]", n=2))
+    t, result = in_background(lambda: gw.generate(KEY_A, "slow [sim:slow=3]", n=2))
     in_flight(gw)
 
     gw.signal(signal.SIGTERM)
