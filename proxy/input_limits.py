@@ -5,8 +5,11 @@ nesting is bounded by the parser (a too-deep document is a 400, never a crash).
 Here:
 
 - `MAX_LINE_SIZE`, `MAX_FIELD_SIZE`, `MAX_HEADERS` (`HTTP_PARSER_LIMITS`):
-  what aiohttp's HTTP parser accepts before the app sees a request (set on
-  the server's `AppRunner`). Over them aiohttp answers 400 itself.
+  what aiohttp's HTTP parser accepts before the app sees a request.
+  `GatewayRunner` sets them, and answers what the parser refuses with a
+  plain 400 that quotes nothing: aiohttp's own answer (and its error log
+  line) quotes the first 100 bytes of the offending line, which can be an
+  `Authorization` header.
 - `check_prompts`: text prompts over `MAX_PROMPT_CHARS` are refused with a
   clear 400 before they cost an upstream call. DashScope's longest documented
   prompt limit is a few thousand characters (and it truncates, not refuses),
@@ -17,8 +20,13 @@ Here:
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from http import HTTPStatus
 from types import MappingProxyType
 from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_request import BaseRequest
 
 from .errors import GatewayError
 
@@ -86,3 +94,56 @@ def check_prompts(obj: Mapping[str, Any]) -> None:
         total += len(text)
         if total > MAX_PROMPT_CHARS:
             raise prompt_too_long(sum(len(t) for t in native_prompts(obj)))
+
+
+class _SafeRequestHandler(web.RequestHandler):
+    """aiohttp's connection handler, minus the echo of malformed input."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        self.logger.info(
+            "rejected a malformed request from %s: %s (HTTP %d)",
+            request.remote,
+            type(exc).__name__,
+            status,
+        )
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Error"
+        resp = web.Response(
+            status=status,
+            content_type="text/plain",
+            text=f"{status} {phrase}: the request line or a header is malformed or too large.\n",
+        )
+        resp.force_close()
+        return resp
+
+
+class _SafeServer(web.Server):
+    def __call__(self) -> web.RequestHandler:
+        return _SafeRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """`web.AppRunner` with the gateway's header limits and a parser-error answer that
+    never quotes the request (see the module docstring)."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        for name, value in HTTP_PARSER_LIMITS.items():
+            kwargs.setdefault(name, value)
+        super().__init__(app, **kwargs)
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # aiohttp offers no hook for the connection handler's class; the server
+        # object is otherwise untouched.
+        server.__class__ = _SafeServer
+        return server

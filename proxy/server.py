@@ -27,7 +27,7 @@ from aiohttp import web
 
 from .app import create_app
 from .config import Config
-from .input_limits import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE
+from .input_limits import GatewayRunner
 from .reload import POLL_SECONDS, install_reloader
 from .runtime import RUNTIME
 
@@ -58,11 +58,9 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
                 if config_path else None)
     holder = app[RUNTIME]
     server = config.server
-    # Header limits are deliberate (proxy.input_limits says why).
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=server.shutdown_grace_seconds,
-                           max_line_size=MAX_LINE_SIZE, max_field_size=MAX_FIELD_SIZE,
-                           max_headers=MAX_HEADERS)
+    # Header limits, and parser errors that never echo input (proxy.input_limits).
+    runner = GatewayRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=server.shutdown_grace_seconds)
     try:
         await runner.setup()
         site = web.TCPSite(runner, host or server.host, server.port if port is None else port,
