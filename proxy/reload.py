@@ -40,6 +40,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .config import Config, ConfigError, load_config
+from .failover import UPSTREAMS
 from .runtime import METRICS, RUNTIME, Runtime
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,8 @@ class Reloader:
         # The swap: one assignment. Requests that already took the old
         # runtime finish on it; the next request takes this one.
         holder.current = runtime
+        if UPSTREAMS in self._app:  # new upstreams' health series exist at once
+            self._app[UPSTREAMS].precreate(config.upstreams)
         metrics.config_reloaded(True, time.time())
         log.info("config reloaded (%s) from %s: %s", trigger, self.path, summary)
         for change in restart_required(self._startup, config):

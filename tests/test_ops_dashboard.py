@@ -14,8 +14,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import KEY_A
-from tests.ops_support import Launcher, launching, wait_for
+from tests.conftest import KEY_A, KEY_B, UPSTREAM_KEY
+from tests.ops_support import GatewayProcess, Launcher, launching, wait_for
 from tests.support import Live
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "dashscope-proxy.json"
@@ -87,9 +87,24 @@ def test_dashboard_covers_the_operator_questions() -> None:
 
 
 def test_every_queried_metric_exists_in_a_live_gateway(launcher: Launcher) -> None:
-    gw = launcher.start()
+    # Traffic that makes every series appear: images, an upstream error, a failover to
+    # a second upstream, a limit rejection, a key with a quota, a reload.
+    second = f"""  - name: sim-b
+    base_url: {launcher.sim.url}/api/v1
+    api_key: {UPSTREAM_KEY}
+    priority: 1
+"""
+    text = launcher.yaml().replace("keys:\n", second + "keys:\n", 1).replace(
+        f"    key: {KEY_A}\n",
+        f"    key: {KEY_A}\n    limits: {{requests_per_minute: 1, images_per_day: 100}}\n")
+    launcher.config_path.write_text(text)
+    gw = GatewayProcess(launcher.config_path)
+    launcher.running.append(gw)
     assert gw.generate(KEY_A, n=2).status_code == 200
-    assert gw.generate(KEY_A, "[sim:error=429]").status_code == 429
+    assert gw.generate(KEY_A).status_code == 429  # requests_per_minute
+    assert gw.generate(KEY_B, "[sim:error=503]").status_code == 503  # tried sim, then sim-b
+    assert gw.generate(KEY_B, "[sim:error=429]").status_code == 429
+    requests.get(gw.url + "/readyz", timeout=5)
     gw.signal(signal.SIGHUP)
     wait_for(lambda: gw.metric("dashscope_proxy_config_reloads_total", result="success") == 1,
              10, "the reload")
