@@ -176,7 +176,7 @@ def create_app(config: Config, *, registry: CollectorRegistry | None = None,
     app.router.add_get("/healthz", healthz, name="ops.healthz")
     app.router.add_get("/readyz", readyz, name="ops.readyz")
     app.router.add_get("/metrics", metrics_endpoint, name="ops.metrics")
-    app.router.add_get("/openapi.json", openapi.serve, name="ops.openapi")
+    app.router.add_get("/openapi.json", openapi.handler(), name="ops.openapi")
     return app
 
 

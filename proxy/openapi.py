@@ -2,12 +2,13 @@
 
 The document is `proxy/openapi.yaml` (shipped in the package; `docs/openapi.yaml`
 links to it), read and converted to JSON on first request, then served from
-memory. `tests/test_openapi.py` keeps it true: every route of the app is in it
+memory (per app). `tests/test_openapi.py` keeps it true: every route of the app is in it
 and every path in it is a route.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from importlib import resources
 
 import yaml
@@ -15,7 +16,7 @@ from aiohttp import web
 
 from .jsonutil import dumps
 
-OPENAPI_JSON = web.AppKey("openapi_json", bytes)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def load_document() -> dict[str, object]:
@@ -27,9 +28,13 @@ def load_document() -> dict[str, object]:
     return doc
 
 
-async def serve(request: web.Request) -> web.Response:
-    body = request.app.get(OPENAPI_JSON)
-    if body is None:
-        body = dumps(load_document())
-        request.app[OPENAPI_JSON] = body
-    return web.Response(body=body, content_type="application/json")
+def handler() -> Handler:
+    """The `/openapi.json` handler of one app: the document is read on first use and kept."""
+    cache: list[bytes] = []
+
+    async def serve(request: web.Request) -> web.Response:
+        if not cache:
+            cache.append(dumps(load_document()))
+        return web.Response(body=cache[0], content_type="application/json")
+
+    return serve
