@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import generation
 from .admission import admit, task_created
@@ -281,7 +282,7 @@ async def _read_form(request: web.Request, limit: int) -> tuple[dict[str, str], 
     while True:
         try:
             part = await reader.next()
-        except ValueError:
+        except (ValueError, HttpProcessingError):  # e.g. a part header aiohttp cannot parse
             raise bad_request("The multipart body could not be read.") from None
         if part is None:
             break
