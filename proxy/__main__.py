@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .config import ConfigError, load_config, sha256_hex
+from .config import ConfigError, file_signature, load_config, sha256_hex
 
 COMMANDS = ("demo", "check-config", "hash-key", "serve")
 
@@ -37,6 +37,8 @@ def _serve(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     if not args.config:
         parser.error("--config PATH is required (or try: dashscope-proxy demo)")
+    # Taken before the read: a change landing while we start is then reloaded.
+    signature = file_signature(args.config)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -63,7 +65,7 @@ def _serve(argv: Sequence[str]) -> int:
     install_fast_loop()
     app = create_app(config, metrics_dir=metrics_dir)
     return asyncio.run(serve(config, host=args.host, port=args.port, config_path=args.config,
-                             app=app, config_poll_seconds=poll))
+                             app=app, config_poll_seconds=poll, config_signature=signature))
 
 
 def _tag_log_lines(tag: str) -> None:

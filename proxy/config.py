@@ -7,7 +7,8 @@ The file format is the contract in PRODUCT.md. Parsing is a pure function of
 because typos are the commonest config bug.
 
 Deliberately not here: reading the environment for anything but `${VAR}`
-interpolation, and any I/O except `load_config(path)` reading one file.
+interpolation, and any I/O except `load_config(path)` reading one file and
+`file_signature(path)` stat-ing it (what proxy.reload watches).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ __all__ = [
     "UpstreamConfig",
     "load_config",
     "parse_config",
+    "Signature",
+    "file_signature",
     "sha256_hex",
 ]
 
@@ -516,6 +519,23 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
         raise ConfigError(p.items)
     return Config(server=server, upstreams=tuple(upstreams), keys=tuple(keys), models=models,
                   state=state, openai=openai)
+
+
+Signature = tuple[str, int, int, int, int]
+
+
+def file_signature(path: str | os.PathLike[str]) -> Signature | None:
+    """What identifies the file's current content without reading it; None if it cannot be stat'ed.
+
+    The resolved path is part of it: after a ConfigMap's symlink swap the new
+    target may even have the same inode number on another directory.
+    """
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+    except OSError:
+        return None
+    return (real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:

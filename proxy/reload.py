@@ -39,7 +39,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, Signature, file_signature, load_config
 from .failover import UPSTREAMS
 from .runtime import METRICS, RUNTIME, Runtime
 
@@ -48,23 +48,6 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 1.0
 # How long a changed file must stay unchanged before it is read.
 SETTLE_SECONDS = 0.2
-
-Signature = tuple[str, int, int, int, int]
-
-
-def file_signature(path: str | os.PathLike[str]) -> Signature | None:
-    """What identifies the file's current content without reading it; None if it cannot be stat'ed.
-
-    The resolved path is part of it: after a ConfigMap's symlink swap the new
-    target may even have the same inode number on another directory.
-    """
-    try:
-        real = os.path.realpath(path)
-        st = os.stat(real)
-    except OSError:
-        return None
-    return (real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
 
 def restart_required(startup: Config, new: Config) -> list[str]:
     """Pure: the changes in `new` that take effect only after a restart, one line each.
@@ -133,7 +116,8 @@ class Reloader:
 
     def __init__(self, app: web.Application, path: str | os.PathLike[str], *,
                  poll_seconds: float = POLL_SECONDS, settle_seconds: float = SETTLE_SECONDS,
-                 load: Callable[[str], Config] = load_config) -> None:
+                 load: Callable[[str], Config] = load_config,
+                 loaded_signature: Signature | None = None) -> None:
         self._app = app
         self.path = str(path)
         self._startup = app[RUNTIME].current.config
@@ -143,6 +127,9 @@ class Reloader:
         self._wake = asyncio.Event()
         self._forced = 0
         self._task: asyncio.Task[None] | None = None
+        # The file's signature from *before* the startup config was read, so a
+        # change landing while the process starts is still seen.
+        self._loaded_signature = loaded_signature
 
     def request(self) -> None:
         """Reload as soon as possible (called from the SIGHUP handler)."""
@@ -188,7 +175,7 @@ class Reloader:
         return True
 
     async def _watch(self) -> None:
-        last = file_signature(self.path)
+        last = self._loaded_signature or file_signature(self.path)
         while True:
             timeout = self._poll if self._poll > 0 else None
             with contextlib.suppress(TimeoutError):
@@ -235,8 +222,14 @@ class Reloader:
 
 
 def install_reloader(app: web.Application, path: str | os.PathLike[str], *,
-                     poll_seconds: float = POLL_SECONDS) -> Reloader:
-    """Attach a Reloader for `path` to `app` (before the app starts)."""
-    reloader = Reloader(app, Path(path), poll_seconds=poll_seconds)
+                     poll_seconds: float = POLL_SECONDS,
+                     loaded_signature: Signature | None = None) -> Reloader:
+    """Attach a Reloader for `path` to `app` (before the app starts).
+
+    `loaded_signature`: `file_signature(path)` taken just before the running
+    config was read from it.
+    """
+    reloader = Reloader(app, Path(path), poll_seconds=poll_seconds,
+                        loaded_signature=loaded_signature)
     app.cleanup_ctx.append(reloader.ctx)
     return reloader

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from .app import create_app
-from .config import Config
+from .config import Config, Signature
 from .input_limits import GatewayRunner
 from .reload import POLL_SECONDS, install_reloader
 from .runtime import RUNTIME
@@ -47,14 +47,17 @@ def install_fast_loop() -> bool:
 async def serve(config: Config, *, host: str | None = None, port: int | None = None,
                 on_ready: Callable[[web.AppRunner], None] | None = None,
                 app: web.Application | None = None, config_path: str | None = None,
-                config_poll_seconds: float = POLL_SECONDS) -> int:
+                config_poll_seconds: float = POLL_SECONDS,
+                config_signature: Signature | None = None) -> int:
     """Serve until SIGTERM/SIGINT, then drain. Returns the process exit code.
 
     With `config_path` the config reloads on SIGHUP and when the file changes
-    (`config_poll_seconds` between checks; 0 = SIGHUP only).
+    (`config_poll_seconds` between checks; 0 = SIGHUP only). `config_signature`
+    is `config.file_signature(config_path)` from just before `config` was read.
     """
     app = app if app is not None else create_app(config)
-    reloader = (install_reloader(app, config_path, poll_seconds=config_poll_seconds)
+    reloader = (install_reloader(app, config_path, poll_seconds=config_poll_seconds,
+                                 loaded_signature=config_signature)
                 if config_path else None)
     holder = app[RUNTIME]
     server = config.server

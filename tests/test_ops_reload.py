@@ -3,6 +3,7 @@ broken configs, restart-only fields. Requests in flight finish on the config the
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 from collections.abc import Iterator
@@ -10,19 +11,23 @@ from pathlib import Path
 
 import pytest
 import requests
+from prometheus_client import CollectorRegistry
 
-from proxy.config import parse_config
-from proxy.reload import describe_changes, file_signature, restart_required
+from proxy.app import create_app
+from proxy.config import file_signature, load_config, parse_config
+from proxy.reload import describe_changes, install_reloader, restart_required
 from tests.conftest import KEY_A, UPSTREAM_KEY, gateway_yaml
 from tests.ops_support import (
+    MM,
     GatewayProcess,
     Launcher,
+    body,
     in_background,
     launching,
     wait_for,
     write_atomically,
 )
-from tests.support import Live
+from tests.support import Live, LoopThread
 
 KEY_C = "gw-team-c-secret-0003"
 TEAM_C = f"""  - name: team-c
@@ -224,3 +229,24 @@ def test_file_signature_follows_symlinks(tmp_path: Path) -> None:
     assert file_signature(link) != first  # same size and maybe mtime: the target differs
     os.remove(b)
     assert file_signature(link) is None  # a dangling link: keep the last good config
+
+
+def test_a_change_while_the_process_starts_is_not_missed(loop_thread: LoopThread, sim: Live,
+                                                         tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    text = gateway_yaml(sim.url, tmp_path / "s.db")
+    path.write_text(text)
+    signature = file_signature(path)  # taken before the read, as __main__ does
+    config = load_config(path)
+    write_atomically(path, with_key_c_text(text))  # lands before the watcher starts
+    app = create_app(config, registry=CollectorRegistry(), access_stream=io.BytesIO())
+    install_reloader(app, path, poll_seconds=0.1, loaded_signature=signature)
+    live = loop_thread.serve(app)
+    try:
+        def key_c_works() -> bool:
+            return requests.post(live.url + MM, json=body(), timeout=10,
+                                 headers={"Authorization": f"Bearer {KEY_C}"}).status_code == 200
+
+        wait_for(key_c_works, 10, "the change made during startup")
+    finally:
+        loop_thread.stop(live)
