@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -100,3 +102,26 @@ async def test_ledger_batches_concurrent_lines_whole_and_in_order(tmp_path: Path
     lines = path.read_bytes().splitlines()
     ids = [json.loads(line)["request_id"] for line in lines]
     assert ids == [f"req-{i:05d}" for i in range(600)]
+
+
+async def test_ledger_to_a_pipe_goes_through_the_thread_in_batches(tmp_path: Path) -> None:
+    fifo = tmp_path / "usage.fifo"
+    os.mkfifo(fifo)
+    received = bytearray()
+
+    def read_all() -> None:
+        with open(fifo, "rb") as f:
+            while chunk := f.read(65536):
+                received.extend(chunk)
+
+    reader = threading.Thread(target=read_all, daemon=True)
+    reader.start()
+    ledger = UsageLedger(str(fifo), Metrics(CollectorRegistry()))
+    await ledger.open()
+    events = [UsageEvent("team-a", "m", "m", 1, "route", "up", f"req-{i:05d}", None, time.time())
+              for i in range(300)]
+    await asyncio.gather(*(ledger(e) for e in events))
+    await ledger.close()
+    reader.join(5)
+    ids = [json.loads(line)["request_id"] for line in bytes(received).splitlines()]
+    assert ids == [f"req-{i:05d}" for i in range(300)]
