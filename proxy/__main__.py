@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -37,6 +38,9 @@ def _serve(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     if not args.config:
         parser.error("--config PATH is required (or try: dashscope-proxy demo)")
+    # Until the server installs its own handlers, SIGTERM finds nothing in
+    # flight: exit 0 at once instead of dying by the signal.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     # Taken before the read: a change landing while we start is then reloaded.
     signature = file_signature(args.config)
     try:
@@ -66,6 +70,10 @@ def _serve(argv: Sequence[str]) -> int:
     app = create_app(config, metrics_dir=metrics_dir)
     return asyncio.run(serve(config, host=args.host, port=args.port, config_path=args.config,
                              app=app, config_poll_seconds=poll, config_signature=signature))
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _tag_log_lines(tag: str) -> None:

@@ -61,20 +61,8 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
                 if config_path else None)
     holder = app[RUNTIME]
     server = config.server
-    # Header limits, and parser errors that never echo input (proxy.input_limits).
-    runner = GatewayRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=server.shutdown_grace_seconds)
-    try:
-        await runner.setup()
-        site = web.TCPSite(runner, host or server.host, server.port if port is None else port,
-                           backlog=server.backlog, reuse_port=server.workers > 1 or None)
-        await site.start()
-    except OSError as exc:
-        # An address in use, an unwritable state file or usage ledger: say
-        # which, close what was opened, exit non-zero (no traceback).
-        log.error("cannot start: %s", exc)
-        await runner.cleanup()
-        return 1
+    # Signals first: a SIGTERM that arrives while the app starts is a clean,
+    # immediate drain (exit 0), never Python's default of dying mid-setup.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -96,6 +84,20 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
             loop.add_signal_handler(sig, on_stop, sig)
     with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
         loop.add_signal_handler(signal.SIGHUP, on_hup)
+    # Header limits, and parser errors that never echo input (proxy.input_limits).
+    runner = GatewayRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=server.shutdown_grace_seconds)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, host or server.host, server.port if port is None else port,
+                           backlog=server.backlog, reuse_port=server.workers > 1 or None)
+        await site.start()
+    except OSError as exc:
+        # An address in use, an unwritable state file or usage ledger: say
+        # which, close what was opened, exit non-zero (no traceback).
+        log.error("cannot start: %s", exc)
+        await runner.cleanup()
+        return 1
     if on_ready is not None:
         on_ready(runner)
     log.info("dashscope-proxy listening on %s",

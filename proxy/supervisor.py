@@ -164,7 +164,9 @@ class Supervisor:
             mark_process_dead(pid, self._metrics_dir)  # type: ignore[no-untyped-call]
         if self._stop_signal is not None:
             log.info("worker %d (pid %d) exited with %d", w.index, pid, rc)
-            if rc != 0:
+            # -SIGTERM: our SIGTERM reached it before it could install a
+            # handler, i.e. before it listened: nothing was lost.
+            if rc not in (0, -signal.SIGTERM):
                 self._exit_code = 1
             return
         quick = now - w.started < QUICK_EXIT_SECONDS
