@@ -105,6 +105,18 @@ def _inflight(metrics_text: str) -> int:
     return int(total)
 
 
+async def _upstream_errors(gw_url: str) -> dict[str, int]:
+    """`dashscope_proxy_upstream_errors_total` by code (why the gateway failed requests)."""
+    out: dict[str, int] = {}
+    async with aiohttp.ClientSession() as s, s.get(gw_url + "/metrics") as r:
+        for line in (await r.text()).splitlines():
+            if line.startswith("dashscope_proxy_upstream_errors_total{"):
+                labels, value = line.rsplit(" ", 1)
+                code = labels.split('code="', 1)[1].split('"', 1)[0]
+                out[code] = out.get(code, 0) + int(float(value))
+    return out
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -204,6 +216,7 @@ state: {{path: {work / "state.db"}}}
             done.set()
             await sampler
         await asyncio.sleep(0.5)
+        upstream_errors = await _upstream_errors(gw_url)
         return {
             "requests": requests,
             "hold_seconds": hold,
@@ -222,6 +235,7 @@ state: {{path: {work / "state.db"}}}
                 (peak["rss"] - idle_rss) / max(1, requests), 1
             ),
             "gateway_peak_fds": peak["fds"],
+            "gateway_upstream_errors": upstream_errors,
             "gateway_cpu_seconds": round(_cpu_seconds(gateway.pid) - cpu0["gateway"], 2),
             "simulator_cpu_seconds": round(_cpu_seconds(procs[0].pid) - cpu0["simulator"], 2),
         }

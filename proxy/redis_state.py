@@ -27,7 +27,8 @@ reconciles, then uses it again:
   written to Redis on recovery. Polls of tasks this replica does not hold
   answer 503 with Retry-After (the DashScope SDKs and the gateway's OpenAI
   path retry 503 polls), never UNKNOWN, so no client gives up on a task
-  that exists.
+  that exists; so do unknown ids for `RECOVERY_GRACE_SECONDS` after Redis
+  returns, while other replicas write back what they recorded.
 - a poll that reads a task from Redis and loses Redis before claiming its
   metering counts the images locally and writes the claim on recovery; if
   another replica claimed it meanwhile (only possible in a network
@@ -80,6 +81,9 @@ POOL_WAIT = 2.0
 PING_SECONDS = 1.0
 LEASE_SECONDS = 30.0
 REFRESH_SECONDS = 10.0
+# After Redis returns, unknown task ids still answer 503 this long: another replica may not
+# have written back the tasks it recorded during the outage yet (it pings every second).
+RECOVERY_GRACE_SECONDS = 5.0
 RETENTION_SECONDS = SqliteTaskStore.RETENTION_SECONDS
 DAY_TTL = 3 * 86400
 MONTH_TTL = 40 * 86400
@@ -252,6 +256,7 @@ class RedisState(StateBackend):
         self.metrics = metrics
         self._up = True
         self._down_since: float | None = None
+        self.recovered_at = 0.0
         self._background: set[asyncio.Task[None]] = set()
         self._closing = False
         self._reconciled = asyncio.Event()
@@ -365,6 +370,7 @@ class RedisState(StateBackend):
             log.warning("redis reachable again after %.0fs: local state reconciled", outage)
             self._up = True
             self._down_since = None
+            self.recovered_at = time.monotonic()
             self.metrics.state_backend_up.set(1)
         # Rows spooled while we pushed are picked up on the next monitor tick.
 
@@ -639,6 +645,8 @@ class RedisTaskStore:
                     record = await self._s.spool.get(task_id)
                 if record is not None:
                     self._remember(record)
+                elif time.monotonic() - self._s.recovered_at < RECOVERY_GRACE_SECONDS:
+                    raise state_unavailable()  # maybe not written back by its replica yet
                 return record
         self._s.fallback("tasks")
         record = await self._s.spool.get(task_id)
