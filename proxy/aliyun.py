@@ -102,8 +102,12 @@ async def generations(request: web.Request) -> web.StreamResponse:
     if not candidates:
         raise only_aliyun()
     check_prompts(obj)
-    await admit(request, key, model=route.target,
-                images=requested_images(route.target, obj.get("parameters")))
+    await admit(
+        request,
+        key,
+        model=route.target,
+        images=requested_images(route.target, obj.get("parameters")),
+    )
     endpoint = route.endpoint
     body = native_body(obj, route)
 
@@ -117,16 +121,24 @@ async def generations(request: web.Request) -> web.StreamResponse:
         return headers
 
     payload = raw if body == obj else dumps(body)
-    async with call_with_failover(request, candidates, endpoint.value, "POST",
-                                  native.SERVICE_ROUTES[endpoint.value], headers_for, payload,
-                                  pinned=native.uses_uploads(request)) as call:
+    async with call_with_failover(
+        request,
+        candidates,
+        endpoint.value,
+        "POST",
+        native.SERVICE_ROUTES[endpoint.value],
+        headers_for,
+        payload,
+        pinned=native.uses_uploads(request),
+    ) as call:
         upstream = call.upstream
 
         async def settled(relayed: Relayed) -> None:
             await native.settle(request, ctx, rt, key, model, upstream, relayed)
 
-        relayed = await relay_response(request, call.response, request.app[METRICS], upstream,
-                                       settle=settled)
+        relayed = await relay_response(
+            request, call.response, request.app[METRICS], upstream, settle=settled
+        )
     return relayed.response
 
 

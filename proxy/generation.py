@@ -119,8 +119,11 @@ async def _read_answer(
             raw = b""
         else:
             # read() keeps a body failover already peeked at; content.read() would not.
-            raw = await (resp.read() if resp.content_length is not None
-                         else resp.content.read(MAX_ANSWER_BYTES + 1))
+            raw = await (
+                resp.read()
+                if resp.content_length is not None
+                else resp.content.read(MAX_ANSWER_BYTES + 1)
+            )
     except (aiohttp.ClientError, TimeoutError) as exc:
         failure = map_client_error(exc)
         metrics.upstream_errors.labels(upstream.name, failure.kind).inc()
