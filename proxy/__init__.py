@@ -6,11 +6,14 @@ How a request flows (one straight line, one module per step):
     middleware: request id, in-flight gauge, error rendering (errors), metrics, access log
     handler (native | openai | aliyun):
         auth        bearer key -> configured key (constant time), model allowlist
-        inbound     bounded body read, JSON, model
-        upstream    choose the upstream by model glob, swap the key, filter headers
+        inbound     bounded body read, JSON, model (input_limits: prompt and header caps)
+        admission   per-key rate, concurrency and image quotas (limits), or 429
+        upstream    the model's candidate upstreams, swap the key, filter headers
+        failover    try candidates by priority/weight; breakers, caps, safe retries
         relay       stream the answer back unchanged while sniffing usage
         metering    usage.image_count -> Meter (metric + listeners); once per task
-        tasks       who created which task, where (TaskStore: SQLite, shared later)
+        tasks       who created which task, where (TaskStore)
+        state       where tasks and limit counters live: SQLite (local) or Redis
 
 Pure logic (config parsing, header filtering, usage extraction, error bodies) is
 plain functions over plain values; handlers only wire them to sockets. The
