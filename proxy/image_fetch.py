@@ -125,11 +125,15 @@ async def _fetch(session: aiohttp.ClientSession, raw_url: str, policy: FetchPoli
 async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     if resp.content_length is not None and resp.content_length > limit:
         raise FetchFailed(f"the image is larger than {limit} bytes")
-    buf = bytearray()
-    async for chunk in resp.content.iter_chunked(_CHUNK):
-        buf += chunk
-        if len(buf) > limit:
+    # The socket's buffers as they come (iter_any: no re-slicing), joined once at
+    # the end: one copy of the image instead of a growing bytearray plus bytes().
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
             raise FetchFailed(f"the image is larger than {limit} bytes")
-    if not buf:
+    if not size:
         raise FetchFailed("the image is empty")
-    return bytes(buf)
+    return b"".join(chunks)
