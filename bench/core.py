@@ -307,6 +307,7 @@ http {{
       proxy_set_header Connection "";
       proxy_set_header Authorization "Bearer {UPSTREAM_KEY}";
       proxy_read_timeout 120s;
+      proxy_buffering off;  # stream like the gateway (no temp files for 6 MiB bodies)
     }}
   }}
 }}
