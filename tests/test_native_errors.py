@@ -175,8 +175,14 @@ def test_client_disconnect_after_submit_still_counted(gateway: Gateway) -> None:
                   .encode() + payload)
         time.sleep(0.2)
     deadline = time.monotonic() + 10
-    while gateway.images("team-a", "qwen-image-2.0") < 1 and time.monotonic() < deadline:
-        time.sleep(0.1)
+
+    def settled() -> bool:
+        return (gateway.images("team-a", "qwen-image-2.0") >= 1
+                and gateway.metric("dashscope_proxy_inflight_requests",
+                                   route="multimodal-generation") == 0)
+
+    while not settled() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert gateway.images("team-a", "qwen-image-2.0") == 1
     assert gateway.metric("dashscope_proxy_inflight_requests",
                           route="multimodal-generation") == 0
