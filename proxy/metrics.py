@@ -47,9 +47,12 @@ _MODEL_SHAPE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 class ModelLabels:
     """Maps a requested model name to a bounded label value."""
 
-    def __init__(self, configured: Iterable[str], max_seen: int = 256) -> None:
+    def __init__(self, configured: Iterable[str], max_seen: int = 256,
+                 seen: Iterable[str] = ()) -> None:
         self._known = {m for m in configured if _MODEL_SHAPE.match(m)} | set(KNOWN_MODELS)
-        self._max_total = len(self._known) + max_seen
+        self._max_seen = max_seen
+        self._seen = set(list(seen)[:max_seen])
+        self._known |= self._seen
 
     def label(self, model: str | None) -> str:
         if model and model in self._known:
@@ -58,9 +61,14 @@ class ModelLabels:
 
     def seen_succeeding(self, model: str) -> None:
         """An upstream answered 2xx for `model`: it is a real model, label it by name."""
-        if (model not in self._known and len(self._known) < self._max_total
+        if (model not in self._known and len(self._seen) < self._max_seen
                 and _MODEL_SHAPE.match(model)):
+            self._seen.add(model)
             self._known.add(model)
+
+    def reconfigured(self, configured: Iterable[str]) -> ModelLabels:
+        """Labels for a reloaded config that keep the models already seen succeeding."""
+        return ModelLabels(configured, self._max_seen, self._seen)
 
 
 class Metrics:

@@ -156,7 +156,7 @@ class Reloader:
                      self.path)
             return True
         try:
-            runtime = Runtime.build(config)
+            runtime = Runtime.build(config, holder.current)
         except Exception:
             metrics.config_reloaded(False, time.time())
             log.exception("config reload (%s) rejected: the new config could not be built; "

@@ -32,15 +32,18 @@ class Runtime:
     models: ModelLabels
 
     @classmethod
-    def build(cls, config: Config, models: ModelLabels | None = None) -> Runtime:
+    def build(cls, config: Config, previous: Runtime | None = None) -> Runtime:
+        """The runtime for `config`; a reload passes the `previous` one so models already
+        seen succeeding keep their label."""
         configured: set[str] = set(config.models)
         configured.update(o.target for o in config.models.values() if o.target)
         for k in config.keys:
             configured.update(p for p in k.models if not any(c in p for c in "*?["))
         for u in config.upstreams:
             configured.update(p for p in u.models if not any(c in p for c in "*?["))
-        return cls(config, KeyRing(config.keys), UpstreamRouter(config),
-                   models or ModelLabels(configured))
+        models = (previous.models.reconfigured(configured) if previous is not None
+                  else ModelLabels(configured))
+        return cls(config, KeyRing(config.keys), UpstreamRouter(config), models)
 
 
 class RuntimeHolder:

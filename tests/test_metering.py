@@ -86,3 +86,19 @@ def test_sse_crlf_and_partial_trailing_event() -> None:
     s = SseSniffer()
     s.feed(stream + b"id:9\nevent:result\ndata:{\"usage\":{\"image_co")
     assert s.facts().image_count == 2  # the unterminated event is not counted
+
+
+def test_model_labels_bounded_and_kept_across_reload() -> None:
+    from proxy.metrics import OTHER, ModelLabels
+
+    labels = ModelLabels(["gpt-image-1"], max_seen=2)
+    assert labels.label("gpt-image-1") == "gpt-image-1"
+    assert labels.label("qwen-image-2.0") == "qwen-image-2.0"  # documented model
+    assert labels.label("brand-new") == OTHER
+    for name in ("brand-new", "second", "third", "Bad Name!"):
+        labels.seen_succeeding(name)
+    assert [labels.label(n) for n in ("brand-new", "second", "third", "Bad Name!")] == [
+        "brand-new", "second", OTHER, OTHER]  # capped at max_seen; odd shapes never
+    reloaded = labels.reconfigured([])
+    assert reloaded.label("brand-new") == "brand-new"
+    assert reloaded.label("gpt-image-1") == OTHER  # no longer configured
