@@ -7,4 +7,7 @@ procs.py            starting processes pinned to cores; CPU, RSS, fds from /proc
 core.py             the environment (`Bench`) and figures (`Metric`: median/min/max, ratio)
 scenarios.py        rps, latency, hold, relay, b64, soak, workers
 report.py           the table and the JSON document
+
+Standalone tools kept beside it: load_hold.py (held requests against the simulator),
+ops_metrics_cost.py (multiprocess metrics cost), ops_reload.py (reload under load).
 """
