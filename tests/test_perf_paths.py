@@ -1,4 +1,4 @@
-"""The fast paths behave exactly like the slow ones they replaced (see docs/performance.md)."""
+"""The fast paths behave exactly like the slow ones they replaced (see the README, "Performance")."""
 
 from __future__ import annotations
 
