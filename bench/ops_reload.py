@@ -28,8 +28,10 @@ import urllib.request
 from pathlib import Path
 
 MM = "/api/v1/services/aigc/multimodal-generation/generation"
-BODY = (b'{"model":"qwen-image-2.0","input":{"messages":[{"role":"user","content":'
-        b'[{"text":"a fox"}]}]}}')
+BODY = (
+    b'{"model":"qwen-image-2.0","input":{"messages":[{"role":"user","content":'
+    b'[{"text":"a fox"}]}]}}'
+)
 
 
 def free_port() -> int:
@@ -39,18 +41,26 @@ def free_port() -> int:
 
 
 def config(sim_port: int, keys: int, tmp: Path, extra_key: str | None) -> str:
-    lines = [f'  - name: team-{i}\n    key_sha256: "{hashlib.sha256(str(i).encode()).hexdigest()}"'
-             for i in range(keys)]
+    lines = [
+        f'  - name: team-{i}\n    key_sha256: "{hashlib.sha256(str(i).encode()).hexdigest()}"'
+        for i in range(keys)
+    ]
     if extra_key:
         lines.append(f"  - name: new-team\n    key: {extra_key}")
-    return (f"server: {{host: 127.0.0.1, port: 0}}\nupstreams:\n  - name: sim\n"
-            f"    base_url: http://127.0.0.1:{sim_port}/api/v1\n    api_key: sk-sim-upstream\n"
-            f"keys:\n" + "\n".join(lines) + f"\nstate: {{path: {tmp}/state.db}}\n")
+    return (
+        f"server: {{host: 127.0.0.1, port: 0}}\nupstreams:\n  - name: sim\n"
+        f"    base_url: http://127.0.0.1:{sim_port}/api/v1\n    api_key: sk-sim-upstream\n"
+        f"keys:\n" + "\n".join(lines) + f"\nstate: {{path: {tmp}/state.db}}\n"
+    )
 
 
 def status(url: str, key: str) -> int:
-    req = urllib.request.Request(url + MM, data=BODY, method="POST", headers={
-        "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + MM,
+        data=BODY,
+        method="POST",
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return int(r.status)
@@ -68,8 +78,11 @@ def wait_until(check: object, timeout: float = 20) -> float:
 
 
 def start_gateway(path: Path) -> tuple[subprocess.Popen[bytes], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "--config", str(path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "--config", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     assert proc.stderr is not None
     for raw in proc.stderr:
         m = re.search(rb"listening on (http://\S+)", raw)
@@ -80,14 +93,17 @@ def start_gateway(path: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--keys", type=int, default=1000)
     args = p.parse_args()
     sim_port = free_port()
-    sim = subprocess.Popen([sys.executable, "-m", "proxy.simulator", "--port", str(sim_port),
-                            "--zero-delay"], stdout=subprocess.DEVNULL)
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "proxy.simulator", "--port", str(sim_port), "--zero-delay"],
+        stdout=subprocess.DEVNULL,
+    )
     file_s: list[float] = []
     hup_s: list[float] = []
     stop_s: list[float] = []
@@ -116,9 +132,11 @@ def main() -> None:
         sim.terminate()
         sim.wait(10)
     print(f"{args.keys} keys in the config, {args.rounds} rounds (median [min..max] seconds)")
-    for name, xs in (("file edit -> new key works", file_s),
-                     ("SIGHUP -> new key works", hup_s),
-                     ("SIGTERM (idle) -> exit 0", stop_s)):
+    for name, xs in (
+        ("file edit -> new key works", file_s),
+        ("SIGHUP -> new key works", hup_s),
+        ("SIGTERM (idle) -> exit 0", stop_s),
+    ):
         print(f"  {name:<28} {statistics.median(xs):6.3f} [{min(xs):.3f}..{max(xs):.3f}]")
 
 

@@ -1,10 +1,10 @@
 """Command line: parse arguments, load config, run. Nothing else lives here.
 
-    dashscope-proxy --config PATH [--host H] [--port N]   serve the gateway
-        (with server.workers > 1: a supervisor of N worker processes, proxy.supervisor)
-    dashscope-proxy demo [--port N]                       simulator + gateway, no account
-    dashscope-proxy check-config PATH                     validate, list every problem
-    dashscope-proxy hash-key                              stdin key -> key_sha256
+dashscope-proxy --config PATH [--host H] [--port N]   serve the gateway
+    (with server.workers > 1: a supervisor of N worker processes, proxy.supervisor)
+dashscope-proxy demo [--port N]                       simulator + gateway, no account
+dashscope-proxy check-config PATH                     validate, list every problem
+dashscope-proxy hash-key                              stdin key -> key_sha256
 """
 
 from __future__ import annotations
@@ -23,16 +23,27 @@ COMMANDS = ("demo", "check-config", "hash-key", "serve")
 
 
 def _serve(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dashscope-proxy",
-                                     description="DashScope image-generation gateway.",
-                                     epilog="Other commands: demo, check-config PATH, hash-key.")
-    parser.add_argument("--config", "-c", default=os.environ.get("DASHSCOPE_PROXY_CONFIG"),
-                        help="YAML config file (env DASHSCOPE_PROXY_CONFIG)")
+    parser = argparse.ArgumentParser(
+        prog="dashscope-proxy",
+        description="DashScope image-generation gateway.",
+        epilog="Other commands: demo, check-config PATH, hash-key.",
+    )
+    parser.add_argument(
+        "--config",
+        "-c",
+        default=os.environ.get("DASHSCOPE_PROXY_CONFIG"),
+        help="YAML config file (env DASHSCOPE_PROXY_CONFIG)",
+    )
     parser.add_argument("--host", help="override server.host")
     parser.add_argument("--port", type=int, help="override server.port")
-    parser.add_argument("--config-poll-seconds", type=float, default=1.0, metavar="S",
-                        help="check the config file for changes every S seconds and reload "
-                             "(default 1; 0: reload on SIGHUP only)")
+    parser.add_argument(
+        "--config-poll-seconds",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="check the config file for changes every S seconds and reload "
+        "(default 1; 0: reload on SIGHUP only)",
+    )
     # Set by the supervisor on the processes it starts (server.workers > 1).
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -54,10 +65,14 @@ def _serve(argv: Sequence[str]) -> int:
     if config.server.workers > 1 and args.worker_index is None:
         from .supervisor import Supervisor
 
-        return Supervisor(config, args.config, host=args.host or config.server.host,
-                          port=config.server.port if args.port is None else args.port,
-                          environ=os.environ,
-                          worker_args=["--config-poll-seconds", str(poll)]).run()
+        return Supervisor(
+            config,
+            args.config,
+            host=args.host or config.server.host,
+            port=config.server.port if args.port is None else args.port,
+            environ=os.environ,
+            worker_args=["--config-poll-seconds", str(poll)],
+        ).run()
     metrics_dir = None
     if args.worker_index is not None:
         _tag_log_lines(f"worker-{args.worker_index}")
@@ -68,8 +83,17 @@ def _serve(argv: Sequence[str]) -> int:
 
     install_fast_loop()
     app = create_app(config, metrics_dir=metrics_dir)
-    return asyncio.run(serve(config, host=args.host, port=args.port, config_path=args.config,
-                             app=app, config_poll_seconds=poll, config_signature=signature))
+    return asyncio.run(
+        serve(
+            config,
+            host=args.host,
+            port=args.port,
+            config_path=args.config,
+            app=app,
+            config_poll_seconds=poll,
+            config_signature=signature,
+        )
+    )
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
@@ -78,8 +102,9 @@ def _exit_cleanly(signum: int, frame: object) -> None:
 
 def _tag_log_lines(tag: str) -> None:
     for handler in logging.getLogger().handlers:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag} %(name)s: "
-                                               "%(message)s"))
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s {tag} %(name)s: %(message)s")
+        )
 
 
 def _check_config(argv: Sequence[str]) -> int:
@@ -93,14 +118,17 @@ def _check_config(argv: Sequence[str]) -> int:
             print(f"{args.path}: {problem}", file=sys.stderr)
         print(f"{len(exc.problems)} problem(s)", file=sys.stderr)
         return 1
-    print(f"{args.path}: OK ({len(config.upstreams)} upstream(s), {len(config.keys)} key(s), "
-          f"{len(config.models)} model override(s), state backend {config.state.backend})")
+    print(
+        f"{args.path}: OK ({len(config.upstreams)} upstream(s), {len(config.keys)} key(s), "
+        f"{len(config.models)} model override(s), state backend {config.state.backend})"
+    )
     return 0
 
 
 def _hash_key(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dashscope-proxy hash-key",
-                                     description="Read a key on stdin, print its key_sha256.")
+    parser = argparse.ArgumentParser(
+        prog="dashscope-proxy hash-key", description="Read a key on stdin, print its key_sha256."
+    )
     parser.parse_args(argv)
     secret = sys.stdin.readline().rstrip("\r\n")
     if not secret:
@@ -123,9 +151,11 @@ def _demo(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=os.environ.get("DASHSCOPE_PROXY_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=os.environ.get("DASHSCOPE_PROXY_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     if args and args[0] in COMMANDS:
         cmd, rest = args[0], args[1:]
         if cmd == "demo":

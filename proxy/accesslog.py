@@ -62,8 +62,9 @@ class AccessLog:
             self._second = whole
         return f"{self._prefix}.{min(int((now - whole) * 1000), 999):03d}Z"
 
-    def write(self, ctx: RequestContext, method: str, status: int, seconds: float,
-              log_prompts: bool) -> None:
+    def write(
+        self, ctx: RequestContext, method: str, status: int, seconds: float, log_prompts: bool
+    ) -> None:
         line: dict[str, Any] = {
             "ts": self._ts(time.time()),
             "request_id": ctx.request_id,

@@ -133,10 +133,15 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append("no upstreams configured")
     # Degraded still serves (e.g. Redis down: local fallback), so it stays 200.
     degraded = request.app[STATE].problems() if STATE in request.app else []
-    degraded += [f"upstream {name}: circuit open" for name in
-                 request.app[UPSTREAMS].open_circuits(holder.current.config.upstreams)]
-    body = {"status": ("not ready" if problems else "degraded" if degraded else "ready"),
-            "problems": problems, "degraded": degraded}
+    degraded += [
+        f"upstream {name}: circuit open"
+        for name in request.app[UPSTREAMS].open_circuits(holder.current.config.upstreams)
+    ]
+    body = {
+        "status": ("not ready" if problems else "degraded" if degraded else "ready"),
+        "problems": problems,
+        "degraded": degraded,
+    }
     return web.json_response(body, status=200 if not problems else 503)
 
 
@@ -145,9 +150,13 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def create_app(config: Config, *, registry: CollectorRegistry | None = None,
-               access_stream: IO[bytes] | None = None,
-               metrics_dir: str | None = None) -> web.Application:
+def create_app(
+    config: Config,
+    *,
+    registry: CollectorRegistry | None = None,
+    access_stream: IO[bytes] | None = None,
+    metrics_dir: str | None = None,
+) -> web.Application:
     """The gateway application for `config`. Tests pass a fresh `registry`.
 
     `metrics_dir`: prometheus_client's multiprocess directory when this is one
@@ -155,8 +164,9 @@ def create_app(config: Config, *, registry: CollectorRegistry | None = None,
     """
     # The body limit is enforced by inbound.read_body (from Content-Length, before
     # reading); aiohttp's own cap is set above it so it never answers first.
-    app = web.Application(middlewares=[gateway_middleware],
-                          client_max_size=config.server.max_body_bytes + 1024 * 1024)
+    app = web.Application(
+        middlewares=[gateway_middleware], client_max_size=config.server.max_body_bytes + 1024 * 1024
+    )
     app[RUNTIME] = RuntimeHolder(Runtime.build(config))
     metrics = Metrics(registry if registry is not None else CollectorRegistry(), metrics_dir)
     metrics.precreate([k.name for k in config.keys], [])
@@ -185,4 +195,3 @@ async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SESSION] = session
     yield
     await session.close()
-

@@ -237,8 +237,10 @@ def _interpolate(value: Any, where: str, environ: Mapping[str, str], p: _Problem
 
         return _VAR.sub(repl, value)
     if isinstance(value, dict):
-        return {k: _interpolate(v, f"{where}.{k}" if where else str(k), environ, p)
-                for k, v in value.items()}
+        return {
+            k: _interpolate(v, f"{where}.{k}" if where else str(k), environ, p)
+            for k, v in value.items()
+        }
     if isinstance(value, list):
         return [_interpolate(v, f"{where}[{i}]", environ, p) for i, v in enumerate(value)]
     return value
@@ -283,11 +285,14 @@ class _Section:
     def flag(self, key: str, default: bool) -> bool:
         return bool(self._get(key, default, lambda v: isinstance(v, bool), "true or false"))
 
-    def integer(self, key: str, default: Any, minimum: int = 0,
-                maximum: int | None = None) -> Any:
+    def integer(self, key: str, default: Any, minimum: int = 0, maximum: int | None = None) -> Any:
         def ok(v: Any) -> bool:
-            return (isinstance(v, int) and not isinstance(v, bool) and v >= minimum
-                    and (maximum is None or v <= maximum))
+            return (
+                isinstance(v, int)
+                and not isinstance(v, bool)
+                and v >= minimum
+                and (maximum is None or v <= maximum)
+            )
 
         rng = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
         return self._get(key, default, ok, rng)
@@ -336,8 +341,18 @@ def _parse_server(s: _Section) -> ServerConfig:
     )
 
 
-_UPSTREAM_FIELDS = {"name", "base_url", "api_key", "models", "priority", "weight",
-                    "max_connections", "max_concurrency", "timeouts", "circuit_breaker"}
+_UPSTREAM_FIELDS = {
+    "name",
+    "base_url",
+    "api_key",
+    "models",
+    "priority",
+    "weight",
+    "max_connections",
+    "max_concurrency",
+    "timeouts",
+    "circuit_breaker",
+}
 
 
 def _parse_upstream(s: _Section) -> UpstreamConfig | None:
@@ -396,8 +411,10 @@ def _parse_key(s: _Section) -> KeyConfig:
         s.p.add(s.loc("key"), "must be at least 8 characters")
     if digest is not None and not _HEX64.match(digest):
         s.p.add(s.loc("key_sha256"), "must be 64 hex characters (see `dashscope-proxy hash-key`)")
-    lim = s.section("limits", {"requests_per_minute", "concurrent_requests", "images_per_day",
-                               "images_per_month"})
+    lim = s.section(
+        "limits",
+        {"requests_per_minute", "concurrent_requests", "images_per_day", "images_per_month"},
+    )
     limits = LimitsConfig(
         requests_per_minute=lim.integer("requests_per_minute", None, 1),
         concurrent_requests=lim.integer("concurrent_requests", None, 1),
@@ -405,8 +422,9 @@ def _parse_key(s: _Section) -> KeyConfig:
         images_per_month=lim.integer("images_per_month", None, 0),
     )
     key_sha = sha256_hex(secret) if secret else (digest or "").lower()
-    return KeyConfig(name=name or "", key_sha256=key_sha, models=s.globs("models", ("*",)),
-                     limits=limits)
+    return KeyConfig(
+        name=name or "", key_sha256=key_sha, models=s.globs("models", ("*",)), limits=limits
+    )
 
 
 def _parse_models(s: _Section, p: _Problems) -> dict[str, ModelOverride]:
@@ -417,12 +435,14 @@ def _parse_models(s: _Section, p: _Problems) -> dict[str, ModelOverride]:
         if mode is not None and mode not in ("sync", "async"):
             p.add(m.loc("mode"), f"must be sync or async, got {mode!r}")
             mode = None
-        out[str(model)] = ModelOverride(target=m.text("target"), mode=mode,
-                                        async_only=m.flag("async_only", False))
+        out[str(model)] = ModelOverride(
+            target=m.text("target"), mode=mode, async_only=m.flag("async_only", False)
+        )
     for model, o in out.items():
         if o.target is not None and o.target in out and out[o.target].target is not None:
-            p.add(s.loc(model) + ".target",
-                  f"{o.target!r} is itself an alias; chains are not allowed")
+            p.add(
+                s.loc(model) + ".target", f"{o.target!r} is itself an alias; chains are not allowed"
+            )
         problem = override_problem(model, o)
         if problem:
             p.add(s.loc(model), problem)
@@ -495,8 +515,11 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
     if not raw_keys:
         p.add("keys", "at least one key is required")
     for i, item in enumerate(raw_keys):
-        keys.append(_parse_key(_Section(item, f"keys[{i}]", p,
-                                        {"name", "key", "key_sha256", "models", "limits"})))
+        keys.append(
+            _parse_key(
+                _Section(item, f"keys[{i}]", p, {"name", "key", "key_sha256", "models", "limits"})
+            )
+        )
     names: dict[str, int] = {}
     digests: dict[str, int] = {}
     for i, k in enumerate(keys):
@@ -513,12 +536,27 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
 
     models = _parse_models(root.section("models", set(root.data.get("models") or {})), p)
     state = _parse_state(root.section("state", {"backend", "path", "url"}))
-    openai = _parse_openai(root.section("openai", {
-        "default_response_format", "sync_wait_seconds", "task_retention_seconds", "image_fetch"}))
+    openai = _parse_openai(
+        root.section(
+            "openai",
+            {
+                "default_response_format",
+                "sync_wait_seconds",
+                "task_retention_seconds",
+                "image_fetch",
+            },
+        )
+    )
     if p.items:
         raise ConfigError(p.items)
-    return Config(server=server, upstreams=tuple(upstreams), keys=tuple(keys), models=models,
-                  state=state, openai=openai)
+    return Config(
+        server=server,
+        upstreams=tuple(upstreams),
+        keys=tuple(keys),
+        models=models,
+        state=state,
+        openai=openai,
+    )
 
 
 Signature = tuple[str, int, int, int, int]

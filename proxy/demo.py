@@ -79,13 +79,20 @@ Ctrl-C stops both.
 async def _run(host: str, port: int, sim_port: int) -> int:
     key = "sk-demo-" + secrets.token_hex(12)
     with tempfile.TemporaryDirectory(prefix="dashscope-proxy-demo-") as tmp:
-        sim = web.AppRunner(create_sim_app(SimSettings(pending_seconds=1.0, running_seconds=2.0,
-                                                        sync_delay_seconds=0.5)),
-                            access_log=None)
+        sim = web.AppRunner(
+            create_sim_app(
+                SimSettings(pending_seconds=1.0, running_seconds=2.0, sync_delay_seconds=0.5)
+            ),
+            access_log=None,
+        )
         await sim.setup()
         await web.TCPSite(sim, "127.0.0.1", sim_port).start()
-        config = parse_config(DEMO_CONFIG.format(host=host, port=port, sim_port=sim_port, key=key,
-                                                 state=Path(tmp) / "state.db"), {})
+        config = parse_config(
+            DEMO_CONFIG.format(
+                host=host, port=port, sim_port=sim_port, key=key, state=Path(tmp) / "state.db"
+            ),
+            {},
+        )
         base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"  # noqa: S104
         try:
             return await serve(config, on_ready=lambda _: print(examples(base, key), flush=True))

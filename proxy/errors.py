@@ -60,9 +60,11 @@ class GatewayError(Exception):
 
     def openai_body(self) -> dict[str, object]:
         etype = self.openai_type or _OPENAI_TYPES.get(
-            self.status, "server_error" if self.status >= 500 else "invalid_request_error")
-        return {"error": {"message": self.message, "type": etype,
-                          "code": self.openai_code or self.code}}
+            self.status, "server_error" if self.status >= 500 else "invalid_request_error"
+        )
+        return {
+            "error": {"message": self.message, "type": etype, "code": self.openai_code or self.code}
+        }
 
     def dashscope_body(self, request_id: str) -> dict[str, object]:
         return {"request_id": request_id, "code": self.code, "message": self.message}
@@ -72,8 +74,9 @@ class GatewayError(Exception):
 
 
 def invalid_api_key() -> GatewayError:
-    return GatewayError(401, "InvalidApiKey", "Invalid API-key provided.",
-                        openai_code="invalid_api_key")
+    return GatewayError(
+        401, "InvalidApiKey", "Invalid API-key provided.", openai_code="invalid_api_key"
+    )
 
 
 def access_denied(message: str = "Access denied.") -> GatewayError:
@@ -89,37 +92,60 @@ def not_found(message: str = "Not found.") -> GatewayError:
 
 
 def method_not_allowed(method: str) -> GatewayError:
-    return GatewayError(405, "MethodNotAllowed", f"Method {method} is not allowed on this path.",
-                        openai_code="method_not_allowed")
+    return GatewayError(
+        405,
+        "MethodNotAllowed",
+        f"Method {method} is not allowed on this path.",
+        openai_code="method_not_allowed",
+    )
 
 
 def too_large(limit: int) -> GatewayError:
-    return GatewayError(413, "BadRequest.TooLarge",
-                        f"Request body is larger than the gateway's limit of {limit} bytes.",
-                        openai_code="request_too_large")
+    return GatewayError(
+        413,
+        "BadRequest.TooLarge",
+        f"Request body is larger than the gateway's limit of {limit} bytes.",
+        openai_code="request_too_large",
+    )
 
 
 def upstream_unavailable(detail: str) -> GatewayError:
-    return GatewayError(502, "BadGateway", f"DashScope could not be reached: {detail}.",
-                        openai_type="server_error", openai_code="upstream_unavailable")
+    return GatewayError(
+        502,
+        "BadGateway",
+        f"DashScope could not be reached: {detail}.",
+        openai_type="server_error",
+        openai_code="upstream_unavailable",
+    )
 
 
 def upstream_timeout() -> GatewayError:
-    return GatewayError(504, "GatewayTimeout", "DashScope did not answer in time.",
-                        openai_type="server_error", openai_code="upstream_timeout")
+    return GatewayError(
+        504,
+        "GatewayTimeout",
+        "DashScope did not answer in time.",
+        openai_type="server_error",
+        openai_code="upstream_timeout",
+    )
 
 
 def no_upstream(model: str) -> GatewayError:
-    return GatewayError(400, "InvalidParameter",
-                        f"Model {model!r} is not served by any configured upstream.",
-                        openai_code="model_not_found")
+    return GatewayError(
+        400,
+        "InvalidParameter",
+        f"Model {model!r} is not served by any configured upstream.",
+        openai_code="model_not_found",
+    )
 
 
 def internal_error() -> GatewayError:
-    return GatewayError(500, "InternalError",
-                        "An internal error has occured, please try again later or contact "
-                        "service support.", openai_type="server_error",
-                        openai_code="internal_error")
+    return GatewayError(
+        500,
+        "InternalError",
+        "An internal error has occured, please try again later or contact service support.",
+        openai_type="server_error",
+        openai_code="internal_error",
+    )
 
 
 def render_error(err: GatewayError, dialect: Dialect, request_id: str) -> web.Response:
@@ -128,5 +154,6 @@ def render_error(err: GatewayError, dialect: Dialect, request_id: str) -> web.Re
     headers = {"x-request-id": request_id}
     if err.retry_after is not None:
         headers["Retry-After"] = str(err.retry_after)
-    return web.Response(status=err.status, body=dumps(body), content_type="application/json",
-                        headers=headers)
+    return web.Response(
+        status=err.status, body=dumps(body), content_type="application/json", headers=headers
+    )

@@ -38,8 +38,12 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 def parse_json_object(body: bytes) -> dict[str, Any]:
     """A JSON object, or 400 with a message a user can act on."""
     if not body:
-        raise GatewayError(400, "BadRequest.EmptyInput", "Required request body is missing.",
-                           openai_code="invalid_request")
+        raise GatewayError(
+            400,
+            "BadRequest.EmptyInput",
+            "Required request body is missing.",
+            openai_code="invalid_request",
+        )
     try:
         obj = loads(body)
     except (ValueError, RecursionError):
@@ -53,10 +57,12 @@ def require_model(obj: dict[str, Any]) -> str:
     """`model` as DashScope validates it."""
     model = obj.get("model")
     if model is None or model == "":
-        raise GatewayError(400, "BadRequest.EmptyModel",
-                           'Required parameter "model" missing from request.',
-                           openai_code="missing_model")
+        raise GatewayError(
+            400,
+            "BadRequest.EmptyModel",
+            'Required parameter "model" missing from request.',
+            openai_code="missing_model",
+        )
     if not isinstance(model, str) or len(model) > MAX_MODEL_LEN or not model.isprintable():
-        raise invalid_parameter("Parameter \"model\" must be a model name string.",
-                                "invalid_model")
+        raise invalid_parameter('Parameter "model" must be a model name string.', "invalid_model")
     return model

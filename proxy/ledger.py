@@ -64,16 +64,21 @@ FILE_MODE = 0o640
 
 def ledger_line(event: UsageEvent) -> bytes:
     """Pure: the JSONL line for one metered event."""
-    return dumps({
-        "ts": rfc3339(event.timestamp),
-        "key": event.key,
-        "model": event.model[:128],
-        "images": event.images,
-        "route": event.route,
-        "upstream": event.upstream,
-        "request_id": event.request_id,
-        "task_id": event.task_id,
-    }) + b"\n"
+    return (
+        dumps(
+            {
+                "ts": rfc3339(event.timestamp),
+                "key": event.key,
+                "model": event.model[:128],
+                "images": event.images,
+                "route": event.route,
+                "upstream": event.upstream,
+                "request_id": event.request_id,
+                "task_id": event.task_id,
+            }
+        )
+        + b"\n"
+    )
 
 
 class UsageLedger:
@@ -158,8 +163,12 @@ class UsageLedger:
             await asyncio.shield(self._submit(line))
         except OSError as exc:
             self._metrics.usage_log_errors.inc()
-            log.error("usage ledger %s: write failed (%s); lost line: %s", self.path,
-                      exc.strerror or exc, line.decode("utf-8", "replace").rstrip())
+            log.error(
+                "usage ledger %s: write failed (%s); lost line: %s",
+                self.path,
+                exc.strerror or exc,
+                line.decode("utf-8", "replace").rstrip(),
+            )
 
     def _submit(self, line: bytes) -> asyncio.Future[None]:
         """Queue `line`; the future completes once it is in the kernel (or fails).
@@ -184,7 +193,8 @@ class UsageLedger:
                 error: BaseException | None = None
                 try:
                     written = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, partial(self._append_batch, data))
+                        self._executor, partial(self._append_batch, data)
+                    )
                 except Exception as exc:  # noqa: BLE001 - handed to every waiter
                     written, error = 0, exc
                 end = 0
@@ -196,8 +206,9 @@ class UsageLedger:
                         fut.set_result(None)
                     else:
                         # A line cut short lands torn (repaired on the next open).
-                        fut.set_exception(error or OSError(
-                            f"short write ({written} of {len(data)} bytes)"))
+                        fut.set_exception(
+                            error or OSError(f"short write ({written} of {len(data)} bytes)")
+                        )
         finally:
             self._writer = None
 

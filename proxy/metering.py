@@ -209,13 +209,24 @@ class Meter:
         self._metrics = metrics
         self.listeners: list[UsageListener] = []
 
-    async def record(self, *, key: str, model: str, model_label: str, images: int, route: str,
-                     upstream: str, request_id: str, task_id: str | None = None) -> None:
+    async def record(
+        self,
+        *,
+        key: str,
+        model: str,
+        model_label: str,
+        images: int,
+        route: str,
+        upstream: str,
+        request_id: str,
+        task_id: str | None = None,
+    ) -> None:
         if images <= 0:
             return
         self._metrics.image_counter(key, model_label).inc(images)
-        event = UsageEvent(key, model, model_label, images, route, upstream, request_id, task_id,
-                           time.time())
+        event = UsageEvent(
+            key, model, model_label, images, route, upstream, request_id, task_id, time.time()
+        )
         for listener in self.listeners:
             try:
                 result = listener(event)

@@ -25,18 +25,49 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.multiprocess import MultiProcessCollector
 
 # Image generation takes seconds to minutes; the tail needs buckets up to 10 min.
-REQUEST_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180,
-                   300, 600)
+REQUEST_BUCKETS = (
+    0.005,
+    0.025,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    20,
+    30,
+    45,
+    60,
+    90,
+    120,
+    180,
+    300,
+    600,
+)
 
 OTHER = "other"
 ANONYMOUS = "anonymous"
 
 # Model names DashScope documents for images; always valid label values.
 KNOWN_MODELS = (
-    "qwen-image-2.0-pro", "qwen-image-2.0", "qwen-image-max", "qwen-image-plus", "qwen-image",
-    "qwen-image-edit", "qwen-image-edit-plus", "qwen-image-edit-max",
-    "wan2.6-t2i", "wan2.6-image", "wan2.5-t2i-preview", "wan2.5-i2i-preview",
-    "wan2.2-t2i-flash", "wan2.2-t2i-plus", "wanx2.1-t2i-turbo", "wanx2.1-t2i-plus", "wanx-v1",
+    "qwen-image-2.0-pro",
+    "qwen-image-2.0",
+    "qwen-image-max",
+    "qwen-image-plus",
+    "qwen-image",
+    "qwen-image-edit",
+    "qwen-image-edit-plus",
+    "qwen-image-edit-max",
+    "wan2.6-t2i",
+    "wan2.6-image",
+    "wan2.5-t2i-preview",
+    "wan2.5-i2i-preview",
+    "wan2.2-t2i-flash",
+    "wan2.2-t2i-plus",
+    "wanx2.1-t2i-turbo",
+    "wanx2.1-t2i-plus",
+    "wanx-v1",
 )
 
 # A model label must look like a model name; anything else is `other` even if
@@ -47,8 +78,9 @@ _MODEL_SHAPE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 class ModelLabels:
     """Maps a requested model name to a bounded label value."""
 
-    def __init__(self, configured: Iterable[str], max_seen: int = 256,
-                 seen: Iterable[str] = ()) -> None:
+    def __init__(
+        self, configured: Iterable[str], max_seen: int = 256, seen: Iterable[str] = ()
+    ) -> None:
         self._known = {m for m in configured if _MODEL_SHAPE.match(m)} | set(KNOWN_MODELS)
         self._max_seen = max_seen
         self._seen = set(list(seen)[:max_seen])
@@ -61,8 +93,11 @@ class ModelLabels:
 
     def seen_succeeding(self, model: str) -> None:
         """An upstream answered 2xx for `model`: it is a real model, label it by name."""
-        if (model not in self._known and len(self._seen) < self._max_seen
-                and _MODEL_SHAPE.match(model)):
+        if (
+            model not in self._known
+            and len(self._seen) < self._max_seen
+            and _MODEL_SHAPE.match(model)
+        ):
             self._seen.add(model)
             self._known.add(model)
 
@@ -84,46 +119,72 @@ class Metrics:
             self.exposition = CollectorRegistry(auto_describe=True)
             MultiProcessCollector(self.exposition, path=multiprocess_dir)  # type: ignore[no-untyped-call]
         self.requests = Counter(
-            "dashscope_proxy_requests_total", "Requests answered by the gateway.",
-            ["route", "key", "model", "code"], registry=registry)
+            "dashscope_proxy_requests_total",
+            "Requests answered by the gateway.",
+            ["route", "key", "model", "code"],
+            registry=registry,
+        )
         self.images = Counter(
             "dashscope_proxy_images_total",
             "Images DashScope reported generated (usage.image_count), by key and model.",
-            ["key", "model"], registry=registry)
+            ["key", "model"],
+            registry=registry,
+        )
         self.request_duration = Histogram(
             "dashscope_proxy_request_duration_seconds",
             "Time from request received to response finished.",
-            ["route", "model"], buckets=REQUEST_BUCKETS, registry=registry)
+            ["route", "model"],
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        )
         self.upstream_duration = Histogram(
             "dashscope_proxy_upstream_request_duration_seconds",
             "Time from sending a request to DashScope to its response headers.",
-            ["upstream", "endpoint"], buckets=REQUEST_BUCKETS, registry=registry)
-        self.upstream_errors = BoundedCodes(Counter(
-            "dashscope_proxy_upstream_errors_total",
-            "Failed upstream calls, by DashScope error code or transport failure kind.",
-            ["upstream", "code"], registry=registry))
+            ["upstream", "endpoint"],
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_errors = BoundedCodes(
+            Counter(
+                "dashscope_proxy_upstream_errors_total",
+                "Failed upstream calls, by DashScope error code or transport failure kind.",
+                ["upstream", "code"],
+                registry=registry,
+            )
+        )
         self.inflight = Gauge(
-            "dashscope_proxy_inflight_requests", "Requests being handled now.",
-            ["route"], registry=registry, multiprocess_mode="livesum")
+            "dashscope_proxy_inflight_requests",
+            "Requests being handled now.",
+            ["route"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.config_reloads = Counter(
             "dashscope_proxy_config_reloads_total",
             "Config reload attempts (SIGHUP or file change), by result: success | failure.",
-            ["result"], registry=registry)
+            ["result"],
+            registry=registry,
+        )
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
         # Both gauges are set when the first config loads, as Prometheus does.
         self.config_last_success = Gauge(
             "dashscope_proxy_config_last_reload_success_timestamp_seconds",
             "Unix time of the last successful config load or reload.",
-            registry=registry, multiprocess_mode="livemax")
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self.config_last_ok = Gauge(
             "dashscope_proxy_config_last_reload_successful",
             "1 if the last config reload succeeded (or none was tried), 0 if it was rejected.",
-            registry=registry, multiprocess_mode="livemin")
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
         self.usage_log_errors = Counter(
             "dashscope_proxy_usage_log_errors_total",
             "Usage ledger lines that could not be written (the image metric still counted them).",
-            registry=registry)
+            registry=registry,
+        )
         self._req_children: dict[tuple[str, str, str, str], Counter] = {}
         self._dur_children: dict[tuple[str, str], Histogram] = {}
         self._img_children: dict[tuple[str, str], Counter] = {}
@@ -134,30 +195,44 @@ class Metrics:
         self.upstream_up = Gauge(
             "dashscope_proxy_upstream_up",
             "1 while the upstream's circuit breaker is closed, 0 while it is open or probing.",
-            ["upstream"], registry=registry, multiprocess_mode="livemin")
+            ["upstream"],
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
         self.upstream_failovers = Counter(
             "dashscope_proxy_upstream_failovers_total",
             "Requests moved from an upstream to the next candidate, by reason: connect | "
             "connect_timeout | throttled | unavailable | circuit_open | busy.",
-            ["from_upstream", "reason"], registry=registry)
+            ["from_upstream", "reason"],
+            registry=registry,
+        )
         self.limit_rejections = Counter(
             "dashscope_proxy_limit_rejections_total",
             "Requests refused with 429 by a per-key limit, by limit name.",
-            ["key", "limit"], registry=registry)
+            ["key", "limit"],
+            registry=registry,
+        )
         self.quota_remaining = Gauge(
             "dashscope_proxy_quota_remaining_images",
             "Images a key may still generate in the current UTC day or month (window).",
-            ["key", "window"], registry=registry, multiprocess_mode="livemin")
+            ["key", "window"],
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
         self.state_backend_up = Gauge(
             "dashscope_proxy_state_backend_up",
             "1 while the shared state backend (Redis) answers; 0 while the gateway serves "
             "from its local fallback. Always 1 with the local backend.",
-            registry=registry, multiprocess_mode="livemin")
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
         self.state_fallbacks = Counter(
             "dashscope_proxy_state_fallbacks_total",
             "State operations served by the local fallback because Redis was unreachable, "
             "by operation: limits | usage | tasks.",
-            ["operation"], registry=registry)
+            ["operation"],
+            registry=registry,
+        )
         self.state_backend_up.set(1)
 
     def config_loaded(self, when: float) -> None:
@@ -206,7 +281,8 @@ class Metrics:
         h = self._upstream_children.get((upstream, endpoint))
         if h is None:
             h = self._upstream_children[(upstream, endpoint)] = self.upstream_duration.labels(
-                upstream, endpoint)
+                upstream, endpoint
+            )
         return h
 
 

@@ -59,9 +59,16 @@ def _set_model(ctx: RequestContext, rt: Runtime, model: str) -> None:
     ctx.model_label = rt.models.label(model)
 
 
-async def settle(request: web.Request, ctx: RequestContext, rt: Runtime, key: KeyConfig,
-                 model: str, upstream: UpstreamConfig, relayed: Relayed,
-                 meta: str | None = None) -> None:
+async def settle(
+    request: web.Request,
+    ctx: RequestContext,
+    rt: Runtime,
+    key: KeyConfig,
+    model: str,
+    upstream: UpstreamConfig,
+    relayed: Relayed,
+    meta: str | None = None,
+) -> None:
     """After a service call: record a created task, meter what DashScope reported."""
     app = request.app
     ctx.upstream_request_id = relayed.upstream_request_id
@@ -74,28 +81,54 @@ async def settle(request: web.Request, ctx: RequestContext, rt: Runtime, key: Ke
     if facts.task_id:
         # An async submit (PENDING), or a sync_call answering the final task
         # shape: either way the task is ours, and metered at most once.
-        record = TaskRecord(facts.task_id, key.name, model, upstream.name, ctx.route, time.time(),
-                            facts.task_status or "PENDING", meta=meta)
+        record = TaskRecord(
+            facts.task_id,
+            key.name,
+            model,
+            upstream.name,
+            ctx.route,
+            time.time(),
+            facts.task_status or "PENDING",
+            meta=meta,
+        )
         await app[TASKS].put(record)
         if record.status not in TERMINAL:
             await task_created(request, facts.task_id)
         # A sync answer that carries a task id is metered through the same
         # once-per-task claim, so a later poll of that id never counts again.
-        if (facts.image_count and facts.task_status in (None, "SUCCEEDED")
-                and await app[TASKS].claim_metering(facts.task_id)):
-            await _meter(request, ctx, key.name, model, upstream.name, facts.image_count,
-                             facts.task_id)
+        if (
+            facts.image_count
+            and facts.task_status in (None, "SUCCEEDED")
+            and await app[TASKS].claim_metering(facts.task_id)
+        ):
+            await _meter(
+                request, ctx, key.name, model, upstream.name, facts.image_count, facts.task_id
+            )
         return
     if facts.image_count:
         await _meter(request, ctx, key.name, model, upstream.name, facts.image_count, None)
 
 
-async def _meter(request: web.Request, ctx: RequestContext, key: str, model: str, upstream: str,
-                 images: int, task_id: str | None) -> None:
+async def _meter(
+    request: web.Request,
+    ctx: RequestContext,
+    key: str,
+    model: str,
+    upstream: str,
+    images: int,
+    task_id: str | None,
+) -> None:
     ctx.images += images
-    await request.app[METER].record(key=key, model=model, model_label=ctx.model_label,
-                                    images=images, route=ctx.route, upstream=upstream,
-                                    request_id=ctx.request_id, task_id=task_id)
+    await request.app[METER].record(
+        key=key,
+        model=model,
+        model_label=ctx.model_label,
+        images=images,
+        route=ctx.route,
+        upstream=upstream,
+        request_id=ctx.request_id,
+        task_id=task_id,
+    )
 
 
 async def service_call(request: web.Request, service: str) -> web.StreamResponse:
@@ -117,16 +150,24 @@ async def service_call(request: web.Request, service: str) -> web.StreamResponse
     await admit(request, key, model=model, images=requested_images(model, obj.get("parameters")))
     # Failover across the model's upstreams while nothing reached the client
     # (proxy.failover says what is retried); `oss://` inputs stay pinned.
-    async with call_with_failover(request, candidates, ctx.route, "POST", service,
-                                  lambda u: request_headers(request.headers, u.api_key), body,
-                                  pinned=uses_uploads(request)) as call:
+    async with call_with_failover(
+        request,
+        candidates,
+        ctx.route,
+        "POST",
+        service,
+        lambda u: request_headers(request.headers, u.api_key),
+        body,
+        pinned=uses_uploads(request),
+    ) as call:
         upstream = call.upstream
 
         async def settled(relayed: Relayed) -> None:
             await settle(request, ctx, rt, key, model, upstream, relayed)
 
-        relayed = await relay_response(request, call.response, request.app[METRICS], upstream,
-                                       settle=settled)
+        relayed = await relay_response(
+            request, call.response, request.app[METRICS], upstream, settle=settled
+        )
     return relayed.response
 
 
@@ -166,49 +207,77 @@ def unknown_task(task_id: str, request_id: str) -> web.Response:
     return web.Response(body=dumps(body), content_type="application/json")
 
 
-async def _owned(request: web.Request, ctx: RequestContext, rt: Runtime, key: KeyConfig,
-                 task_id: str) -> tuple[TaskRecord, UpstreamConfig] | None:
+async def _owned(
+    request: web.Request, ctx: RequestContext, rt: Runtime, key: KeyConfig, task_id: str
+) -> tuple[TaskRecord, UpstreamConfig] | None:
     record = await request.app[TASKS].get(task_id)
     if record is None or record.key != key.name:
         return None
     _set_model(ctx, rt, record.model)
     upstream = rt.router.by_name(record.upstream)
     if upstream is None:
-        raise upstream_unavailable(f"upstream {record.upstream!r} that created this task is no "
-                                   "longer configured")
+        raise upstream_unavailable(
+            f"upstream {record.upstream!r} that created this task is no longer configured"
+        )
     ctx.upstream = upstream.name
     return record, upstream
 
 
-async def poll_task(request: web.Request, record: TaskRecord, upstream: UpstreamConfig,
-                    ctx: RequestContext, rt: Runtime) -> Relayed:
+async def poll_task(
+    request: web.Request,
+    record: TaskRecord,
+    upstream: UpstreamConfig,
+    ctx: RequestContext,
+    rt: Runtime,
+) -> Relayed:
     """GET the task from its upstream, relay it, meter the first SUCCEEDED."""
+
     async def settled(relayed: Relayed) -> None:
         ctx.upstream_request_id = relayed.upstream_request_id
         ctx.error_code = relayed.error_code
         await settle_poll(request, ctx, record, relayed.status, relayed.facts)
 
     # Pinned: the task exists only on the upstream that created it.
-    async with call_pinned(request, upstream, "tasks.get", "GET", f"/tasks/{record.task_id}",
-                           request_headers(request.headers, upstream.api_key), None) as call:
-        return await relay_response(request, call.response, request.app[METRICS], upstream,
-                                    settle=settled)
+    async with call_pinned(
+        request,
+        upstream,
+        "tasks.get",
+        "GET",
+        f"/tasks/{record.task_id}",
+        request_headers(request.headers, upstream.api_key),
+        None,
+    ) as call:
+        return await relay_response(
+            request, call.response, request.app[METRICS], upstream, settle=settled
+        )
 
 
-async def settle_poll(request: web.Request, ctx: RequestContext, record: TaskRecord, status: int,
-                      facts: BodyFacts) -> None:
+async def settle_poll(
+    request: web.Request, ctx: RequestContext, record: TaskRecord, status: int, facts: BodyFacts
+) -> None:
     if status != 200 or not facts.task_status:
         return
     store = request.app[TASKS]
     if facts.task_status != record.status:
         await store.set_status(record.task_id, facts.task_status)
-        if facts.task_status in TERMINAL and not (facts.task_status == "SUCCEEDED"
-                                                 and facts.image_count):
+        if facts.task_status in TERMINAL and not (
+            facts.task_status == "SUCCEEDED" and facts.image_count
+        ):
             await task_ended(request, record.key, record.task_id)  # frees its reservation
-    if facts.task_status == "SUCCEEDED" and facts.image_count and \
-            await store.claim_metering(record.task_id):
-        await _meter(request, ctx, record.key, record.model, record.upstream, facts.image_count,
-                     record.task_id)
+    if (
+        facts.task_status == "SUCCEEDED"
+        and facts.image_count
+        and await store.claim_metering(record.task_id)
+    ):
+        await _meter(
+            request,
+            ctx,
+            record.key,
+            record.model,
+            record.upstream,
+            facts.image_count,
+            record.task_id,
+        )
 
 
 async def get_task(request: web.Request) -> web.StreamResponse:
@@ -232,12 +301,21 @@ async def cancel_task(request: web.Request) -> web.StreamResponse:
     if owned is None:
         # Never reaches DashScope; answered as a task that cannot be canceled,
         # which reveals nothing about whether the id exists.
-        raise GatewayError(400, "UnsupportedOperation",
-                           "Failed to cancel the task, please confirm if the task is in PENDING "
-                           "status.")
+        raise GatewayError(
+            400,
+            "UnsupportedOperation",
+            "Failed to cancel the task, please confirm if the task is in PENDING status.",
+        )
     record, upstream = owned
-    async with call_pinned(request, upstream, "tasks.cancel", "POST", f"/tasks/{task_id}/cancel",
-                           request_headers(request.headers, upstream.api_key), None) as call:
+    async with call_pinned(
+        request,
+        upstream,
+        "tasks.cancel",
+        "POST",
+        f"/tasks/{task_id}/cancel",
+        request_headers(request.headers, upstream.api_key),
+        None,
+    ) as call:
         relayed = await relay_response(request, call.response, request.app[METRICS], upstream)
     ctx.error_code = relayed.error_code
     if relayed.status == 200:
@@ -286,14 +364,34 @@ async def list_tasks(request: web.Request) -> web.StreamResponse:
     if model:
         _set_model(ctx, rt, model)
     records, total = await request.app[TASKS].list_for_key(
-        key.name, offset=(page_no - 1) * page_size, limit=page_size, model=model, status=status,
-        since=_time_param(request, "start_time"), until=_time_param(request, "end_time"))
+        key.name,
+        offset=(page_no - 1) * page_size,
+        limit=page_size,
+        model=model,
+        status=status,
+        since=_time_param(request, "start_time"),
+        until=_time_param(request, "end_time"),
+    )
     records = list(await asyncio.gather(*(_refresh(request, rt, r) for r in records)))
-    data = [{"task_id": r.task_id, "status": r.status, "model_name": r.model,
-             "gmt_create": int(r.created_at * 1000), "region": r.upstream} for r in records]
-    body = {"request_id": ctx.request_id, "total": total,
-            "total_page": math.ceil(total / page_size), "page_no": page_no,
-            "page_size": page_size, "data": data, "tasks": data}
+    data = [
+        {
+            "task_id": r.task_id,
+            "status": r.status,
+            "model_name": r.model,
+            "gmt_create": int(r.created_at * 1000),
+            "region": r.upstream,
+        }
+        for r in records
+    ]
+    body = {
+        "request_id": ctx.request_id,
+        "total": total,
+        "total_page": math.ceil(total / page_size),
+        "page_no": page_no,
+        "page_size": page_size,
+        "data": data,
+        "tasks": data,
+    }
     return web.Response(body=dumps(body), content_type="application/json")
 
 
@@ -303,8 +401,15 @@ async def _refresh(request: web.Request, rt: Runtime, record: TaskRecord) -> Tas
     if record.status in TERMINAL or upstream is None:
         return record
     try:
-        async with call_pinned(request, upstream, "tasks.get", "GET", f"/tasks/{record.task_id}",
-                               request_headers(request.headers, upstream.api_key), None) as call:
+        async with call_pinned(
+            request,
+            upstream,
+            "tasks.get",
+            "GET",
+            f"/tasks/{record.task_id}",
+            request_headers(request.headers, upstream.api_key),
+            None,
+        ) as call:
             status = call.response.status
             body = await call.response.read()
     except GatewayError:
@@ -325,8 +430,9 @@ async def uploads(request: web.Request) -> web.StreamResponse:
     key = _authenticate(request, rt, ctx)
     model = request.query.get("model")
     if not model:
-        raise GatewayError(400, "BadRequest.EmptyModel",
-                           'Required parameter "model" missing from request.')
+        raise GatewayError(
+            400, "BadRequest.EmptyModel", 'Required parameter "model" missing from request.'
+        )
     _set_model(ctx, rt, model)
     check_model_allowed(key, model)
     candidates = rt.router.candidates(model)
@@ -334,11 +440,18 @@ async def uploads(request: web.Request) -> web.StreamResponse:
         raise no_upstream(model)
     # Pinned (config order, no failover once sent): the generation that uses the
     # upload must pick the same account (see `uses_uploads`).
-    async with call_with_failover(request, candidates, "uploads", "GET", "/uploads",
-                                  lambda u: request_headers(request.headers, u.api_key), None,
-                                  params=request.rel_url.query, pinned=True) as call:
-        relayed = await relay_response(request, call.response, request.app[METRICS],
-                                       call.upstream)
+    async with call_with_failover(
+        request,
+        candidates,
+        "uploads",
+        "GET",
+        "/uploads",
+        lambda u: request_headers(request.headers, u.api_key),
+        None,
+        params=request.rel_url.query,
+        pinned=True,
+    ) as call:
+        relayed = await relay_response(request, call.response, request.app[METRICS], call.upstream)
     ctx.error_code = relayed.error_code
     return relayed.response
 

@@ -53,15 +53,29 @@ class Relayed:
     upstream_request_id: str | None
 
 
-async def call_upstream(session: aiohttp.ClientSession, metrics: Metrics,
-                        upstream: UpstreamConfig, endpoint: str, method: str, url: str,
-                        headers: CIMultiDict[str], body: bytes | None,
-                        params: object = None) -> aiohttp.ClientResponse:
+async def call_upstream(
+    session: aiohttp.ClientSession,
+    metrics: Metrics,
+    upstream: UpstreamConfig,
+    endpoint: str,
+    method: str,
+    url: str,
+    headers: CIMultiDict[str],
+    body: bytes | None,
+    params: object = None,
+) -> aiohttp.ClientResponse:
     """Send one request upstream; transport failures raise `UpstreamFailure` (502/504)."""
     t0 = time.perf_counter()
     try:
-        resp = await session.request(method, url, data=body, headers=headers, params=params,  # type: ignore[arg-type]
-                                     timeout=client_timeout(upstream), allow_redirects=False)
+        resp = await session.request(
+            method,
+            url,
+            data=body,
+            headers=headers,
+            params=params,  # type: ignore[arg-type]
+            timeout=client_timeout(upstream),
+            allow_redirects=False,
+        )
     except (aiohttp.ClientError, TimeoutError) as exc:
         failure = map_client_error(exc)
         metrics.upstream_errors.labels(upstream.name, failure.kind).inc()
@@ -86,10 +100,14 @@ def _error_code(status: int, facts_body: bytes | None) -> str | None:
 Settle = Callable[[Relayed], Awaitable[None]]
 
 
-async def relay_response(request: web.Request, resp: aiohttp.ClientResponse,
-                         metrics: Metrics, upstream: UpstreamConfig,
-                         extra_headers: dict[str, str] | None = None,
-                         settle: Settle | None = None) -> Relayed:
+async def relay_response(
+    request: web.Request,
+    resp: aiohttp.ClientResponse,
+    metrics: Metrics,
+    upstream: UpstreamConfig,
+    extra_headers: dict[str, str] | None = None,
+    settle: Settle | None = None,
+) -> Relayed:
     """Relay `resp` to the client; always releases `resp`.
 
     `settle` (metering, task recording) runs once the upstream body is complete
@@ -114,21 +132,35 @@ async def relay_response(request: web.Request, resp: aiohttp.ClientResponse,
             if code:
                 metrics.upstream_errors.labels(upstream.name, code).inc()
             facts = facts_from_bytes(body) if resp.status == 200 else BodyFacts()
-            out = web.Response(status=resp.status, reason=resp.reason, body=body,
-                               headers=headers)
+            out = web.Response(status=resp.status, reason=resp.reason, body=body, headers=headers)
             relayed = Relayed(out, resp.status, facts, code, True, upstream_rid)
             if settle is not None:
                 await settle(relayed)
             return relayed
-        return await _stream(request, resp, headers, "text/event-stream" in ctype, metrics,
-                             upstream, upstream_rid, settle)
+        return await _stream(
+            request,
+            resp,
+            headers,
+            "text/event-stream" in ctype,
+            metrics,
+            upstream,
+            upstream_rid,
+            settle,
+        )
     finally:
         resp.release()
 
 
-async def _stream(request: web.Request, resp: aiohttp.ClientResponse, headers: CIMultiDict[str],
-                  sse: bool, metrics: Metrics, upstream: UpstreamConfig,
-                  upstream_rid: str | None, settle: Settle | None) -> Relayed:
+async def _stream(
+    request: web.Request,
+    resp: aiohttp.ClientResponse,
+    headers: CIMultiDict[str],
+    sse: bool,
+    metrics: Metrics,
+    upstream: UpstreamConfig,
+    upstream_rid: str | None,
+    settle: Settle | None,
+) -> Relayed:
     sniffer: SseSniffer | BodySniffer = SseSniffer() if sse else BodySniffer()
     # Keep an error body's first bytes to learn its DashScope code.
     err_head = bytearray() if resp.status >= 400 else None
@@ -161,8 +193,11 @@ async def _stream(request: web.Request, resp: aiohttp.ClientResponse, headers: C
     except (aiohttp.ClientError, TimeoutError) as exc:
         failure = map_client_error(exc)
         metrics.upstream_errors.labels(upstream.name, failure.kind).inc()
-        log.warning("upstream %s failed mid-response (%s); closing client connection",
-                    upstream.name, failure.kind)
+        log.warning(
+            "upstream %s failed mid-response (%s); closing client connection",
+            upstream.name,
+            failure.kind,
+        )
         _abort(request)
         client_alive = False
     code = _error_code(resp.status, bytes(err_head) if err_head is not None else None)

@@ -49,6 +49,7 @@ POLL_SECONDS = 1.0
 # How long a changed file must stay unchanged before it is read.
 SETTLE_SECONDS = 0.2
 
+
 def restart_required(startup: Config, new: Config) -> list[str]:
     """Pure: the changes in `new` that take effect only after a restart, one line each.
 
@@ -65,8 +66,10 @@ def restart_required(startup: Config, new: Config) -> list[str]:
     if new_s.max_body_bytes > old_s.max_body_bytes:
         # Lowering it works at once (checked per request); raising it past the
         # HTTP server's cap, set at startup, does not.
-        out.append(f"server.max_body_bytes: raised {old_s.max_body_bytes} -> "
-                   f"{new_s.max_body_bytes} (lowering applies at once)")
+        out.append(
+            f"server.max_body_bytes: raised {old_s.max_body_bytes} -> "
+            f"{new_s.max_body_bytes} (lowering applies at once)"
+        )
     for name in ("backend", "path", "url"):
         before, after = getattr(startup.state, name), getattr(new.state, name)
         if before != after:
@@ -80,8 +83,10 @@ def restart_required(startup: Config, new: Config) -> list[str]:
     old_cap = max((u.max_connections for u in startup.upstreams), default=0)
     new_cap = max((u.max_connections for u in new.upstreams), default=0)
     if new_cap > old_cap:
-        out.append(f"upstreams[].max_connections: raised to {new_cap}, above the connection "
-                   f"pool's startup ceiling of {old_cap} per host")
+        out.append(
+            f"upstreams[].max_connections: raised to {new_cap}, above the connection "
+            f"pool's startup ceiling of {old_cap} per host"
+        )
     return out
 
 
@@ -114,10 +119,16 @@ class Reloader:
     turns file watching off (SIGHUP still works).
     """
 
-    def __init__(self, app: web.Application, path: str | os.PathLike[str], *,
-                 poll_seconds: float = POLL_SECONDS, settle_seconds: float = SETTLE_SECONDS,
-                 load: Callable[[str], Config] = load_config,
-                 loaded_signature: Signature | None = None) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        path: str | os.PathLike[str],
+        *,
+        poll_seconds: float = POLL_SECONDS,
+        settle_seconds: float = SETTLE_SECONDS,
+        load: Callable[[str], Config] = load_config,
+        loaded_signature: Signature | None = None,
+    ) -> None:
         self._app = app
         self.path = str(path)
         self._startup = app[RUNTIME].current.config
@@ -146,21 +157,28 @@ class Reloader:
             config = await loop.run_in_executor(None, self._load, self.path)
         except ConfigError as exc:
             metrics.config_reloaded(False, time.time())
-            log.error("config reload (%s) rejected, still serving the previous config: "
-                      "%s has %d problem(s)", trigger, self.path, len(exc.problems))
+            log.error(
+                "config reload (%s) rejected, still serving the previous config: "
+                "%s has %d problem(s)",
+                trigger,
+                self.path,
+                len(exc.problems),
+            )
             for problem in exc.problems:
                 log.error("config reload rejected: %s: %s", self.path, problem)
             return False
         if skip_unchanged and config == holder.current.config:
-            log.info("config file %s changed but its content did not: nothing to reload",
-                     self.path)
+            log.info("config file %s changed but its content did not: nothing to reload", self.path)
             return True
         try:
             runtime = Runtime.build(config, holder.current)
         except Exception:
             metrics.config_reloaded(False, time.time())
-            log.exception("config reload (%s) rejected: the new config could not be built; "
-                          "still serving the previous config", trigger)
+            log.exception(
+                "config reload (%s) rejected: the new config could not be built; "
+                "still serving the previous config",
+                trigger,
+            )
             return False
         summary = describe_changes(holder.current.config, config)
         # The swap: one assignment. Requests that already took the old
@@ -192,8 +210,9 @@ class Reloader:
             if current == last:
                 continue
             if current is None:
-                log.warning("config file %s cannot be read; still serving the last good config",
-                            self.path)
+                log.warning(
+                    "config file %s cannot be read; still serving the last good config", self.path
+                )
                 last = None
                 continue
             await asyncio.sleep(self._settle)
@@ -221,15 +240,20 @@ class Reloader:
             self._task = None
 
 
-def install_reloader(app: web.Application, path: str | os.PathLike[str], *,
-                     poll_seconds: float = POLL_SECONDS,
-                     loaded_signature: Signature | None = None) -> Reloader:
+def install_reloader(
+    app: web.Application,
+    path: str | os.PathLike[str],
+    *,
+    poll_seconds: float = POLL_SECONDS,
+    loaded_signature: Signature | None = None,
+) -> Reloader:
     """Attach a Reloader for `path` to `app` (before the app starts).
 
     `loaded_signature`: `file_signature(path)` taken just before the running
     config was read from it.
     """
-    reloader = Reloader(app, Path(path), poll_seconds=poll_seconds,
-                        loaded_signature=loaded_signature)
+    reloader = Reloader(
+        app, Path(path), poll_seconds=poll_seconds, loaded_signature=loaded_signature
+    )
     app.cleanup_ctx.append(reloader.ctx)
     return reloader

@@ -41,8 +41,11 @@ class Runtime:
             configured.update(p for p in k.models if not any(c in p for c in "*?["))
         for u in config.upstreams:
             configured.update(p for p in u.models if not any(c in p for c in "*?["))
-        models = (previous.models.reconfigured(configured) if previous is not None
-                  else ModelLabels(configured))
+        models = (
+            previous.models.reconfigured(configured)
+            if previous is not None
+            else ModelLabels(configured)
+        )
         return cls(config, KeyRing(config.keys), UpstreamRouter(config), models)
 
 

@@ -44,11 +44,17 @@ def install_fast_loop() -> bool:
     return True
 
 
-async def serve(config: Config, *, host: str | None = None, port: int | None = None,
-                on_ready: Callable[[web.AppRunner], None] | None = None,
-                app: web.Application | None = None, config_path: str | None = None,
-                config_poll_seconds: float = POLL_SECONDS,
-                config_signature: Signature | None = None) -> int:
+async def serve(
+    config: Config,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    on_ready: Callable[[web.AppRunner], None] | None = None,
+    app: web.Application | None = None,
+    config_path: str | None = None,
+    config_poll_seconds: float = POLL_SECONDS,
+    config_signature: Signature | None = None,
+) -> int:
     """Serve until SIGTERM/SIGINT, then drain. Returns the process exit code.
 
     With `config_path` the config reloads on SIGHUP and when the file changes
@@ -56,9 +62,13 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
     is `config.file_signature(config_path)` from just before `config` was read.
     """
     app = app if app is not None else create_app(config)
-    reloader = (install_reloader(app, config_path, poll_seconds=config_poll_seconds,
-                                 loaded_signature=config_signature)
-                if config_path else None)
+    reloader = (
+        install_reloader(
+            app, config_path, poll_seconds=config_poll_seconds, loaded_signature=config_signature
+        )
+        if config_path
+        else None
+    )
     holder = app[RUNTIME]
     server = config.server
     # Signals first: a SIGTERM that arrives while the app starts is a clean,
@@ -85,12 +95,18 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
     with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
         loop.add_signal_handler(signal.SIGHUP, on_hup)
     # Header limits, and parser errors that never echo input (proxy.input_limits).
-    runner = GatewayRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=server.shutdown_grace_seconds)
+    runner = GatewayRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=server.shutdown_grace_seconds
+    )
     try:
         await runner.setup()
-        site = web.TCPSite(runner, host or server.host, server.port if port is None else port,
-                           backlog=server.backlog, reuse_port=server.workers > 1 or None)
+        site = web.TCPSite(
+            runner,
+            host or server.host,
+            server.port if port is None else port,
+            backlog=server.backlog,
+            reuse_port=server.workers > 1 or None,
+        )
         await site.start()
     except OSError as exc:
         # An address in use, an unwritable state file or usage ledger: say
@@ -100,11 +116,12 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
         return 1
     if on_ready is not None:
         on_ready(runner)
-    log.info("dashscope-proxy listening on %s",
-             ", ".join(_url(a) for a in runner.addresses))
+    log.info("dashscope-proxy listening on %s", ", ".join(_url(a) for a in runner.addresses))
     await stop.wait()
-    log.info("shutting down: not ready, listener closed, in-flight requests get up to %gs",
-             server.shutdown_grace_seconds)
+    log.info(
+        "shutting down: not ready, listener closed, in-flight requests get up to %gs",
+        server.shutdown_grace_seconds,
+    )
     # Closes the listener, then waits up to shutdown_grace_seconds for
     # in-flight handlers, then runs the cleanup contexts (usage ledger fsync,
     # task store, ClientSession).

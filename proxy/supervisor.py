@@ -80,7 +80,8 @@ def reserve_port(host: str, port: int) -> socket.socket:
     keeps the port ours between worker restarts and tells `port: 0` which port.
     """
     family, kind, proto, _, addr = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -104,9 +105,18 @@ def _die_with_parent(parent: int) -> None:
 class Supervisor:
     """Runs `workers` gateway processes on one port until told to stop."""
 
-    def __init__(self, config: Config, config_path: str, *, host: str, port: int,
-                 environ: Mapping[str, str], worker_args: Sequence[str] = (),
-                 python: str = sys.executable, restart_backoff: float = 1.0) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str,
+        *,
+        host: str,
+        port: int,
+        environ: Mapping[str, str],
+        worker_args: Sequence[str] = (),
+        python: str = sys.executable,
+        restart_backoff: float = 1.0,
+    ) -> None:
         self._config = config
         self._config_path = config_path
         self._host = host
@@ -134,13 +144,29 @@ class Supervisor:
     # -- workers ---------------------------------------------------------------------
 
     def _start(self, w: Worker) -> None:
-        cmd = [self._python, "-m", "proxy", "serve", "--config", self._config_path,
-               "--host", self._host, "--port", str(self._port), "--worker-index", str(w.index),
-               *self._worker_args]
+        cmd = [
+            self._python,
+            "-m",
+            "proxy",
+            "serve",
+            "--config",
+            self._config_path,
+            "--host",
+            self._host,
+            "--port",
+            str(self._port),
+            "--worker-index",
+            str(w.index),
+            *self._worker_args,
+        ]
         env = {**self._environ, "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir}
         parent = os.getpid()
-        w.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,  # noqa: S603
-                                  preexec_fn=lambda: _die_with_parent(parent))
+        w.proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdin=subprocess.DEVNULL,  # noqa: S603
+            preexec_fn=lambda: _die_with_parent(parent),
+        )
         w.started = time.monotonic()
         w.restart_at = None
         log.info("worker %d started (pid %d)", w.index, w.proc.pid)
@@ -172,15 +198,26 @@ class Supervisor:
         quick = now - w.started < QUICK_EXIT_SECONDS
         w.quick_exits = w.quick_exits + 1 if quick else 0
         if w.quick_exits >= CRASH_LOOP_LIMIT:
-            log.error("worker %d exited %d times right after starting (last exit code %d); "
-                      "stopping all workers", w.index, w.quick_exits, rc)
+            log.error(
+                "worker %d exited %d times right after starting (last exit code %d); "
+                "stopping all workers",
+                w.index,
+                w.quick_exits,
+                rc,
+            )
             self._exit_code = 1
             self._stop_signal = signal.SIGTERM
             return
-        delay = min(self._backoff * 2.0 ** (w.quick_exits - 1), MAX_BACKOFF_SECONDS) if quick \
-            else 0.0
-        log.error("worker %d (pid %d) exited unexpectedly with %d; restarting in %gs",
-                  w.index, pid, rc, delay)
+        delay = (
+            min(self._backoff * 2.0 ** (w.quick_exits - 1), MAX_BACKOFF_SECONDS) if quick else 0.0
+        )
+        log.error(
+            "worker %d (pid %d) exited unexpectedly with %d; restarting in %gs",
+            w.index,
+            pid,
+            rc,
+            delay,
+        )
         w.restart_at = now + delay
 
     # -- the loop --------------------------------------------------------------------
@@ -193,12 +230,19 @@ class Supervisor:
             return 1
         self._port = reserved.getsockname()[1]
         self._metrics_dir = tempfile.mkdtemp(prefix="dashscope-proxy-metrics-")
-        previous = {sig: signal.signal(sig, self._on_stop)
-                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {
+            sig: signal.signal(sig, self._on_stop) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
         previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hup)
         try:
-            log.info("supervisor (pid %d): %d workers on http://%s:%d (metrics directory %s)",
-                     os.getpid(), len(self._workers), self._host, self._port, self._metrics_dir)
+            log.info(
+                "supervisor (pid %d): %d workers on http://%s:%d (metrics directory %s)",
+                os.getpid(),
+                len(self._workers),
+                self._host,
+                self._port,
+                self._metrics_dir,
+            )
             for w in self._workers:
                 self._start(w)
             self._loop()
@@ -227,14 +271,21 @@ class Supervisor:
             if self._stop_signal is not None and not forwarded:
                 forwarded = True
                 deadline = now + self._config.server.shutdown_grace_seconds + DRAIN_MARGIN_SECONDS
-                log.info("%s: draining all workers (up to %gs)",
-                         signal.Signals(self._stop_signal).name, deadline - now)
+                log.info(
+                    "%s: draining all workers (up to %gs)",
+                    signal.Signals(self._stop_signal).name,
+                    deadline - now,
+                )
                 self._signal_all(signal.SIGTERM)
             for w in self._workers:
                 if w.proc is not None and w.proc.poll() is not None:
                     self._reap(w, now)
-                elif w.proc is None and w.restart_at is not None and now >= w.restart_at \
-                        and self._stop_signal is None:
+                elif (
+                    w.proc is None
+                    and w.restart_at is not None
+                    and now >= w.restart_at
+                    and self._stop_signal is None
+                ):
                     self._start(w)
             running = [w for w in self._workers if w.proc is not None]
             if forwarded and not running:
@@ -242,8 +293,9 @@ class Supervisor:
             if forwarded and now > deadline:
                 for w in running:
                     assert w.proc is not None
-                    log.error("worker %d (pid %d) did not drain in time; killing it",
-                              w.index, w.proc.pid)
+                    log.error(
+                        "worker %d (pid %d) did not drain in time; killing it", w.index, w.proc.pid
+                    )
                     w.proc.kill()
                     w.proc.wait()
                     self._reap(w, now)

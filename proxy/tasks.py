@@ -58,9 +58,17 @@ class TaskStore(Protocol):
     async def claim_metering(self, task_id: str) -> bool:
         """True exactly once per task, for the caller that must count its images."""
 
-    async def list_for_key(self, key: str, *, offset: int, limit: int, model: str | None = None,
-                           status: str | None = None, since: float | None = None,
-                           until: float | None = None) -> tuple[list[TaskRecord], int]:
+    async def list_for_key(
+        self,
+        key: str,
+        *,
+        offset: int,
+        limit: int,
+        model: str | None = None,
+        status: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> tuple[list[TaskRecord], int]:
         """One page of a key's tasks, newest first, and the total matching."""
 
     async def close(self) -> None: ...
@@ -125,45 +133,78 @@ class SqliteTaskStore:
             db = self._db()
             db.execute(
                 "INSERT OR IGNORE INTO tasks VALUES (?,?,?,?,?,?,?,?,?)",
-                (record.task_id, record.key, record.model, record.upstream, record.route,
-                 record.created_at, record.status, int(record.metered), record.meta))
+                (
+                    record.task_id,
+                    record.key,
+                    record.model,
+                    record.upstream,
+                    record.route,
+                    record.created_at,
+                    record.status,
+                    int(record.metered),
+                    record.meta,
+                ),
+            )
             if purge:
-                db.execute("DELETE FROM tasks WHERE created_at < ?",
-                           (time.time() - self.RETENTION_SECONDS,))
+                db.execute(
+                    "DELETE FROM tasks WHERE created_at < ?",
+                    (time.time() - self.RETENTION_SECONDS,),
+                )
 
         await self._run(op)
 
     async def get(self, task_id: str) -> TaskRecord | None:
         def op() -> TaskRecord | None:
-            row = self._db().execute(
-                "SELECT task_id, key, model, upstream, route, created_at, status, metered, meta "
-                "FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            row = (
+                self._db()
+                .execute(
+                    "SELECT task_id, key, model, upstream, route, created_at, status, "
+                    "metered, meta FROM tasks WHERE task_id = ?",
+                    (task_id,),
+                )
+                .fetchone()
+            )
             return _row(row) if row else None
 
         return await self._run(op)
 
     async def set_status(self, task_id: str, status: str) -> None:
         def op() -> None:
-            self._db().execute("UPDATE tasks SET status = ? WHERE task_id = ? AND status != ?",
-                               (status, task_id, status))
+            self._db().execute(
+                "UPDATE tasks SET status = ? WHERE task_id = ? AND status != ?",
+                (status, task_id, status),
+            )
 
         await self._run(op)
 
     async def claim_metering(self, task_id: str) -> bool:
         def op() -> bool:
             cur = self._db().execute(
-                "UPDATE tasks SET metered = 1 WHERE task_id = ? AND metered = 0", (task_id,))
+                "UPDATE tasks SET metered = 1 WHERE task_id = ? AND metered = 0", (task_id,)
+            )
             return cur.rowcount == 1
 
         return await self._run(op)
 
-    async def list_for_key(self, key: str, *, offset: int, limit: int, model: str | None = None,
-                           status: str | None = None, since: float | None = None,
-                           until: float | None = None) -> tuple[list[TaskRecord], int]:
+    async def list_for_key(
+        self,
+        key: str,
+        *,
+        offset: int,
+        limit: int,
+        model: str | None = None,
+        status: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> tuple[list[TaskRecord], int]:
         where = ["key = ?"]
         args: list[object] = [key]
-        for clause, value in (("model = ?", model), ("status = ?", status),
-                              ("created_at >= ?", since), ("created_at <= ?", until)):
+        for clause, value in (
+            ("model = ?", model),
+            ("status = ?", status),
+            ("created_at >= ?", since),
+            ("created_at <= ?", until),
+        ):
             if value is not None:
                 where.append(clause)
                 args.append(value)
@@ -175,7 +216,8 @@ class SqliteTaskStore:
             count_sql = "SELECT COUNT(*) FROM tasks WHERE " + cond  # noqa: S608
             page_sql = (  # noqa: S608
                 "SELECT task_id, key, model, upstream, route, created_at, status, metered, meta "
-                "FROM tasks WHERE " + cond + " ORDER BY created_at DESC LIMIT ? OFFSET ?")
+                "FROM tasks WHERE " + cond + " ORDER BY created_at DESC LIMIT ? OFFSET ?"
+            )
             total = db.execute(count_sql, args).fetchone()[0]
             rows = db.execute(page_sql, [*args, limit, offset]).fetchall()
             return [_row(r) for r in rows], int(total)
@@ -208,9 +250,17 @@ def _set_wal(conn: sqlite3.Connection, attempts: int = 250) -> None:
 
 def _row(row: tuple[object, ...]) -> TaskRecord:
     task_id, key, model, upstream, route, created_at, status, metered, meta = row
-    return TaskRecord(str(task_id), str(key), str(model), str(upstream), str(route),
-                      float(created_at), str(status), bool(metered),  # type: ignore[arg-type]
-                      None if meta is None else str(meta))
+    return TaskRecord(
+        str(task_id),
+        str(key),
+        str(model),
+        str(upstream),
+        str(route),
+        float(created_at),  # type: ignore[arg-type]
+        str(status),
+        bool(metered),
+        None if meta is None else str(meta),
+    )
 
 
 def with_status(record: TaskRecord, status: str) -> TaskRecord:

@@ -19,10 +19,20 @@ from .config import Config, UpstreamConfig
 from .errors import GatewayError, no_upstream, upstream_timeout, upstream_unavailable
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus what the gateway rewrites itself.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
-})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
 # Request headers never forwarded upstream:
 # - authorization: the client's gateway key; replaced by the upstream key.
 # - host, content-length: recomputed by aiohttp for the new request.
@@ -30,8 +40,17 @@ HOP_BY_HOP = frozenset({
 #   bytes and they pass to the client unchanged (no decompress/recompress).
 # - cookie, x-forwarded-*: nothing of the client's network leaks to DashScope.
 _DROP_REQUEST = HOP_BY_HOP | {
-    "authorization", "host", "content-length", "accept-encoding", "cookie", "forwarded",
-    "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip", "expect",
+    "authorization",
+    "host",
+    "content-length",
+    "accept-encoding",
+    "cookie",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "expect",
 }
 # Response headers not relayed: hop-by-hop, and the framing headers aiohttp
 # writes itself for the response it sends (length or chunking).
@@ -88,8 +107,9 @@ def map_client_error(exc: BaseException) -> UpstreamFailure:
     if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamFailure.of("connect", upstream_unavailable("connection refused or failed"))
     if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return UpstreamFailure.of("disconnected",
-                                  upstream_unavailable("the connection closed unexpectedly"))
+        return UpstreamFailure.of(
+            "disconnected", upstream_unavailable("the connection closed unexpectedly")
+        )
     if isinstance(exc, aiohttp.ClientPayloadError):
         return UpstreamFailure.of("truncated", upstream_unavailable("the response was truncated"))
     return UpstreamFailure.of("transport", upstream_unavailable("transport error"))
@@ -109,8 +129,13 @@ def make_session(upstreams: Iterable[UpstreamConfig]) -> aiohttp.ClientSession:
     DNS answers are cached for 5 minutes; keep-alive connections are reused.
     """
     per_host = max((u.max_connections for u in upstreams), default=10000)
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=per_host, ttl_dns_cache=300,
-                                     keepalive_timeout=30, enable_cleanup_closed=False)
+    connector = aiohttp.TCPConnector(
+        limit=0,
+        limit_per_host=per_host,
+        ttl_dns_cache=300,
+        keepalive_timeout=30,
+        enable_cleanup_closed=False,
+    )
     return aiohttp.ClientSession(
         connector=connector,
         # Bodies pass through as bytes; never decompress or re-encode them.

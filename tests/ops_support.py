@@ -34,8 +34,11 @@ _WORKERS = re.compile(r"workers on http://127\.0\.0\.1:(\d+)")
 
 
 def body(text: str = "a cat", model: str = "qwen-image-2.0", n: int = 1) -> dict[str, Any]:
-    return {"model": model, "input": {"messages": [{"role": "user", "content": [{"text": text}]}]},
-            "parameters": {"size": "1024*1024", "n": n}}
+    return {
+        "model": model,
+        "input": {"messages": [{"role": "user", "content": [{"text": text}]}]},
+        "parameters": {"size": "1024*1024", "n": n},
+    }
 
 
 def wait_for(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
@@ -59,12 +62,18 @@ class GatewayProcess:
         self.config_path = config_path
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "proxy", "--config", str(config_path), *args],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        )
         self.stdout: list[bytes] = []
         self.stderr: list[str] = []
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._drain, args=(s, k), daemon=True)
-                         for s, k in ((self.proc.stdout, "out"), (self.proc.stderr, "err"))]
+        self._threads = [
+            threading.Thread(target=self._drain, args=(s, k), daemon=True)
+            for s, k in ((self.proc.stdout, "out"), (self.proc.stderr, "err"))
+        ]
         for t in self._threads:
             t.start()
         pattern = _WORKERS if workers else _LISTENING
@@ -72,8 +81,9 @@ class GatewayProcess:
 
         def found() -> bool:
             if self.proc.poll() is not None:
-                raise AssertionError(f"gateway exited with {self.proc.returncode}:\n"
-                                     + self.stderr_text())
+                raise AssertionError(
+                    f"gateway exited with {self.proc.returncode}:\n" + self.stderr_text()
+                )
             m = pattern.search(self.stderr_text())
             if m:
                 port.append(int(m.group(1)))
@@ -116,12 +126,22 @@ class GatewayProcess:
         except requests.ConnectionError:
             return None
 
-    def generate(self, key: str = KEY_A, text: str = "a cat", model: str = "qwen-image-2.0",
-                 n: int = 1, timeout: float = 30) -> requests.Response:
+    def generate(
+        self,
+        key: str = KEY_A,
+        text: str = "a cat",
+        model: str = "qwen-image-2.0",
+        n: int = 1,
+        timeout: float = 30,
+    ) -> requests.Response:
         # A new connection per call (no Session): with workers, each call is
         # hashed to a worker independently.
-        return requests.post(self.url + MM, json=body(text, model, n),
-                             headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
+        return requests.post(
+            self.url + MM,
+            json=body(text, model, n),
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=timeout,
+        )
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         text = requests.get(self.url + "/metrics", timeout=5).text
@@ -171,8 +191,9 @@ class Launcher:
             text = text.replace("  port: 0\n", "  port: 0\n" + server)
         return text
 
-    def start(self, extra: str = "", *args: str, server: str = "",
-              workers: bool = False) -> GatewayProcess:
+    def start(
+        self, extra: str = "", *args: str, server: str = "", workers: bool = False
+    ) -> GatewayProcess:
         self.config_path.write_text(self.yaml(extra, server))
         gw = GatewayProcess(self.config_path, *args, workers=workers)
         self.running.append(gw)

@@ -42,7 +42,8 @@ def test_minimal_config_defaults() -> None:
 
 def test_unset_variable_is_named_with_its_location() -> None:
     assert problems(MINIMAL, {"TEAM_A_KEY": "team-a-secret"}) == [
-        "upstreams[0].api_key: environment variable DASHSCOPE_API_KEY is not set"]
+        "upstreams[0].api_key: environment variable DASHSCOPE_API_KEY is not set"
+    ]
 
 
 def test_every_problem_reported_at_once() -> None:
@@ -91,12 +92,15 @@ state: {backend: redis}
 
 
 def test_duplicate_secret_and_upstream_key_reuse() -> None:
-    text = MINIMAL + """
+    text = (
+        MINIMAL
+        + """
   - name: team-b
     key_sha256: "{digest}"
   - name: team-c
     key: sk-real-upstream
 """.format(digest=sha256_hex("team-a-secret"))
+    )
     got = problems(text)
     assert "keys[1]: same secret as keys[0]" in got
     assert "keys[2]: a client key must not equal an upstream api_key" in got
@@ -130,8 +134,11 @@ def test_load_config_missing_file(tmp_path: Path) -> None:
 
 def test_cli_check_config_and_hash_key(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
-    good.write_text(MINIMAL.replace("${DASHSCOPE_API_KEY}", "sk-upstream-1")
-                    .replace("${TEAM_A_KEY}", "team-a-secret"))
+    good.write_text(
+        MINIMAL.replace("${DASHSCOPE_API_KEY}", "sk-upstream-1").replace(
+            "${TEAM_A_KEY}", "team-a-secret"
+        )
+    )
     bad = tmp_path / "bad.yaml"
     bad.write_text("upstreams: []\nkeys: []\nbogus: 1\n")
     run = [sys.executable, "-m", "proxy"]
@@ -142,6 +149,5 @@ def test_cli_check_config_and_hash_key(tmp_path: Path) -> None:
     assert "bogus: unknown field" in ko.stderr
     assert "upstreams: at least one upstream is required" in ko.stderr
     assert "keys: at least one key is required" in ko.stderr
-    h = subprocess.run([*run, "hash-key"], input="team-a-secret\n", capture_output=True,
-                       text=True)
+    h = subprocess.run([*run, "hash-key"], input="team-a-secret\n", capture_output=True, text=True)
     assert h.stdout.strip() == sha256_hex("team-a-secret")

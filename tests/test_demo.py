@@ -26,7 +26,10 @@ def demo() -> Iterator[tuple[str, str]]:
     port, sim_port = _free_port(), _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy", "demo", "--port", str(port), "--sim-port", str(sim_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     assert proc.stdout is not None
     lines: list[str] = []
     deadline = time.monotonic() + 30
@@ -51,8 +54,9 @@ def demo() -> Iterator[tuple[str, str]]:
 
 def _blocks(text: str) -> tuple[list[str], list[str]]:
     """The curl commands and python heredoc snippets printed by the demo."""
-    curls = [m.replace("\\\n", " ") for m in re.findall(r"(curl -s .*?(?:'\n|\n\n))", text,
-                                                          flags=re.S)]
+    curls = [
+        m.replace("\\\n", " ") for m in re.findall(r"(curl -s .*?(?:'\n|\n\n))", text, flags=re.S)
+    ]
     pys = re.findall(r"python - <<'PY'\n(.*?)\nPY", text, flags=re.S)
     return curls, pys
 
@@ -63,16 +67,19 @@ def test_demo_examples_work_when_pasted(demo: tuple[str, str]) -> None:
     assert requests.get(base + "/readyz", timeout=5).status_code == 200
     curls, pys = _blocks(text)
     assert len(curls) >= 2 and len(pys) == 2, text
-    generation = subprocess.run(["bash", "-c", curls[0]], capture_output=True, text=True,
-                                timeout=30)
+    generation = subprocess.run(
+        ["bash", "-c", curls[0]], capture_output=True, text=True, timeout=30
+    )
     assert '"image_count":2' in generation.stdout.replace(" ", ""), generation.stdout
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     for snippet in pys:
-        out = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True,
-                             timeout=60, env=env)
+        out = subprocess.run(
+            [sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60, env=env
+        )
         assert out.returncode == 0, out.stderr
         assert "http" in out.stdout, out.stdout
-    metrics = subprocess.run(["bash", "-c", curls[-1]], capture_output=True, text=True,
-                             timeout=30).stdout
+    metrics = subprocess.run(
+        ["bash", "-c", curls[-1]], capture_output=True, text=True, timeout=30
+    ).stdout
     assert 'dashscope_proxy_images_total{key="demo",model="qwen-image-2.0-pro"} 2.0' in metrics
     assert key not in metrics

@@ -14,15 +14,19 @@ from proxy.metering import PARSE_LIMIT, BodyFacts, BodySniffer, SseSniffer, fact
     [
         ({"output": {"choices": []}, "usage": {"image_count": 2}}, BodyFacts(2, None, None)),
         ({"output": {"task_id": "t1", "task_status": "PENDING"}}, BodyFacts(None, "t1", "PENDING")),
-        ({"output": {"task_id": "t1", "task_status": "SUCCEEDED"}, "usage": {"image_count": 1}},
-         BodyFacts(1, "t1", "SUCCEEDED")),
+        (
+            {"output": {"task_id": "t1", "task_status": "SUCCEEDED"}, "usage": {"image_count": 1}},
+            BodyFacts(1, "t1", "SUCCEEDED"),
+        ),
         ({"usage": {"image_count": True}}, BodyFacts()),  # a bool is not a count
         ({"usage": {"image_count": -3}}, BodyFacts()),
         ({"usage": {"image_count": "4"}}, BodyFacts()),
         ({"usage": "nope", "output": []}, BodyFacts()),
         ([1, 2], BodyFacts()),
-        ({"output": {"choices": [{"finish_reason": "stop"}]}, "usage": {"image_count": 3}},
-         BodyFacts(3, None, None, True)),
+        (
+            {"output": {"choices": [{"finish_reason": "stop"}]}, "usage": {"image_count": 3}},
+            BodyFacts(3, None, None, True),
+        ),
     ],
 )
 def test_facts_from_json(body: object, expected: BodyFacts) -> None:
@@ -36,10 +40,16 @@ def _feed(sniffer: BodySniffer | SseSniffer, data: bytes, size: int) -> None:
 
 @pytest.mark.parametrize("chunk", [1, 7, 4096, 65536])
 def test_large_body_is_scanned_not_held(chunk: int) -> None:
-    body = json.dumps({
-        "output": {"task_id": "abc-1", "task_status": "SUCCEEDED", "pad": "x" * (PARSE_LIMIT * 3)},
-        "usage": {"image_count": 4},
-    }).encode()
+    body = json.dumps(
+        {
+            "output": {
+                "task_id": "abc-1",
+                "task_status": "SUCCEEDED",
+                "pad": "x" * (PARSE_LIMIT * 3),
+            },
+            "usage": {"image_count": 4},
+        }
+    ).encode()
     s = BodySniffer()
     _feed(s, body, chunk)
     assert s.facts() == BodyFacts(4, "abc-1", "SUCCEEDED")
@@ -74,8 +84,10 @@ def test_sse_final_event_counts(chunk: int) -> None:
 
 
 def test_sse_error_frame_counts_nothing() -> None:
-    stream = sse(("result", {"output": {}, "usage": {"image_count": 1}}),
-                 ("error", {"code": "Throttling", "message": "x", "request_id": "r"}))
+    stream = sse(
+        ("result", {"output": {}, "usage": {"image_count": 1}}),
+        ("error", {"code": "Throttling", "message": "x", "request_id": "r"}),
+    )
     s = SseSniffer()
     _feed(s, stream, 9)
     assert s.error and s.facts() == BodyFacts()
@@ -84,7 +96,7 @@ def test_sse_error_frame_counts_nothing() -> None:
 def test_sse_crlf_and_partial_trailing_event() -> None:
     stream = sse(("result", {"usage": {"image_count": 2}})).replace(b"\n", b"\r\n")
     s = SseSniffer()
-    s.feed(stream + b"id:9\nevent:result\ndata:{\"usage\":{\"image_co")
+    s.feed(stream + b'id:9\nevent:result\ndata:{"usage":{"image_co')
     assert s.facts().image_count == 2  # the unterminated event is not counted
 
 
@@ -98,7 +110,11 @@ def test_model_labels_bounded_and_kept_across_reload() -> None:
     for name in ("brand-new", "second", "third", "Bad Name!"):
         labels.seen_succeeding(name)
     assert [labels.label(n) for n in ("brand-new", "second", "third", "Bad Name!")] == [
-        "brand-new", "second", OTHER, OTHER]  # capped at max_seen; odd shapes never
+        "brand-new",
+        "second",
+        OTHER,
+        OTHER,
+    ]  # capped at max_seen; odd shapes never
     reloaded = labels.reconfigured([])
     assert reloaded.label("brand-new") == "brand-new"
     assert reloaded.label("gpt-image-1") == OTHER  # no longer configured

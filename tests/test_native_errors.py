@@ -16,8 +16,11 @@ AUTH = {"Authorization": f"Bearer {KEY_A}"}
 
 
 def body(text: str = "a cat", model: str = "qwen-image-2.0") -> dict[str, object]:
-    return {"model": model, "input": {"messages": [{"role": "user", "content": [{"text": text}]}]},
-            "parameters": {"size": "1024*1024"}}
+    return {
+        "model": model,
+        "input": {"messages": [{"role": "user", "content": [{"text": text}]}]},
+        "parameters": {"size": "1024*1024"},
+    }
 
 
 def sim_count(sim: Live) -> int:
@@ -40,40 +43,57 @@ def still_serving(gw: Gateway) -> None:
 def test_bad_bodies(gateway: Gateway, sim: Live) -> None:
     u = gateway.url + MM
     before = sim_count(sim)
-    assert_ds_error(requests.post(u, data=b"{not json", headers=AUTH, timeout=5), 400,
-                    "InvalidParameter")
-    assert_ds_error(requests.post(u, data=b"[1,2]", headers=AUTH, timeout=5), 400,
-                    "InvalidParameter")
-    assert_ds_error(requests.post(u, data=b"", headers=AUTH, timeout=5), 400,
-                    "BadRequest.EmptyInput")
-    assert_ds_error(requests.post(u, json={"input": {}}, headers=AUTH, timeout=5), 400,
-                    "BadRequest.EmptyModel")
-    assert_ds_error(requests.post(u, json={"model": 5}, headers=AUTH, timeout=5), 400,
-                    "InvalidParameter")
+    assert_ds_error(
+        requests.post(u, data=b"{not json", headers=AUTH, timeout=5), 400, "InvalidParameter"
+    )
+    assert_ds_error(
+        requests.post(u, data=b"[1,2]", headers=AUTH, timeout=5), 400, "InvalidParameter"
+    )
+    assert_ds_error(
+        requests.post(u, data=b"", headers=AUTH, timeout=5), 400, "BadRequest.EmptyInput"
+    )
+    assert_ds_error(
+        requests.post(u, json={"input": {}}, headers=AUTH, timeout=5), 400, "BadRequest.EmptyModel"
+    )
+    assert_ds_error(
+        requests.post(u, json={"model": 5}, headers=AUTH, timeout=5), 400, "InvalidParameter"
+    )
     deep = b"[" * 100_000 + b"]" * 100_000
-    assert_ds_error(requests.post(u, data=b'{"model":"x","a":' + deep + b"}", headers=AUTH,
-                                  timeout=10), 400, "InvalidParameter")
+    assert_ds_error(
+        requests.post(u, data=b'{"model":"x","a":' + deep + b"}", headers=AUTH, timeout=10),
+        400,
+        "InvalidParameter",
+    )
     assert_ds_error(requests.post(u, json=body(), timeout=5), 401, "InvalidApiKey")
-    assert_ds_error(requests.post(u, json=body(), headers={"Authorization": "Basic abc"},
-                                  timeout=5), 401, "InvalidApiKey")
+    assert_ds_error(
+        requests.post(u, json=body(), headers={"Authorization": "Basic abc"}, timeout=5),
+        401,
+        "InvalidApiKey",
+    )
     assert sim_count(sim) == before  # nothing reached DashScope
     assert gateway.images("team-a", "qwen-image-2.0") == 0
     still_serving(gateway)
 
 
-def test_body_limit_413_before_reading(start_gateway: GatewayFactory, sim: Live,
-                                       tmp_path) -> None:
-    gw = start_gateway(yaml_text=gateway_yaml(sim.url, tmp_path / "s.db").replace(
-        "  port: 0", "  port: 0\n  max_body_bytes: 4096"))
+def test_body_limit_413_before_reading(start_gateway: GatewayFactory, sim: Live, tmp_path) -> None:
+    gw = start_gateway(
+        yaml_text=gateway_yaml(sim.url, tmp_path / "s.db").replace(
+            "  port: 0", "  port: 0\n  max_body_bytes: 4096"
+        )
+    )
     big = body("x" * 10_000)
-    assert_ds_error(requests.post(gw.url + MM, json=big, headers=AUTH, timeout=5), 413,
-                    "BadRequest.TooLarge")
+    assert_ds_error(
+        requests.post(gw.url + MM, json=big, headers=AUTH, timeout=5), 413, "BadRequest.TooLarge"
+    )
 
     # Announce a huge body and send none of it: answered at once, not after a read.
     with socket.create_connection(("127.0.0.1", gw.live.port), timeout=5) as s:
-        s.sendall((f"POST {MM} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY_A}\r\n"
-                   "Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n")
-                  .encode())
+        s.sendall(
+            (
+                f"POST {MM} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY_A}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n"
+            ).encode()
+        )
         head = s.recv(4096).decode()
     assert head.startswith("HTTP/1.1 413"), head
 
@@ -81,8 +101,11 @@ def test_body_limit_413_before_reading(start_gateway: GatewayFactory, sim: Live,
         for _ in range(10):
             yield b"x" * 1000
 
-    assert_ds_error(requests.post(gw.url + MM, data=chunks(), headers=AUTH, timeout=5), 413,
-                    "BadRequest.TooLarge")
+    assert_ds_error(
+        requests.post(gw.url + MM, data=chunks(), headers=AUTH, timeout=5),
+        413,
+        "BadRequest.TooLarge",
+    )
     still_serving(gw)
 
 
@@ -118,21 +141,21 @@ def test_upstream_refused_is_502(start_gateway: GatewayFactory, sim: Live, tmp_p
     r = requests.post(gw.url + MM, json=body(), headers=AUTH, timeout=10)
     j = assert_ds_error(r, 502, "BadGateway")
     assert "127.0.0.1" not in str(j)  # no upstream address in the answer
-    assert gw.metric("dashscope_proxy_upstream_errors_total", upstream="sim",
-                     code="connect") == 1
+    assert gw.metric("dashscope_proxy_upstream_errors_total", upstream="sim", code="connect") == 1
 
 
-def test_upstream_timeout_is_504_and_truncation_closes(start_gateway: GatewayFactory,
-                                                       sim: Live, tmp_path) -> None:
+def test_upstream_timeout_is_504_and_truncation_closes(
+    start_gateway: GatewayFactory, sim: Live, tmp_path
+) -> None:
     text = gateway_yaml(sim.url, tmp_path / "s.db").replace(
-        "    api_key:", "    timeouts: {read: 0.5}\n    api_key:")
+        "    api_key:", "    timeouts: {read: 0.5}\n    api_key:"
+    )
     gw = start_gateway(yaml_text=text)
     t0 = time.monotonic()
     r = requests.post(gw.url + MM, json=body("[sim:slow=3]"), headers=AUTH, timeout=10)
     assert_ds_error(r, 504, "GatewayTimeout")
     assert time.monotonic() - t0 < 2.5
-    assert gw.metric("dashscope_proxy_upstream_errors_total", upstream="sim",
-                     code="timeout") == 1
+    assert gw.metric("dashscope_proxy_upstream_errors_total", upstream="sim", code="timeout") == 1
     try:
         r = requests.post(gw.url + MM, json=body("[sim:truncate]"), headers=AUTH, timeout=10)
         # A body that arrives must not parse as a complete, valid answer.
@@ -152,17 +175,25 @@ def test_upstream_timeout_is_504_and_truncation_closes(start_gateway: GatewayFac
 def test_upstream_errors_pass_through_uncounted(gateway: Gateway) -> None:
     r = requests.post(gateway.url + MM, json=body("[sim:error=429]"), headers=AUTH, timeout=5)
     assert r.status_code == 429 and r.json()["code"].startswith("Throttling")
-    r = requests.post(gateway.url + MM, json=body("[sim:error=inspection]"), headers=AUTH,
-                      timeout=5)
+    r = requests.post(
+        gateway.url + MM, json=body("[sim:error=inspection]"), headers=AUTH, timeout=5
+    )
     assert r.status_code == 400 and r.json()["code"] == "DataInspectionFailed"
     r = requests.post(gateway.url + MM, json=body("[sim:error=500]"), headers=AUTH, timeout=5)
     assert r.status_code == 500 and r.json()["code"] == "InternalError"
     assert gateway.images("team-a", "qwen-image-2.0") == 0
     code = r.json()["code"]
-    assert gateway.metric("dashscope_proxy_upstream_errors_total", upstream="sim",
-                          code=code) == 1
-    assert gateway.metric("dashscope_proxy_requests_total", route="multimodal-generation",
-                          key="team-a", model="qwen-image-2.0", code="429") == 1
+    assert gateway.metric("dashscope_proxy_upstream_errors_total", upstream="sim", code=code) == 1
+    assert (
+        gateway.metric(
+            "dashscope_proxy_requests_total",
+            route="multimodal-generation",
+            key="team-a",
+            model="qwen-image-2.0",
+            code="429",
+        )
+        == 1
+    )
     still_serving(gateway)
 
 
@@ -170,21 +201,26 @@ def test_client_disconnect_after_submit_still_counted(gateway: Gateway) -> None:
     # Send a slow request, then vanish before DashScope answers.
     payload = requests.models.complexjson.dumps(body("[sim:slow=1]")).encode()
     with socket.create_connection(("127.0.0.1", gateway.live.port), timeout=5) as s:
-        s.sendall((f"POST {MM} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY_A}\r\n"
-                   f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n")
-                  .encode() + payload)
+        s.sendall(
+            (
+                f"POST {MM} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY_A}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+            ).encode()
+            + payload
+        )
         time.sleep(0.2)
     deadline = time.monotonic() + 10
 
     def settled() -> bool:
-        return (gateway.images("team-a", "qwen-image-2.0") >= 1
-                and gateway.metric("dashscope_proxy_inflight_requests",
-                                   route="multimodal-generation") == 0)
+        return (
+            gateway.images("team-a", "qwen-image-2.0") >= 1
+            and gateway.metric("dashscope_proxy_inflight_requests", route="multimodal-generation")
+            == 0
+        )
 
     while not settled() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert gateway.images("team-a", "qwen-image-2.0") == 1
-    assert gateway.metric("dashscope_proxy_inflight_requests",
-                          route="multimodal-generation") == 0
+    assert gateway.metric("dashscope_proxy_inflight_requests", route="multimodal-generation") == 0
     still_serving(gateway)
     assert UPSTREAM_KEY not in gateway.access.getvalue().decode()

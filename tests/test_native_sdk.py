@@ -27,8 +27,9 @@ def sim_requests(sim: Live) -> list[dict[str, object]]:
 
 
 def test_multimodal_sync_n2_metered_and_key_swapped(ds: Gateway, sim: Live) -> None:
-    rsp = MultiModalConversation.call(model="qwen-image-2.0-pro", messages=msgs("a red fox"),
-                                      n=2, size="1024*1024")
+    rsp = MultiModalConversation.call(
+        model="qwen-image-2.0-pro", messages=msgs("a red fox"), n=2, size="1024*1024"
+    )
     assert rsp.status_code == 200, rsp
     choices = rsp.output.choices
     assert len(choices) == 2
@@ -44,9 +45,16 @@ def test_multimodal_sync_n2_metered_and_key_swapped(ds: Gateway, sim: Live) -> N
 
 
 def test_streaming_interleave_counts_final_event(ds: Gateway) -> None:
-    chunks = list(ImageGeneration.call(
-        model="wan2.6-image", messages=[Message(role="user", content=[{"text": "a tutorial"}])],
-        stream=True, enable_interleave=True, max_images=3, size="1280*1280"))
+    chunks = list(
+        ImageGeneration.call(
+            model="wan2.6-image",
+            messages=[Message(role="user", content=[{"text": "a tutorial"}])],
+            stream=True,
+            enable_interleave=True,
+            max_images=3,
+            size="1280*1280",
+        )
+    )
     assert len(chunks) >= 3, chunks
     assert all(c.status_code == 200 for c in chunks)
     assert chunks[-1].usage["image_count"] == 3
@@ -82,8 +90,7 @@ def test_image_synthesis_call_fetch_once(ds: Gateway) -> None:
 
 
 def test_sync_call_text2image_counts_once(ds: Gateway) -> None:
-    rsp = ImageSynthesis.sync_call(model="wan2.2-t2i-flash", prompt="a kite", n=1,
-                                   size="1024*1024")
+    rsp = ImageSynthesis.sync_call(model="wan2.2-t2i-flash", prompt="a kite", n=1, size="1024*1024")
     assert rsp.status_code == 200 and rsp.output.task_status == "SUCCEEDED", rsp
     assert ds.images("team-a", "wan2.2-t2i-flash") == 1
     ImageSynthesis.fetch(rsp.output.task_id)
@@ -124,12 +131,14 @@ def test_tasks_are_private_to_their_key(ds: Gateway, sim: Live) -> None:
     assert ds.images("team-b", "qwen-image-plus") == 0
 
 
-def test_task_survives_gateway_restart(start_gateway: GatewayFactory,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_task_survives_gateway_restart(
+    start_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     first = start_gateway()
     monkeypatch.setattr(dashscope, "base_http_api_url", first.api)
-    job = ImageSynthesis.async_call(model="qwen-image-plus", prompt="persist",
-                                    size="1328*1328", api_key=KEY_A)
+    job = ImageSynthesis.async_call(
+        model="qwen-image-plus", prompt="persist", size="1328*1328", api_key=KEY_A
+    )
     assert job.status_code == 200
     port = first.live.port
     start_gateway.stop(first)
@@ -142,35 +151,50 @@ def test_task_survives_gateway_restart(start_gateway: GatewayFactory,
 
 
 def test_auth_and_allowlist(ds: Gateway) -> None:
-    bad = MultiModalConversation.call(model="qwen-image-2.0", messages=msgs("x"),
-                                      api_key="sk-not-a-gateway-key")
+    bad = MultiModalConversation.call(
+        model="qwen-image-2.0", messages=msgs("x"), api_key="sk-not-a-gateway-key"
+    )
     assert bad.status_code == 401 and bad.code == "InvalidApiKey"
     denied = ImageSynthesis.async_call(model="wan2.2-t2i-flash", prompt="x", api_key=KEY_B)
     assert denied.status_code == 403 and denied.code == "AccessDenied"
     assert "wan2.2-t2i-flash" in denied.message
-    assert ds.metric("dashscope_proxy_requests_total", route="text2image", key="team-b",
-                     model="wan2.2-t2i-flash", code="403") == 1
+    assert (
+        ds.metric(
+            "dashscope_proxy_requests_total",
+            route="text2image",
+            key="team-b",
+            model="wan2.2-t2i-flash",
+            code="403",
+        )
+        == 1
+    )
     with pytest.raises(dashscope.common.error.InvalidTask):
         ImageSynthesis.call(model="wan2.2-t2i-flash", prompt="x", api_key=KEY_B)
 
 
 def _png(path: Path) -> None:
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(
-            ">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     raw = b"".join(b"\x00" + b"\xff\x00\x00" * 8 for _ in range(8))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2,
-                                                                        0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_local_file_upload_through_gateway(ds: Gateway, sim: Live, tmp_path: Path) -> None:
     img = tmp_path / "ref.png"
     _png(img)
     rsp = ImageGeneration.call(
-        model="wan2.6-image", n=1,
-        messages=[Message(role="user", content=[{"text": "make it blue"}, {"image": str(img)}])])
+        model="wan2.6-image",
+        n=1,
+        messages=[Message(role="user", content=[{"text": "make it blue"}, {"image": str(img)}])],
+    )
     assert rsp.status_code == 200, rsp
     gen = [r for r in sim_requests(sim) if r["path"].endswith("/generation")][-1]
     content = gen["body"]["input"]["messages"][0]["content"]
@@ -192,14 +216,24 @@ def test_headers_forwarded_and_hop_by_hop_dropped(ds: Gateway, sim: Live) -> Non
     requests.delete(sim.url + "/_sim/requests", timeout=5)
     r = requests.post(
         ds.api + "/services/aigc/text2image/image-synthesis",
-        json={"model": "qwen-image-plus", "input": {"prompt": "hdr"},
-              "parameters": {"size": "1328*1328"}},
-        headers={"Authorization": f"Bearer {KEY_A}", "X-DashScope-Async": "enable",
-                 "X-DashScope-WorkSpace": "ws-1", "X-DashScope-DataInspection": "enable",
-                 "Connection": "keep-alive, X-Hop", "X-Hop": "secret-hop",
-                 "Proxy-Authorization": "Basic cHJveHk=", "Cookie": "session=abc",
-                 "X-Forwarded-For": "10.1.2.3"},
-        timeout=10)
+        json={
+            "model": "qwen-image-plus",
+            "input": {"prompt": "hdr"},
+            "parameters": {"size": "1328*1328"},
+        },
+        headers={
+            "Authorization": f"Bearer {KEY_A}",
+            "X-DashScope-Async": "enable",
+            "X-DashScope-WorkSpace": "ws-1",
+            "X-DashScope-DataInspection": "enable",
+            "Connection": "keep-alive, X-Hop",
+            "X-Hop": "secret-hop",
+            "Proxy-Authorization": "Basic cHJveHk=",
+            "Cookie": "session=abc",
+            "X-Forwarded-For": "10.1.2.3",
+        },
+        timeout=10,
+    )
     assert r.status_code == 200 and r.json()["output"]["task_status"] == "PENDING"
     seen = {k.lower(): v for k, v in sim_requests(sim)[-1]["headers"].items()}
     assert seen["x-dashscope-async"] == "enable"
@@ -210,18 +244,28 @@ def test_headers_forwarded_and_hop_by_hop_dropped(ds: Gateway, sim: Live) -> Non
     assert seen["authorization"] == f"Bearer {UPSTREAM_KEY}"
 
 
-def test_sse_is_relayed_event_by_event(start_gateway: GatewayFactory, sim: Live,
-                                       loop_thread: object) -> None:
+def test_sse_is_relayed_event_by_event(
+    start_gateway: GatewayFactory, sim: Live, loop_thread: object
+) -> None:
     gw = start_gateway()
-    body = {"model": "wan2.6-image",
-            "input": {"messages": [{"role": "user", "content": [{"text": "steps"}]}]},
-            "parameters": {"enable_interleave": True, "max_images": 3, "size": "1280*1280"}}
+    body = {
+        "model": "wan2.6-image",
+        "input": {"messages": [{"role": "user", "content": [{"text": "steps"}]}]},
+        "parameters": {"enable_interleave": True, "max_images": 3, "size": "1280*1280"},
+    }
     t0 = time.monotonic()
     arrivals: list[float] = []
-    with requests.post(gw.api + "/services/aigc/multimodal-generation/generation", json=body,
-                       headers={"Authorization": f"Bearer {KEY_A}", "X-DashScope-SSE": "enable",
-                                "Accept": "text/event-stream"},
-                       stream=True, timeout=20) as r:
+    with requests.post(
+        gw.api + "/services/aigc/multimodal-generation/generation",
+        json=body,
+        headers={
+            "Authorization": f"Bearer {KEY_A}",
+            "X-DashScope-SSE": "enable",
+            "Accept": "text/event-stream",
+        },
+        stream=True,
+        timeout=20,
+    ) as r:
         assert r.status_code == 200
         assert r.headers["Content-Type"].startswith("text/event-stream")
         for line in r.iter_lines():
@@ -242,8 +286,9 @@ def test_v2_client_images(ds: Gateway) -> None:
     client = Client(api_key=KEY_A, base_url=ds.api, max_retries=0)
     job = client.images.generate(model="wan2.6-t2i", prompt="a cat", size="1280x1280", n=1)
     assert job.status == "SUCCEEDED" and job.image_urls
-    job = client.images.generate(model="qwen-image-plus", prompt="a dog", size="1328x1328",
-                                 poll_interval=0.2)
+    job = client.images.generate(
+        model="qwen-image-plus", prompt="a dog", size="1328x1328", poll_interval=0.2
+    )
     assert job.status == "SUCCEEDED" and len(job.image_urls) == 1
     assert ds.images("team-a", "wan2.6-t2i") == 1
     assert ds.images("team-a", "qwen-image-plus") == 1

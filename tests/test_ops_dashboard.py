@@ -94,9 +94,14 @@ def test_every_queried_metric_exists_in_a_live_gateway(launcher: Launcher) -> No
     api_key: {UPSTREAM_KEY}
     priority: 1
 """
-    text = launcher.yaml().replace("keys:\n", second + "keys:\n", 1).replace(
-        f"    key: {KEY_A}\n",
-        f"    key: {KEY_A}\n    limits: {{requests_per_minute: 1, images_per_day: 100}}\n")
+    text = (
+        launcher.yaml()
+        .replace("keys:\n", second + "keys:\n", 1)
+        .replace(
+            f"    key: {KEY_A}\n",
+            f"    key: {KEY_A}\n    limits: {{requests_per_minute: 1, images_per_day: 100}}\n",
+        )
+    )
     launcher.config_path.write_text(text)
     gw = GatewayProcess(launcher.config_path)
     launcher.running.append(gw)
@@ -106,8 +111,11 @@ def test_every_queried_metric_exists_in_a_live_gateway(launcher: Launcher) -> No
     assert gw.generate(KEY_B, "[sim:error=429]").status_code == 429
     requests.get(gw.url + "/readyz", timeout=5)
     gw.signal(signal.SIGHUP)
-    wait_for(lambda: gw.metric("dashscope_proxy_config_reloads_total", result="success") == 1,
-             10, "the reload")
+    wait_for(
+        lambda: gw.metric("dashscope_proxy_config_reloads_total", result="success") == 1,
+        10,
+        "the reload",
+    )
     text = requests.get(gw.url + "/metrics", timeout=5).text
     exposed = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
 

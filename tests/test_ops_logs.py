@@ -21,8 +21,21 @@ from tests.conftest import KEY_A, KEY_B, UPSTREAM_KEY, GatewayFactory, gateway_y
 from tests.ops_support import MM, REPO, Launcher, body, launching, wait_for
 from tests.support import Live
 
-ACCESS_FIELDS = {"ts", "request_id", "dashscope_request_id", "key", "model", "route", "method",
-                 "upstream", "status", "error_code", "images", "latency_ms", "pid"}
+ACCESS_FIELDS = {
+    "ts",
+    "request_id",
+    "dashscope_request_id",
+    "key",
+    "model",
+    "route",
+    "method",
+    "upstream",
+    "status",
+    "error_code",
+    "images",
+    "latency_ms",
+    "pid",
+}
 LEDGER_FIELDS = {"ts", "key", "model", "images", "route", "upstream", "request_id", "task_id"}
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 WRONG_KEY = "gw-wrong-secret-9999"
@@ -36,25 +49,32 @@ def launcher(sim: Live, tmp_path: Path) -> Iterator[Launcher]:
 
 
 def run_async_task(url: str, key: str) -> str:
-    r = requests.post(url + "/api/v1/services/aigc/text2image/image-synthesis",
-                      json={"model": "qwen-image-plus", "input": {"prompt": f"{MARKER} tower"},
-                            "parameters": {"size": "1328*1328", "n": 1}},
-                      headers={"Authorization": f"Bearer {key}", "X-DashScope-Async": "enable"},
-                      timeout=10)
+    r = requests.post(
+        url + "/api/v1/services/aigc/text2image/image-synthesis",
+        json={
+            "model": "qwen-image-plus",
+            "input": {"prompt": f"{MARKER} tower"},
+            "parameters": {"size": "1328*1328", "n": 1},
+        },
+        headers={"Authorization": f"Bearer {key}", "X-DashScope-Async": "enable"},
+        timeout=10,
+    )
     assert r.status_code == 200, r.text
     task_id: str = r.json()["output"]["task_id"]
 
     def done() -> bool:
-        poll = requests.get(f"{url}/api/v1/tasks/{task_id}",
-                            headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        poll = requests.get(
+            f"{url}/api/v1/tasks/{task_id}", headers={"Authorization": f"Bearer {key}"}, timeout=10
+        )
         return bool(poll.json()["output"]["task_status"] == "SUCCEEDED")
 
     wait_for(done, 10, "the task to succeed")
     return task_id
 
 
-def test_access_lines_and_ledger_hold_every_field_and_no_secret(launcher: Launcher,
-                                                                tmp_path: Path) -> None:
+def test_access_lines_and_ledger_hold_every_field_and_no_secret(
+    launcher: Launcher, tmp_path: Path
+) -> None:
     ledger = tmp_path / "ledger" / "usage.jsonl"  # the directory is created
     gw = launcher.start(server=f"  usage_log: {ledger}\n")
     assert gw.generate(KEY_A, f"{MARKER} a red fox", n=2).status_code == 200
@@ -76,17 +96,29 @@ def test_access_lines_and_ledger_hold_every_field_and_no_secret(launcher: Launch
         by_status.setdefault(line["status"], []).append(line)
     ok = by_status[200][0]
     assert (ok["key"], ok["model"], ok["route"], ok["upstream"], ok["images"], ok["method"]) == (
-        "team-a", "qwen-image-2.0", "multimodal-generation", "sim", 2, "POST")
+        "team-a",
+        "qwen-image-2.0",
+        "multimodal-generation",
+        "sim",
+        2,
+        "POST",
+    )
     assert ok["dashscope_request_id"] and ok["error_code"] is None
     denied = by_status[401][0]
     assert (denied["key"], denied["error_code"], denied["upstream"]) == (
-        "anonymous", "InvalidApiKey", None)
+        "anonymous",
+        "InvalidApiKey",
+        None,
+    )
     throttled = by_status[429][0]
     assert throttled["error_code"] == "Throttling.RateQuota" and throttled["images"] == 0
     assert throttled["dashscope_request_id"]
     forbidden = by_status[403][0]
     assert (forbidden["key"], forbidden["model"], forbidden["error_code"]) == (
-        "team-b", "wanx-v1", "AccessDenied")
+        "team-b",
+        "wanx-v1",
+        "AccessDenied",
+    )
     polls = [x for x in lines if x["route"] == "tasks.get"]
     assert sum(x["images"] for x in polls) == 1  # metered once, on the first SUCCEEDED poll
 
@@ -96,30 +128,46 @@ def test_access_lines_and_ledger_hold_every_field_and_no_secret(launcher: Launch
         assert set(e) == LEDGER_FIELDS and TS.match(e["ts"])
     sync, task = entries
     assert (sync["key"], sync["model"], sync["images"], sync["task_id"], sync["request_id"]) == (
-        "team-a", "qwen-image-2.0", 2, None, ok["request_id"])
+        "team-a",
+        "qwen-image-2.0",
+        2,
+        None,
+        ok["request_id"],
+    )
     assert (task["key"], task["model"], task["route"], task["task_id"], task["upstream"]) == (
-        "team-a", "qwen-image-plus", "tasks.get", task_id, "sim")
+        "team-a",
+        "qwen-image-plus",
+        "tasks.get",
+        task_id,
+        "sim",
+    )
 
     everything = gw.stdout_text() + gw.stderr_text() + ledger.read_text()
     for secret in (KEY_A, KEY_B, UPSTREAM_KEY, WRONG_KEY, MARKER, "Bearer"):
         assert secret not in everything, secret
 
 
-def test_log_prompts_logs_a_truncated_prompt(start_gateway: GatewayFactory, sim: Live,
-                                             tmp_path: Path) -> None:
-    gw = start_gateway(yaml_text=gateway_yaml(sim.url, tmp_path / "s.db").replace(
-        "  port: 0", "  port: 0\n  log_prompts: true"))
+def test_log_prompts_logs_a_truncated_prompt(
+    start_gateway: GatewayFactory, sim: Live, tmp_path: Path
+) -> None:
+    gw = start_gateway(
+        yaml_text=gateway_yaml(sim.url, tmp_path / "s.db").replace(
+            "  port: 0", "  port: 0\n  log_prompts: true"
+        )
+    )
     prompt = MARKER + " " + "x" * 400
-    r = requests.post(gw.url + MM, json=body(prompt), timeout=10,
-                      headers={"Authorization": f"Bearer {KEY_A}"})
+    r = requests.post(
+        gw.url + MM, json=body(prompt), timeout=10, headers={"Authorization": f"Bearer {KEY_A}"}
+    )
     assert r.status_code == 200
     (line,) = gw.log_lines()
     assert line["prompt"] == prompt[:200]
     assert KEY_A not in gw.access.getvalue().decode()
 
 
-def test_ledger_survives_restarts_torn_lines_and_rotation(launcher: Launcher,
-                                                          tmp_path: Path) -> None:
+def test_ledger_survives_restarts_torn_lines_and_rotation(
+    launcher: Launcher, tmp_path: Path
+) -> None:
     ledger = tmp_path / "usage.jsonl"
     server = f"  usage_log: {ledger}\n"
     gw = launcher.start(server=server)
@@ -147,14 +195,18 @@ def test_ledger_survives_restarts_torn_lines_and_rotation(launcher: Launcher,
 
 
 def test_a_failing_ledger_never_fails_the_request_nor_loses_the_count(
-        start_gateway: GatewayFactory, sim: Live, tmp_path: Path,
-        caplog: pytest.LogCaptureFixture) -> None:
+    start_gateway: GatewayFactory, sim: Live, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.ERROR, logger="proxy.ledger")
     # /dev/full accepts the open and fails every write with ENOSPC.
-    gw = start_gateway(yaml_text=gateway_yaml(sim.url, tmp_path / "s.db").replace(
-        "  port: 0", "  port: 0\n  usage_log: /dev/full"))
-    r = requests.post(gw.url + MM, json=body(n=2), timeout=10,
-                      headers={"Authorization": f"Bearer {KEY_A}"})
+    gw = start_gateway(
+        yaml_text=gateway_yaml(sim.url, tmp_path / "s.db").replace(
+            "  port: 0", "  port: 0\n  usage_log: /dev/full"
+        )
+    )
+    r = requests.post(
+        gw.url + MM, json=body(n=2), timeout=10, headers={"Authorization": f"Bearer {KEY_A}"}
+    )
     assert r.status_code == 200
     assert gw.images("team-a", "qwen-image-2.0") == 2
     wait_for(lambda: gw.metric("dashscope_proxy_usage_log_errors_total") == 1, 5, "the error")
@@ -166,8 +218,13 @@ def test_a_failing_ledger_never_fails_the_request_nor_loses_the_count(
 
 def test_a_ledger_that_cannot_be_opened_stops_startup_cleanly(launcher: Launcher) -> None:
     launcher.config_path.write_text(launcher.yaml(server="  usage_log: /proc/none/usage.jsonl\n"))
-    done = subprocess.run([sys.executable, "-m", "proxy", "--config", str(launcher.config_path)],
-                          capture_output=True, text=True, timeout=30, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "--config", str(launcher.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+    )
     assert done.returncode == 1
     assert "cannot start: [Errno 2] usage ledger /proc/none/usage.jsonl" in done.stderr
     assert "Traceback" not in done.stderr and "Unclosed" not in done.stderr

@@ -78,7 +78,7 @@ def test_dockerfile_multi_stage_slim_non_root_exec_form_with_healthcheck() -> No
     assert get.get("STOPSIGNAL", ["SIGTERM"]) == ["SIGTERM"]
 
     (health,) = get["HEALTHCHECK"]
-    exec_part = health[health.index("CMD") + 3:].strip()
+    exec_part = health[health.index("CMD") + 3 :].strip()
     probe = json.loads(exec_part)  # exec form, no shell needed in the image
     assert f"127.0.0.1:{ServerConfig().port}/healthz" in " ".join(probe)
     assert get["EXPOSE"] == [str(ServerConfig().port)]
@@ -124,8 +124,10 @@ def test_compose_gateway_simulator_prometheus_grafana() -> None:
     mounts = {v.split(":")[1]: v.split(":")[0] for v in gw["volumes"]}
     host_dir = mounts[str(Path(config_path).parent)]  # a directory mount: edits are seen
     assert (REPO / host_dir).is_dir()
-    config = parse_with((REPO / host_dir / Path(config_path).name).read_text(),
-                        {k: str(v) for k, v in gw["environment"].items()})
+    config = parse_with(
+        (REPO / host_dir / Path(config_path).name).read_text(),
+        {k: str(v) for k, v in gw["environment"].items()},
+    )
     assert config.server.port == 8080 and config.server.host == "0.0.0.0"
     # Compose must wait longer than the gateway drains before it SIGKILLs.
     grace = int(gw["stop_grace_period"].rstrip("s"))
@@ -144,12 +146,14 @@ def test_compose_gateway_simulator_prometheus_grafana() -> None:
 
     graf = services["grafana"]
     targets = {v.split(":")[1]: REPO / v.split(":")[0] for v in graf["volumes"]}
-    ds = yaml.safe_load((targets["/etc/grafana/provisioning/datasources"]
-                         / "prometheus.yml").read_text())
+    ds = yaml.safe_load(
+        (targets["/etc/grafana/provisioning/datasources"] / "prometheus.yml").read_text()
+    )
     assert ds["datasources"][0]["type"] == "prometheus"
     assert ds["datasources"][0]["url"] == "http://prometheus:9090"
-    prov = yaml.safe_load((targets["/etc/grafana/provisioning/dashboards"]
-                           / "dashscope-proxy.yml").read_text())
+    prov = yaml.safe_load(
+        (targets["/etc/grafana/provisioning/dashboards"] / "dashscope-proxy.yml").read_text()
+    )
     dash_dir = prov["providers"][0]["options"]["path"]
     dash_files = [t for t in targets if t.startswith(dash_dir)]
     assert dash_files and json.loads(targets[dash_files[0]].read_text())["uid"]
@@ -177,8 +181,9 @@ def k8s_docs(variant: str) -> list[dict[str, Any]]:
 
 
 def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind
-             and (name is None or d["metadata"]["name"] == name)]
+    found = [
+        d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
     assert len(found) == 1, (kind, name, len(found))
     return found[0]
 
@@ -212,8 +217,9 @@ def check_gateway_container(c: dict[str, Any], pod: dict[str, Any], config: Conf
         assert m["name"] in volumes
 
 
-def config_from(docs: list[dict[str, Any]], container: dict[str, Any],
-                pod: dict[str, Any]) -> Config:
+def config_from(
+    docs: list[dict[str, Any]], container: dict[str, Any], pod: dict[str, Any]
+) -> Config:
     volumes = {v["name"]: v for v in pod["volumes"]}
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/etc/dashscope-proxy")
     cm = one(docs, "ConfigMap", volumes[mount["name"]]["configMap"]["name"])
@@ -281,7 +287,9 @@ def test_kubernetes_sidecar() -> None:
 
     (app,) = pod["containers"]
     env = {e["name"]: e for e in app["env"]}
-    assert env["DASHSCOPE_HTTP_BASE_URL"]["value"] == f"http://localhost:{config.server.port}/api/v1"
+    assert (
+        env["DASHSCOPE_HTTP_BASE_URL"]["value"] == f"http://localhost:{config.server.port}/api/v1"
+    )
     assert env["OPENAI_BASE_URL"]["value"] == f"http://localhost:{config.server.port}/v1"
     # The app holds its gateway key; the DashScope key is only in the sidecar.
     app_secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in app["env"] if "valueFrom" in e}

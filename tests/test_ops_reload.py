@@ -53,8 +53,11 @@ def with_key_c(launch: Launcher, extra: str = "", server: str = "") -> str:
 
 def slow_request(gw: GatewayProcess, seconds: int = 2) -> tuple[object, list[object]]:
     t, result = in_background(lambda: gw.generate(KEY_A, f"slow [sim:slow={seconds}]"))
-    wait_for(lambda: gw.metric("dashscope_proxy_inflight_requests",
-                               route="multimodal-generation") == 1, 10, "the slow request")
+    wait_for(
+        lambda: gw.metric("dashscope_proxy_inflight_requests", route="multimodal-generation") == 1,
+        10,
+        "the slow request",
+    )
     return t, result
 
 
@@ -117,9 +120,11 @@ def test_broken_config_is_rejected_and_the_old_one_keeps_serving(launcher: Launc
     started = gw.metric(LAST_TS)
     assert started > 0 and gw.metric(LAST_OK) == 1
     secret_number = "987654321987654"
-    broken = launcher.yaml().replace(
-        f"api_key: {UPSTREAM_KEY}", f"api_key: {secret_number}").replace(
-        "  port: 0\n", "  port: 0\n  workerz: 2\n  backlog: -5\n")
+    broken = (
+        launcher.yaml()
+        .replace(f"api_key: {UPSTREAM_KEY}", f"api_key: {secret_number}")
+        .replace("  port: 0\n", "  port: 0\n  workerz: 2\n  backlog: -5\n")
+    )
     write_atomically(launcher.config_path, broken)
     wait_for(lambda: gw.metric(RELOADS, result="failure") == 1, 10, "the rejection")
 
@@ -129,8 +134,11 @@ def test_broken_config_is_rejected_and_the_old_one_keeps_serving(launcher: Launc
     assert gw.metric(RELOADS, result="success") == 0
     err = gw.stderr_text()
     assert "3 problem(s)" in err
-    for location in ("server.workerz: unknown field", "server.backlog: must be",
-                     "upstreams[0].api_key: must be a string"):
+    for location in (
+        "server.workerz: unknown field",
+        "server.backlog: must be",
+        "upstreams[0].api_key: must be a string",
+    ):
         assert location in err, err
     assert secret_number not in err  # a secret typed as a number is not echoed
     assert UPSTREAM_KEY not in err
@@ -149,8 +157,7 @@ def test_broken_config_is_rejected_and_the_old_one_keeps_serving(launcher: Launc
     assert gw.generate(KEY_C).status_code == 200
 
 
-def test_configmap_symlink_swap_and_restart_only_fields(launcher: Launcher,
-                                                        tmp_path: Path) -> None:
+def test_configmap_symlink_swap_and_restart_only_fields(launcher: Launcher, tmp_path: Path) -> None:
     # The layout kubelet gives a ConfigMap volume: config.yaml -> ..data/config.yaml,
     # ..data -> ..<timestamp>; an update writes a new directory and swaps ..data.
     mount = tmp_path / "configmap"
@@ -163,7 +170,8 @@ def test_configmap_symlink_swap_and_restart_only_fields(launcher: Launcher,
 
     (mount / "..2026_01_02").mkdir()
     (mount / "..2026_01_02" / "config.yaml").write_text(
-        with_key_c(launcher, server="  workers: 3\n  shutdown_grace_seconds: 5\n"))
+        with_key_c(launcher, server="  workers: 3\n  shutdown_grace_seconds: 5\n")
+    )
     os.symlink("..2026_01_02", mount / "..data_tmp")
     os.replace(mount / "..data_tmp", mount / "..data")  # atomic, as kubelet does
     wait_for(lambda: gw.generate(KEY_C).status_code == 200, 10, "the new key to work")
@@ -176,8 +184,14 @@ def test_configmap_symlink_swap_and_restart_only_fields(launcher: Launcher,
     target = mount / "..2026_01_02" / "config.yaml"
     target.write_text(target.read_text() + "\n# a comment\n")
     requests.get(gw.url + "/healthz", timeout=5)
-    wait_for(lambda: "changed but its content did not" in gw.stderr_text()
-             or gw.metric(RELOADS, result="success") != 1, 3, "the watcher to look")
+    wait_for(
+        lambda: (
+            "changed but its content did not" in gw.stderr_text()
+            or gw.metric(RELOADS, result="success") != 1
+        ),
+        3,
+        "the watcher to look",
+    )
     assert gw.metric(RELOADS, result="success") == 1
 
 
@@ -188,18 +202,32 @@ def test_restart_required_and_change_summary_are_pure_and_name_no_secret(tmp_pat
     assert describe_changes(base, base) == "no effective change"
 
     changed = parse_config(
-        with_key_c_text(base_text).replace(
-            "  port: 0\n", "  port: 9090\n  workers: 2\n  max_body_bytes: 99999999\n"
-                           "  usage_log: /tmp/u.jsonl\n").replace(
-            f"api_key: {UPSTREAM_KEY}", f"api_key: {UPSTREAM_KEY}-rotated\n"
-                                        "    max_connections: 20000").replace(
+        with_key_c_text(base_text)
+        .replace(
+            "  port: 0\n",
+            "  port: 9090\n  workers: 2\n  max_body_bytes: 99999999\n  usage_log: /tmp/u.jsonl\n",
+        )
+        .replace(
+            f"api_key: {UPSTREAM_KEY}",
+            f"api_key: {UPSTREAM_KEY}-rotated\n    max_connections: 20000",
+        )
+        .replace(
             f"  path: {tmp_path / 's.db'}",
-            "  backend: redis\n  url: redis://:hunter2-password@redis:6379/0"), {})
+            "  backend: redis\n  url: redis://:hunter2-password@redis:6379/0",
+        ),
+        {},
+    )
     lines = restart_required(base, changed)
     text = "\n".join(lines)
-    for field in ("server.port: 0 -> 9090", "server.workers: 1 -> 2", "server.usage_log",
-                  "server.max_body_bytes: raised", "state.backend", "state.url: changed",
-                  "upstreams[].max_connections: raised to 20000"):
+    for field in (
+        "server.port: 0 -> 9090",
+        "server.workers: 1 -> 2",
+        "server.usage_log",
+        "server.max_body_bytes: raised",
+        "state.backend",
+        "state.url: changed",
+        "upstreams[].max_connections: raised to 20000",
+    ):
         assert field in text, field
     assert "hunter2" not in text
     summary = describe_changes(base, changed)
@@ -207,8 +235,9 @@ def test_restart_required_and_change_summary_are_pure_and_name_no_secret(tmp_pat
     assert UPSTREAM_KEY not in summary
 
     # Lowering what is checked per request applies at once: no restart needed.
-    smaller = parse_config(base_text.replace("  port: 0\n", "  port: 0\n  max_body_bytes: 4096\n"),
-                           {})
+    smaller = parse_config(
+        base_text.replace("  port: 0\n", "  port: 0\n  max_body_bytes: 4096\n"), {}
+    )
     assert restart_required(base, smaller) == []
 
 
@@ -231,8 +260,9 @@ def test_file_signature_follows_symlinks(tmp_path: Path) -> None:
     assert file_signature(link) is None  # a dangling link: keep the last good config
 
 
-def test_a_change_while_the_process_starts_is_not_missed(loop_thread: LoopThread, sim: Live,
-                                                         tmp_path: Path) -> None:
+def test_a_change_while_the_process_starts_is_not_missed(
+    loop_thread: LoopThread, sim: Live, tmp_path: Path
+) -> None:
     path = tmp_path / "gateway.yaml"
     text = gateway_yaml(sim.url, tmp_path / "s.db")
     path.write_text(text)
@@ -243,9 +273,17 @@ def test_a_change_while_the_process_starts_is_not_missed(loop_thread: LoopThread
     install_reloader(app, path, poll_seconds=0.1, loaded_signature=signature)
     live = loop_thread.serve(app)
     try:
+
         def key_c_works() -> bool:
-            return requests.post(live.url + MM, json=body(), timeout=10,
-                                 headers={"Authorization": f"Bearer {KEY_C}"}).status_code == 200
+            return (
+                requests.post(
+                    live.url + MM,
+                    json=body(),
+                    timeout=10,
+                    headers={"Authorization": f"Bearer {KEY_C}"},
+                ).status_code
+                == 200
+            )
 
         wait_for(key_c_works, 10, "the change made during startup")
     finally:

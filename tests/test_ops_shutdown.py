@@ -23,8 +23,17 @@ def launcher(sim: Live, tmp_path: Path) -> Iterator[Launcher]:
 
 
 def in_flight(gw: object) -> None:
-    wait_for(lambda: gw.metric("dashscope_proxy_inflight_requests",  # type: ignore[attr-defined]
-                               route="multimodal-generation") == 1, 10, "the slow request")
+    wait_for(
+        lambda: (
+            gw.metric(
+                "dashscope_proxy_inflight_requests",  # type: ignore[attr-defined]
+                route="multimodal-generation",
+            )
+            == 1
+        ),
+        10,
+        "the slow request",
+    )
 
 
 def test_sigterm_drains_a_slow_request_then_exits_0(launcher: Launcher, tmp_path: Path) -> None:
@@ -56,7 +65,8 @@ def test_sigterm_drains_a_slow_request_then_exits_0(launcher: Launcher, tmp_path
 
 
 def test_a_request_longer_than_the_grace_period_is_cut_and_exit_is_still_0(
-        launcher: Launcher) -> None:
+    launcher: Launcher,
+) -> None:
     gw = launcher.start(server="  shutdown_grace_seconds: 1\n")
     t, result = in_background(lambda: gw.generate(KEY_A, "slow [sim:slow=30]"))
     in_flight(gw)

@@ -39,18 +39,20 @@ def launcher(sim: Live, tmp_path: Path) -> Iterator[Launcher]:
 
 
 def listening(gw: GatewayProcess) -> int:
-    return len(re.findall(r"worker-\d proxy\.server: dashscope-proxy listening on",
-                          gw.stderr_text()))
+    return len(
+        re.findall(r"worker-\d proxy\.server: dashscope-proxy listening on", gw.stderr_text())
+    )
 
 
 def worker_pids(gw: GatewayProcess) -> dict[int, int]:
     """worker index -> pid of its latest start, from the supervisor's log."""
-    return {int(i): int(p) for i, p in
-            re.findall(r"worker (\d+) started \(pid (\d+)\)", gw.stderr_text())}
+    return {
+        int(i): int(p)
+        for i, p in re.findall(r"worker (\d+) started \(pid (\d+)\)", gw.stderr_text())
+    }
 
 
-def test_two_workers_share_the_port_and_metrics_add_up(launcher: Launcher,
-                                                       tmp_path: Path) -> None:
+def test_two_workers_share_the_port_and_metrics_add_up(launcher: Launcher, tmp_path: Path) -> None:
     ledger = tmp_path / "usage.jsonl"
     gw = launcher.start(server=f"  workers: 2\n  usage_log: {ledger}\n", workers=True)
     wait_for(lambda: listening(gw) == 2, 15, "both workers")
@@ -97,12 +99,16 @@ def test_supervisor_forwards_sighup_and_sigterm(launcher: Launcher) -> None:
     assert any(metrics_dir.glob("counter_*.db"))
 
     text = launcher.yaml(server="  workers: 2\n").replace(
-        "state:\n", f"  - name: team-c\n    key: {KEY_C}\nstate:\n", 1)
+        "state:\n", f"  - name: team-c\n    key: {KEY_C}\nstate:\n", 1
+    )
     write_atomically(launcher.config_path, text)
     assert gw.generate(KEY_C).status_code == 401
     gw.signal(signal.SIGHUP)
-    wait_for(lambda: gw.metric("dashscope_proxy_config_reloads_total", result="success") == 2,
-             10, "both workers to reload")
+    wait_for(
+        lambda: gw.metric("dashscope_proxy_config_reloads_total", result="success") == 2,
+        10,
+        "both workers to reload",
+    )
     assert all(gw.generate(KEY_C).status_code == 200 for _ in range(20))
 
     t, result = in_background(lambda: gw.generate(KEY_A, "slow [sim:slow=2]"))
@@ -116,12 +122,23 @@ def test_supervisor_forwards_sighup_and_sigterm(launcher: Launcher) -> None:
 
 
 def test_supervisor_gives_up_on_a_crash_loop_and_on_a_busy_port(tmp_path: Path) -> None:
-    config = parse_config(gateway_yaml("http://127.0.0.1:1", tmp_path / "s.db").replace(
-        "  port: 0\n", "  port: 0\n  workers: 2\n"), {})
+    config = parse_config(
+        gateway_yaml("http://127.0.0.1:1", tmp_path / "s.db").replace(
+            "  port: 0\n", "  port: 0\n  workers: 2\n"
+        ),
+        {},
+    )
     # Workers that die at once (here: a "python" that exits 1) are restarted with
     # backoff, then the supervisor stops and reports failure to its orchestrator.
-    sup = Supervisor(config, "unused.yaml", host="127.0.0.1", port=0, environ={},
-                     python="/bin/false", restart_backoff=0.01)
+    sup = Supervisor(
+        config,
+        "unused.yaml",
+        host="127.0.0.1",
+        port=0,
+        environ={},
+        python="/bin/false",
+        restart_backoff=0.01,
+    )
     t0 = time.monotonic()
     assert sup.run() == 1
     assert time.monotonic() - t0 < 10
@@ -129,6 +146,7 @@ def test_supervisor_gives_up_on_a_crash_loop_and_on_a_busy_port(tmp_path: Path) 
     with socket.socket() as busy:  # an ordinary listener, no SO_REUSEPORT
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        sup = Supervisor(config, "unused.yaml", host="127.0.0.1",
-                         port=busy.getsockname()[1], environ={})
+        sup = Supervisor(
+            config, "unused.yaml", host="127.0.0.1", port=busy.getsockname()[1], environ={}
+        )
         assert sup.run() == 1  # at once: no worker is started

@@ -1,4 +1,4 @@
-"""The fast paths behave exactly like the slow ones they replaced (see the README, "Performance")."""
+"""The fast paths behave exactly like the slow ones they replaced (README, "Performance")."""
 
 from __future__ import annotations
 
@@ -32,27 +32,40 @@ from proxy.metrics import Metrics
     indent=st.sampled_from([None, 1]),
     pad=st.integers(PARSE_LIMIT - 1000, PARSE_LIMIT + 300_000),
     structure=st.integers(0, 40),
-    sizes=st.lists(st.sampled_from([1, 7, 255, 256, 257, 4096, 65536, 100_000]), min_size=1,
-                   max_size=8),
+    sizes=st.lists(
+        st.sampled_from([1, 7, 255, 256, 257, 4096, 65536, 100_000]), min_size=1, max_size=8
+    ),
 )
-def test_body_sniffer_agrees_with_a_full_parse(count: int, status: str, usage_first: bool,
-                                               indent: int | None, pad: int, structure: int,
-                                               sizes: list[int]) -> None:
-    output = {"task_id": "9c1e-task", "task_status": status, "pad": "A" * pad,
-              "choices": [{"finish_reason": "stop"}] * structure}
+def test_body_sniffer_agrees_with_a_full_parse(
+    count: int,
+    status: str,
+    usage_first: bool,
+    indent: int | None,
+    pad: int,
+    structure: int,
+    sizes: list[int],
+) -> None:
+    output = {
+        "task_id": "9c1e-task",
+        "task_status": status,
+        "pad": "A" * pad,
+        "choices": [{"finish_reason": "stop"}] * structure,
+    }
     usage = {"image_count": count}
-    obj = {"usage": usage, "output": output} if usage_first else {"output": output,
-                                                                  "usage": usage}
+    obj = {"usage": usage, "output": output} if usage_first else {"output": output, "usage": usage}
     body = json.dumps(obj, indent=indent).encode()
     sniffer = BodySniffer()
     i = n = 0
     while i < len(body):
         step = sizes[n % len(sizes)]
-        sniffer.feed(body[i:i + step])
+        sniffer.feed(body[i : i + step])
         i, n = i + step, n + 1
     got, want = sniffer.facts(), facts_from_bytes(body)
     assert (got.image_count, got.task_id, got.task_status) == (
-        want.image_count, want.task_id, want.task_status)
+        want.image_count,
+        want.task_id,
+        want.task_status,
+    )
 
 
 def test_access_log_timestamp_cache_matches_rfc3339() -> None:
@@ -63,8 +76,10 @@ def test_access_log_timestamp_cache_matches_rfc3339() -> None:
 
 
 def test_keyring_memoised_allowlist_answers_like_the_globs() -> None:
-    keys = [KeyConfig("a", sha256_hex("secret-a-0001"), ("qwen-image*",)),
-            KeyConfig("b", sha256_hex("secret-b-0002"))]
+    keys = [
+        KeyConfig("a", sha256_hex("secret-a-0001"), ("qwen-image*",)),
+        KeyConfig("b", sha256_hex("secret-b-0002")),
+    ]
     ring = KeyRing(keys)
     a = ring.authenticate("Bearer secret-a-0001")
     assert a.name == "a" and ring.authenticate("bearer  secret-b-0002").name == "b"
@@ -90,8 +105,17 @@ async def test_ledger_batches_concurrent_lines_whole_and_in_order(tmp_path: Path
     await ledger.open()
 
     def event(i: int) -> UsageEvent:
-        return UsageEvent("team-a", "qwen-image-plus", "qwen-image-plus", 1, "route", "up",
-                          f"req-{i:05d}", None, time.time())
+        return UsageEvent(
+            "team-a",
+            "qwen-image-plus",
+            "qwen-image-plus",
+            1,
+            "route",
+            "up",
+            f"req-{i:05d}",
+            None,
+            time.time(),
+        )
 
     await asyncio.gather(*(ledger(event(i)) for i in range(500)))
     # Lines still queued when the app shuts down are written before the file closes.
@@ -118,8 +142,10 @@ async def test_ledger_to_a_pipe_goes_through_the_thread_in_batches(tmp_path: Pat
     reader.start()
     ledger = UsageLedger(str(fifo), Metrics(CollectorRegistry()))
     await ledger.open()
-    events = [UsageEvent("team-a", "m", "m", 1, "route", "up", f"req-{i:05d}", None, time.time())
-              for i in range(300)]
+    events = [
+        UsageEvent("team-a", "m", "m", 1, "route", "up", f"req-{i:05d}", None, time.time())
+        for i in range(300)
+    ]
     await asyncio.gather(*(ledger(e) for e in events))
     await ledger.close()
     reader.join(5)
