@@ -37,7 +37,7 @@ from .failover import call_pinned, call_with_failover
 from .jsonutil import dumps, loads
 from .metering import facts_from_json
 from .openai_errors import task_error, upstream_error
-from .runtime import METER, METRICS, RUNTIME, TASKS, RequestContext
+from .runtime import METRICS, RUNTIME, TASKS, RequestContext
 from .tasks import TERMINAL, TaskRecord
 from .upstream import map_client_error
 
@@ -173,17 +173,7 @@ async def meter(
 ) -> None:
     """Count `images` for `key` and the model the client asked for."""
     _seen_succeeding(request, ctx, model)
-    ctx.images += images
-    await request.app[METER].record(
-        key=key,
-        model=model,
-        model_label=ctx.model_label,
-        images=images,
-        route=ctx.route,
-        upstream=upstream,
-        request_id=ctx.request_id,
-        task_id=task_id,
-    )
+    await native.meter(request, ctx, key, model, upstream, images, task_id)
 
 
 async def call_sync(

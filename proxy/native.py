@@ -14,6 +14,7 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -24,7 +25,7 @@ from .admission import admit, task_created, task_ended
 from .auth import check_model_allowed
 from .config import KeyConfig, UpstreamConfig
 from .errors import GatewayError, invalid_parameter, no_upstream, upstream_unavailable
-from .failover import call_pinned, call_with_failover
+from .failover import UpstreamCall, call_pinned, call_with_failover
 from .inbound import parse_json_object, read_body, require_model
 from .input_limits import check_prompts
 from .jsonutil import dumps
@@ -101,15 +102,15 @@ async def settle(
             and facts.task_status in (None, "SUCCEEDED")
             and await app[TASKS].claim_metering(facts.task_id)
         ):
-            await _meter(
+            await meter(
                 request, ctx, key.name, model, upstream.name, facts.image_count, facts.task_id
             )
         return
     if facts.image_count:
-        await _meter(request, ctx, key.name, model, upstream.name, facts.image_count, None)
+        await meter(request, ctx, key.name, model, upstream.name, facts.image_count, None)
 
 
-async def _meter(
+async def meter(
     request: web.Request,
     ctx: RequestContext,
     key: str,
@@ -118,6 +119,8 @@ async def _meter(
     images: int,
     task_id: str | None,
 ) -> None:
+    """Count `images` for `key` and the model the client asked for: the one path every
+    front end (native, OpenAI, aliyun) records images through."""
     ctx.images += images
     await request.app[METER].record(
         key=key,
@@ -223,6 +226,22 @@ async def _owned(
     return record, upstream
 
 
+def _task_call(
+    request: web.Request, upstream: UpstreamConfig, task_id: str, *, cancel: bool = False
+) -> AbstractAsyncContextManager[UpstreamCall]:
+    """A task poll (or cancel) on the upstream that created the task: pinned, since the
+    task exists nowhere else."""
+    return call_pinned(
+        request,
+        upstream,
+        "tasks.cancel" if cancel else "tasks.get",
+        "POST" if cancel else "GET",
+        f"/tasks/{task_id}/cancel" if cancel else f"/tasks/{task_id}",
+        request_headers(request.headers, upstream.api_key),
+        None,
+    )
+
+
 async def poll_task(
     request: web.Request,
     record: TaskRecord,
@@ -238,15 +257,7 @@ async def poll_task(
         await settle_poll(request, ctx, record, relayed.status, relayed.facts)
 
     # Pinned: the task exists only on the upstream that created it.
-    async with call_pinned(
-        request,
-        upstream,
-        "tasks.get",
-        "GET",
-        f"/tasks/{record.task_id}",
-        request_headers(request.headers, upstream.api_key),
-        None,
-    ) as call:
+    async with _task_call(request, upstream, record.task_id) as call:
         return await relay_response(
             request, call.response, request.app[METRICS], upstream, settle=settled
         )
@@ -269,7 +280,7 @@ async def settle_poll(
         and facts.image_count
         and await store.claim_metering(record.task_id)
     ):
-        await _meter(
+        await meter(
             request,
             ctx,
             record.key,
@@ -307,15 +318,7 @@ async def cancel_task(request: web.Request) -> web.StreamResponse:
             "Failed to cancel the task, please confirm if the task is in PENDING status.",
         )
     record, upstream = owned
-    async with call_pinned(
-        request,
-        upstream,
-        "tasks.cancel",
-        "POST",
-        f"/tasks/{task_id}/cancel",
-        request_headers(request.headers, upstream.api_key),
-        None,
-    ) as call:
+    async with _task_call(request, upstream, task_id, cancel=True) as call:
         relayed = await relay_response(request, call.response, request.app[METRICS], upstream)
     ctx.error_code = relayed.error_code
     if relayed.status == 200:
@@ -401,15 +404,7 @@ async def _refresh(request: web.Request, rt: Runtime, record: TaskRecord) -> Tas
     if record.status in TERMINAL or upstream is None:
         return record
     try:
-        async with call_pinned(
-            request,
-            upstream,
-            "tasks.get",
-            "GET",
-            f"/tasks/{record.task_id}",
-            request_headers(request.headers, upstream.api_key),
-            None,
-        ) as call:
+        async with _task_call(request, upstream, record.task_id) as call:
             status = call.response.status
             body = await call.response.read()
     except GatewayError:
