@@ -53,6 +53,7 @@ Try it (paste into another terminal):
     -d '{{"model":"qwen-image-2.0-pro","input":{{"messages":[{{"role":"user","content":[{{"text":"a red fox in snow"}}]}}]}},"parameters":{{"n":2,"size":"1024*1024"}}}}'
 
   # The official DashScope SDK, unchanged but for the base URL and the key
+  # (the SDK examples need: pip install dashscope openai)
   python - <<'PY'
 import dashscope
 from dashscope import ImageSynthesis
