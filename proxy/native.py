@@ -10,6 +10,7 @@ anyone else is answered exactly as DashScope answers an unknown id.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
 import time
@@ -38,6 +39,7 @@ from .upstream import request_headers
 
 # DashScope task ids are UUIDs; accept a little more, never a path separator.
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _CN_TZ = timezone(timedelta(hours=8))  # DashScope's list times are Beijing time
 
@@ -92,7 +94,18 @@ async def settle(
             facts.task_status or "PENDING",
             meta=meta,
         )
-        await app[TASKS].put(record)
+        try:
+            await app[TASKS].put(record)
+        except Exception:
+            # The state store failed: the task cannot be routed or claimed later, so
+            # count a finished answer now (no later poll can count it again) and let
+            # the client have DashScope's answer regardless.
+            log.exception("recording task %s failed", facts.task_id)
+            if facts.image_count and facts.task_status in (None, "SUCCEEDED"):
+                await meter(
+                    request, ctx, key.name, model, upstream.name, facts.image_count, facts.task_id
+                )
+            return
         if record.status not in TERMINAL:
             await task_created(request, facts.task_id)
         # A sync answer that carries a task id is metered through the same

@@ -135,7 +135,7 @@ async def relay_response(
             out = web.Response(status=resp.status, reason=resp.reason, body=body, headers=headers)
             relayed = Relayed(out, resp.status, facts, code, True, upstream_rid)
             if settle is not None:
-                await settle(relayed)
+                await _settle_safely(settle, relayed, upstream)
             return relayed
         return await _stream(
             request,
@@ -208,11 +208,24 @@ async def _stream(
     facts = sniffer.facts() if resp.status == 200 else BodyFacts()
     relayed = Relayed(out, resp.status, facts, code, complete, upstream_rid)
     if settle is not None:
-        await settle(relayed)
+        await _settle_safely(settle, relayed, upstream)
     if client_alive:
         with contextlib.suppress(*_CLIENT_GONE):
             await out.write_eof()
     return relayed
+
+
+async def _settle_safely(settle: Settle, relayed: Relayed, upstream: UpstreamConfig) -> None:
+    """Run `settle`; a failure there (a state store error, say) is logged, never turned into
+    an error for a client whose answer DashScope already produced and billed."""
+    try:
+        await settle(relayed)
+    except Exception:
+        log.exception(
+            "settling a response from upstream %s failed (status %s); relaying it anyway",
+            upstream.name,
+            relayed.status,
+        )
 
 
 def _abort(request: web.Request) -> None:

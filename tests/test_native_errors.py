@@ -224,3 +224,34 @@ def test_client_disconnect_after_submit_still_counted(gateway: Gateway) -> None:
     assert gateway.metric("dashscope_proxy_inflight_requests", route="multimodal-generation") == 0
     still_serving(gateway)
     assert UPSTREAM_KEY not in gateway.access.getvalue().decode()
+
+
+def test_state_store_failure_still_answers_and_counts(
+    start_gateway: GatewayFactory, tmp_path
+) -> None:
+    """A locked state file (another process holds it) must not cost the client its answer
+    or the image count: the task cannot be recorded, so the finished answer is counted now."""
+    import sqlite3
+
+    state = tmp_path / "locked.db"
+    gw = start_gateway(yaml_text=gateway_yaml(start_gateway.sim.url, state))
+    holder = sqlite3.connect(state, isolation_level=None, timeout=1)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        r = requests.post(
+            gw.url + "/api/v1/services/aigc/text2image/image-synthesis",
+            json={
+                "model": "wan2.2-t2i-flash",
+                "input": {"prompt": "a kite"},
+                "parameters": {"n": 1, "size": "1024*1024"},
+            },
+            headers=AUTH,
+            timeout=30,
+        )
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert r.status_code == 200, r.text
+    assert r.json()["output"]["task_status"] == "SUCCEEDED"
+    assert gw.images("team-a", "wan2.2-t2i-flash") == 1
+    still_serving(gw)
