@@ -25,17 +25,13 @@ from multidict import CIMultiDict
 
 from . import native
 from .admission import admit
-from .auth import check_model_allowed
 from .config import UpstreamConfig
 from .errors import GatewayError
 from .failover import call_with_failover
-from .inbound import parse_json_object, read_body, require_model
-from .input_limits import check_prompts
 from .jsonutil import dumps
 from .limits import requested_images
 from .model_table import BodyShape, Route, resolve
-from .relay import Relayed, relay_response
-from .runtime import CTX, METRICS, RUNTIME
+from .runtime import CTX, RUNTIME
 from .upstream import request_headers
 
 ONLY_ALIYUN = "only aliyun channel is supported on /aliyun/v1/images/generations"
@@ -89,27 +85,19 @@ def native_body(obj: dict[str, Any], route: Route) -> dict[str, Any]:
 async def generations(request: web.Request) -> web.StreamResponse:
     ctx = request[CTX]
     rt = request.app[RUNTIME].current
-    key = native._authenticate(request, rt, ctx)
-    raw = await read_body(request, rt.config.server.max_body_bytes)
-    obj = parse_json_object(raw)
-    model = require_model(obj)
-    native._set_model(ctx, rt, model)
-    check_model_allowed(key, model)
-    if rt.config.server.log_prompts:
-        ctx.prompt = native._prompt_of(obj)
-    route = resolve(model, rt.config.models)
+    req = await native.read_native_request(request, ctx, rt)
+    route = resolve(req.model, rt.config.models)
     candidates = rt.router.candidates(route.target)
     if not candidates:
         raise only_aliyun()
-    check_prompts(obj)
     await admit(
         request,
-        key,
+        req.key,
         model=route.target,
-        images=requested_images(route.target, obj.get("parameters")),
+        images=requested_images(route.target, req.body.get("parameters")),
     )
     endpoint = route.endpoint
-    body = native_body(obj, route)
+    body = native_body(req.body, route)
 
     def headers_for(upstream: UpstreamConfig) -> CIMultiDict[str]:
         headers = request_headers(request.headers, upstream.api_key)
@@ -120,7 +108,7 @@ async def generations(request: web.Request) -> web.StreamResponse:
             headers.popall("X-DashScope-Async", None)
         return headers
 
-    payload = raw if body == obj else dumps(body)
+    payload = req.raw if body == req.body else dumps(body)
     async with call_with_failover(
         request,
         candidates,
@@ -131,15 +119,7 @@ async def generations(request: web.Request) -> web.StreamResponse:
         payload,
         pinned=native.uses_uploads(request),
     ) as call:
-        upstream = call.upstream
-
-        async def settled(relayed: Relayed) -> None:
-            await native.settle(request, ctx, rt, key, model, upstream, relayed)
-
-        relayed = await relay_response(
-            request, call.response, request.app[METRICS], upstream, settle=settled
-        )
-    return relayed.response
+        return await native.relay_settled(request, ctx, rt, req.key, req.model, call)
 
 
 def add_routes(app: web.Application) -> None:

@@ -52,7 +52,8 @@ class KeyRing:
         return found[0]
 
     def check_allowed(self, key: KeyConfig, model: str) -> None:
-        """`check_model_allowed`, memoised per (key, model) for this config."""
+        """403 AccessDenied unless the key's allowlist admits the model (memoised per
+        (key, model) for this config)."""
         ck = (key.name, model)
         ok = self._allowed.get(ck)
         if ok is None:
@@ -61,12 +62,6 @@ class KeyRing:
                 self._allowed[ck] = ok
         if not ok:
             raise model_denied(model)
-
-
-def check_model_allowed(key: KeyConfig, model: str) -> None:
-    """403 AccessDenied unless the key's allowlist admits the model."""
-    if not key.allows(model):
-        raise model_denied(model)
 
 
 def model_denied(model: str) -> GatewayError:

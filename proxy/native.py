@@ -16,14 +16,13 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from aiohttp import web
 
 from .admission import admit, task_created, task_ended
-from .auth import check_model_allowed
 from .config import KeyConfig, UpstreamConfig
 from .errors import GatewayError, invalid_parameter, no_upstream, upstream_unavailable
 from .failover import UpstreamCall, call_pinned, call_with_failover
@@ -33,7 +32,17 @@ from .jsonutil import dumps
 from .limits import requested_images
 from .metering import BodyFacts, facts_from_bytes
 from .relay import Relayed, relay_response
-from .runtime import CTX, METER, METRICS, RUNTIME, TASKS, RequestContext, Runtime
+from .runtime import (
+    CTX,
+    METER,
+    METRICS,
+    RUNTIME,
+    TASKS,
+    RequestContext,
+    Runtime,
+    authenticate,
+    set_model,
+)
 from .tasks import TERMINAL, TaskRecord
 from .upstream import request_headers
 
@@ -49,17 +58,6 @@ SERVICE_ROUTES = {
     "text2image": "/services/aigc/text2image/image-synthesis",
     "image2image": "/services/aigc/image2image/image-synthesis",
 }
-
-
-def _authenticate(request: web.Request, rt: Runtime, ctx: RequestContext) -> KeyConfig:
-    key = rt.keyring.authenticate(request.headers.get("Authorization"))
-    ctx.key = key.name
-    return key
-
-
-def _set_model(ctx: RequestContext, rt: Runtime, model: str) -> None:
-    ctx.model = model
-    ctx.model_label = rt.models.label(model)
 
 
 async def settle(
@@ -147,23 +145,63 @@ async def meter(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class NativeRequest:
+    """A native-body generation request, authenticated and checked."""
+
+    key: KeyConfig
+    raw: bytes
+    body: dict[str, Any]
+    model: str
+
+
+async def read_native_request(
+    request: web.Request, ctx: RequestContext, rt: Runtime
+) -> NativeRequest:
+    """What `/api/v1/services/...` and `/aliyun/v1` both do first: key, bounded body,
+    JSON object, model, allowlist, prompt limits (and the prompt for the log, if on)."""
+    key = authenticate(request, rt, ctx)
+    raw = await read_body(request, rt.config.server.max_body_bytes)
+    body = parse_json_object(raw)
+    model = require_model(body)
+    set_model(ctx, rt, model)
+    rt.keyring.check_allowed(key, model)
+    if rt.config.server.log_prompts:
+        ctx.prompt = _prompt_of(body)
+    check_prompts(body)
+    return NativeRequest(key, raw, body, model)
+
+
+async def relay_settled(
+    request: web.Request,
+    ctx: RequestContext,
+    rt: Runtime,
+    key: KeyConfig,
+    model: str,
+    call: UpstreamCall,
+) -> web.StreamResponse:
+    """Relay a service call's answer unchanged, settling it (task, images) before its end."""
+    upstream = call.upstream
+
+    async def settled(relayed: Relayed) -> None:
+        await settle(request, ctx, rt, key, model, upstream, relayed)
+
+    relayed = await relay_response(
+        request, call.response, request.app[METRICS], upstream, settle=settled
+    )
+    return relayed.response
+
+
 async def service_call(request: web.Request, service: str) -> web.StreamResponse:
     """POST /api/v1/services/aigc/...: sync, SSE and async submits alike."""
     ctx = request[CTX]
     rt = request.app[RUNTIME].current
-    key = _authenticate(request, rt, ctx)
-    body = await read_body(request, rt.config.server.max_body_bytes)
-    obj = parse_json_object(body)
-    model = require_model(obj)
-    _set_model(ctx, rt, model)
-    rt.keyring.check_allowed(key, model)
-    if rt.config.server.log_prompts:
-        ctx.prompt = _prompt_of(obj)
-    check_prompts(obj)
-    candidates = rt.router.candidates(model)
+    req = await read_native_request(request, ctx, rt)
+    candidates = rt.router.candidates(req.model)
     if not candidates:
-        raise no_upstream(model)
-    await admit(request, key, model=model, images=requested_images(model, obj.get("parameters")))
+        raise no_upstream(req.model)
+    images = requested_images(req.model, req.body.get("parameters"))
+    await admit(request, req.key, model=req.model, images=images)
     # Failover across the model's upstreams while nothing reached the client
     # (proxy.failover says what is retried); `oss://` inputs stay pinned.
     async with call_with_failover(
@@ -173,18 +211,10 @@ async def service_call(request: web.Request, service: str) -> web.StreamResponse
         "POST",
         service,
         lambda u: request_headers(request.headers, u.api_key),
-        body,
+        req.raw,
         pinned=uses_uploads(request),
     ) as call:
-        upstream = call.upstream
-
-        async def settled(relayed: Relayed) -> None:
-            await settle(request, ctx, rt, key, model, upstream, relayed)
-
-        relayed = await relay_response(
-            request, call.response, request.app[METRICS], upstream, settle=settled
-        )
-    return relayed.response
+        return await relay_settled(request, ctx, rt, req.key, req.model, call)
 
 
 def uses_uploads(request: web.Request) -> bool:
@@ -229,7 +259,7 @@ async def _owned(
     record = await request.app[TASKS].get(task_id)
     if record is None or record.key != key.name:
         return None
-    _set_model(ctx, rt, record.model)
+    set_model(ctx, rt, record.model)
     upstream = rt.router.by_name(record.upstream)
     if upstream is None:
         raise upstream_unavailable(
@@ -307,7 +337,7 @@ async def settle_poll(
 async def get_task(request: web.Request) -> web.StreamResponse:
     ctx = request[CTX]
     rt = request.app[RUNTIME].current
-    key = _authenticate(request, rt, ctx)
+    key = authenticate(request, rt, ctx)
     task_id = _valid_task_id(request)
     owned = await _owned(request, ctx, rt, key, task_id)
     if owned is None:
@@ -319,7 +349,7 @@ async def get_task(request: web.Request) -> web.StreamResponse:
 async def cancel_task(request: web.Request) -> web.StreamResponse:
     ctx = request[CTX]
     rt = request.app[RUNTIME].current
-    key = _authenticate(request, rt, ctx)
+    key = authenticate(request, rt, ctx)
     task_id = _valid_task_id(request)
     owned = await _owned(request, ctx, rt, key, task_id)
     if owned is None:
@@ -372,13 +402,13 @@ async def list_tasks(request: web.Request) -> web.StreamResponse:
     """
     ctx = request[CTX]
     rt = request.app[RUNTIME].current
-    key = _authenticate(request, rt, ctx)
+    key = authenticate(request, rt, ctx)
     page_no = _int_param(request, "page_no", 1, 1, 1_000_000)
     page_size = _int_param(request, "page_size", 10, 1, 100)
     status = request.query.get("status") or None
     model = request.query.get("model_name") or None
     if model:
-        _set_model(ctx, rt, model)
+        set_model(ctx, rt, model)
     records, total = await request.app[TASKS].list_for_key(
         key.name,
         offset=(page_no - 1) * page_size,
@@ -435,14 +465,14 @@ async def uploads(request: web.Request) -> web.StreamResponse:
     """GET /api/v1/uploads?action=getPolicy&model=M: the SDK's upload policy for local files."""
     ctx = request[CTX]
     rt = request.app[RUNTIME].current
-    key = _authenticate(request, rt, ctx)
+    key = authenticate(request, rt, ctx)
     model = request.query.get("model")
     if not model:
         raise GatewayError(
             400, "BadRequest.EmptyModel", 'Required parameter "model" missing from request.'
         )
-    _set_model(ctx, rt, model)
-    check_model_allowed(key, model)
+    set_model(ctx, rt, model)
+    rt.keyring.check_allowed(key, model)
     candidates = rt.router.candidates(model)
     if not candidates:
         raise no_upstream(model)

@@ -34,7 +34,6 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from . import generation
 from .admission import admit, task_created
-from .auth import check_model_allowed
 from .config import KeyConfig, UpstreamConfig
 from .errors import GatewayError, no_upstream, too_large, upstream_unavailable
 from .image_fetch import FetchPolicy, fetch_all
@@ -42,7 +41,7 @@ from .inbound import parse_json_object, read_body
 from .input_limits import check_prompt
 from .jsonutil import dumps, loads
 from .model_table import TABLE, Route, resolve
-from .native import _authenticate, _valid_task_id
+from .native import _valid_task_id
 from .openai_errors import bad_request, task_error
 from .openai_translate import (
     ImageRequest,
@@ -56,7 +55,16 @@ from .openai_translate import (
     parse_request,
     task_object,
 )
-from .runtime import CTX, RUNTIME, SESSION, TASKS, RequestContext, Runtime
+from .runtime import (
+    CTX,
+    RUNTIME,
+    SESSION,
+    TASKS,
+    RequestContext,
+    Runtime,
+    authenticate,
+    set_model,
+)
 from .tasks import TaskRecord
 
 # Seed 002's example model; the OpenAI SDK may omit `model`.
@@ -73,11 +81,6 @@ def _json(body: object, status: int = 200) -> web.Response:
     return web.Response(status=status, body=dumps(body), content_type="application/json")
 
 
-def _set_model(ctx: RequestContext, rt: Runtime, model: str) -> None:
-    ctx.model = model
-    ctx.model_label = rt.models.label(model)
-
-
 # --------------------------------------------------------------------- generations
 
 
@@ -85,7 +88,7 @@ async def generations(request: web.Request) -> web.StreamResponse:
     """POST /v1/images/generations."""
     ctx = request[CTX]
     rt = request.app[RUNTIME].current
-    key = _authenticate(request, rt, ctx)
+    key = authenticate(request, rt, ctx)
     obj = parse_json_object(await read_body(request, rt.config.server.max_body_bytes))
     req = parse_request(
         obj, default_model=DEFAULT_MODEL, default_format=rt.config.openai.default_response_format
@@ -96,8 +99,8 @@ async def generations(request: web.Request) -> web.StreamResponse:
 async def _generate(
     request: web.Request, ctx: RequestContext, rt: Runtime, key: KeyConfig, req: ImageRequest
 ) -> web.StreamResponse:
-    _set_model(ctx, rt, req.model)
-    check_model_allowed(key, req.model)
+    set_model(ctx, rt, req.model)
+    rt.keyring.check_allowed(key, req.model)
     if rt.config.server.log_prompts:
         ctx.prompt = req.prompt
     route = resolve(req.model, rt.config.models)
@@ -182,7 +185,7 @@ async def get_task(request: web.Request) -> web.StreamResponse:
     """GET /v1/images/generations/{task_id}: progress, then the result `data[]`."""
     ctx = request[CTX]
     rt = request.app[RUNTIME].current
-    key = _authenticate(request, rt, ctx)
+    key = authenticate(request, rt, ctx)
     task_id = _valid_task_id(request)
     record = await request.app[TASKS].get(task_id)
     meta = _read_meta(record)
@@ -194,7 +197,7 @@ async def get_task(request: web.Request) -> web.StreamResponse:
         or time.time() - record.created_at > rt.config.openai.task_retention_seconds
     ):
         raise _task_not_found(task_id)
-    _set_model(ctx, rt, record.model)
+    set_model(ctx, rt, record.model)
     upstream = _task_upstream(rt, record)
     ctx.upstream = upstream.name
     answer = await generation.poll_once(request, ctx, record, upstream)
@@ -248,7 +251,7 @@ async def edits(request: web.Request) -> web.StreamResponse:
     """POST /v1/images/edits: multipart/form-data exactly as the OpenAI SDK sends it."""
     ctx = request[CTX]
     rt = request.app[RUNTIME].current
-    key = _authenticate(request, rt, ctx)
+    key = authenticate(request, rt, ctx)
     fields, images = await _read_form(request, rt.config.server.max_body_bytes)
     if not images:
         raise bad_request(
@@ -338,7 +341,7 @@ async def list_models(request: web.Request) -> web.StreamResponse:
     """
     ctx = request[CTX]
     rt = request.app[RUNTIME].current
-    key = _authenticate(request, rt, ctx)
+    key = authenticate(request, rt, ctx)
     names = sorted(set(TABLE) | set(rt.config.models))
     data = []
     for name in names:
