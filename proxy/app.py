@@ -58,13 +58,13 @@ ACCESS_LOG = web.AppKey("access_log", AccessLog)
 _OPS_ROUTES = frozenset({"ops.metrics", "ops.healthz", "ops.readyz"})
 
 
-def _http_exception_to_gateway(exc: web.HTTPException, method: str) -> GatewayError:
+def _http_exception_to_gateway(exc: web.HTTPException, request: web.Request) -> GatewayError:
     if exc.status == 404:
         return not_found("No such endpoint.")
     if exc.status == 405:
-        return method_not_allowed(method)
+        return method_not_allowed(request.method)
     if exc.status == 413:
-        return too_large(0)
+        return too_large(request.app[RUNTIME].current.config.server.max_body_bytes)
     return GatewayError(exc.status, "InvalidParameter", exc.reason)
 
 
@@ -93,7 +93,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             ctx.error_code = ctx.error_code or exc.code
             response = render_error(exc, dialect_for_path(request.path), ctx.request_id)
         except web.HTTPException as exc:
-            mapped = _http_exception_to_gateway(exc, request.method)
+            mapped = _http_exception_to_gateway(exc, request)
             ctx.error_code = mapped.code
             response = render_error(mapped, dialect_for_path(request.path), ctx.request_id)
         except (asyncio.CancelledError, ConnectionResetError):
