@@ -44,6 +44,11 @@ _OPENAI_TYPES = {
 }
 
 
+def openai_type_for(status: int) -> str:
+    """OpenAI's error `type` for an HTTP status."""
+    return _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
 @dataclass(slots=True)
 class GatewayError(Exception):
     """An error answered to the client. `code` is DashScope's code."""
@@ -59,9 +64,7 @@ class GatewayError(Exception):
         return f"{self.status} {self.code}: {self.message}"
 
     def openai_body(self) -> dict[str, object]:
-        etype = self.openai_type or _OPENAI_TYPES.get(
-            self.status, "server_error" if self.status >= 500 else "invalid_request_error"
-        )
+        etype = self.openai_type or openai_type_for(self.status)
         return {
             "error": {"message": self.message, "type": etype, "code": self.openai_code or self.code}
         }

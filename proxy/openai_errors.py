@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import GatewayError
+from .errors import GatewayError, openai_type_for
 
 IMAGE_REQUEST = "invalid_image_request"  # the OpenAI `code` of the relay's parameter errors
 
@@ -34,15 +34,6 @@ def bad_request(message: str) -> GatewayError:
 _CONTENT_CODES = frozenset(
     {"DataInspectionFailed", "InvalidParameter.DataInspection", "IPInfringementSuspect"}
 )
-_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "invalid_request_error",
-    408: "timeout_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-}
 
 
 def status_for_code(code: str) -> int:
@@ -84,7 +75,7 @@ def upstream_error(
             f"DashScope rejected the gateway's upstream credentials ({code}: {message}). "
             "Your gateway key was accepted; tell the gateway operator."
         )
-    etype = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    etype = openai_type_for(status)
     return GatewayError(
         status,
         code,
