@@ -88,10 +88,10 @@ async def task_created(request: web.Request, task_id: str) -> None:
     )
 
 
-async def task_ended(request: web.Request, key: str, task_id: str) -> None:
+async def task_ended(app: web.Application, key: str, task_id: str) -> None:
     """`task_id` of `key` ended without images (FAILED, CANCELED, UNKNOWN)."""
-    if _limits_of(request.app[RUNTIME].current.config, key) is not None:
-        await request.app[STATE].limiter.settle_task(key, task_id)
+    if _limits_of(app[RUNTIME].current.config, key) is not None:
+        await app[STATE].limiter.settle_task(key, task_id)
 
 
 def _limits_of(config: Config, key: str) -> LimitsConfig | None:

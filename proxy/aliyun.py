@@ -88,7 +88,9 @@ async def generations(request: web.Request) -> web.StreamResponse:
     req = await native.read_native_request(request, ctx, rt)
     route = resolve(req.model, rt.config.models)
     candidates = rt.router.candidates(route.target)
-    if not candidates:
+    if not candidates or not rt.router.knows(req.model):
+        # Not a DashScope model (gpt-image-1, dall-e-3 ...), or none configured for it:
+        # the hosted platform's exact answer, before any upstream call.
         raise only_aliyun()
     await admit(
         request,

@@ -37,6 +37,7 @@ from .failover import UPSTREAMS, UpstreamHealth
 from .ledger import ledger_ctx
 from .metering import Meter
 from .metrics import Metrics
+from .reconciler import reconciler_ctx
 from .runtime import (
     CTX,
     METER,
@@ -180,6 +181,7 @@ def create_app(
     app.cleanup_ctx.append(state_ctx)  # app[STATE], app[TASKS]
     app.cleanup_ctx.append(limits_ctx)
     app.cleanup_ctx.append(ledger_ctx)
+    app.cleanup_ctx.append(reconciler_ctx)  # meters through the ledger: stops first
     native.add_routes(app)
     openai_images.add_routes(app)
     aliyun.add_routes(app)

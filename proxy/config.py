@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .model_table import override_problem
+from .model_table import family, override_problem
 
 __all__ = [
     "Config",
@@ -37,6 +37,7 @@ __all__ = [
     "OpenAIConfig",
     "ServerConfig",
     "StateConfig",
+    "TasksConfig",
     "UpstreamConfig",
     "load_config",
     "parse_config",
@@ -119,7 +120,11 @@ class UpstreamConfig:
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
 
     def serves(self, model: str) -> bool:
-        return any(fnmatchcase(model, pattern) for pattern in self.models)
+        """Does a `models` pattern match `model`, or (a dated snapshot) its family?"""
+        if any(fnmatchcase(model, pattern) for pattern in self.models):
+            return True
+        base = family(model)
+        return base != model and any(fnmatchcase(base, pattern) for pattern in self.models)
 
     @property
     def host(self) -> str:
@@ -168,6 +173,24 @@ class StateConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TasksConfig:
+    """The background reconciler: tasks nobody polls are still counted.
+
+    Every recorded task that is not final is polled by the gateway itself, first
+    `reconcile_after_seconds` after it was created, then at growing intervals up to
+    `reconcile_max_interval_seconds`, until DashScope reports it final or forgets it.
+    The polls are paced (`reconcile_polls_per_second`, `reconcile_concurrency` per
+    process) so thousands of outstanding tasks never burst DashScope.
+    """
+
+    reconcile_after_seconds: float = 60.0
+    reconcile_max_interval_seconds: float = 300.0
+    reconcile_polls_per_second: float = 20.0
+    reconcile_concurrency: int = 8
+    reconcile: bool = True  # false: tasks are counted only when a client polls them
+
+
+@dataclass(frozen=True, slots=True)
 class ImageFetchConfig:
     """Fetching result images for `response_format: b64_json` (an SSRF surface)."""
 
@@ -199,6 +222,7 @@ class Config:
     models: Mapping[str, ModelOverride] = field(default_factory=dict)
     state: StateConfig = StateConfig()
     openai: OpenAIConfig = OpenAIConfig()
+    tasks: TasksConfig = TasksConfig()
 
     def upstreams_for(self, model: str) -> tuple[UpstreamConfig, ...]:
         """Upstreams serving `model`, in config order."""
@@ -462,6 +486,26 @@ def _parse_state(s: _Section) -> StateConfig:
     return StateConfig(backend=backend, path=s.text("path", d.path), url=url)
 
 
+def _parse_tasks(s: _Section) -> TasksConfig:
+    d = TasksConfig()
+    after = s.number("reconcile_after_seconds", d.reconcile_after_seconds, 0.01)
+    most = s.number("reconcile_max_interval_seconds", d.reconcile_max_interval_seconds, 0.01)
+    if most < after:
+        s.p.add(
+            s.loc("reconcile_max_interval_seconds"),
+            f"must be at least reconcile_after_seconds ({after:g})",
+        )
+    return TasksConfig(
+        reconcile_after_seconds=after,
+        reconcile_max_interval_seconds=most,
+        reconcile_polls_per_second=s.number(
+            "reconcile_polls_per_second", d.reconcile_polls_per_second, 0.01
+        ),
+        reconcile_concurrency=s.integer("reconcile_concurrency", d.reconcile_concurrency, 1, 1000),
+        reconcile=s.flag("reconcile", d.reconcile),
+    )
+
+
 def _parse_openai(s: _Section) -> OpenAIConfig:
     d = OpenAIConfig()
     fmt = s.text("default_response_format", d.default_response_format)
@@ -492,7 +536,9 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "yaml"
         raise ConfigError([f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
     raw = _interpolate(raw, "", environ, p)
-    root = _Section(raw, "", p, {"server", "upstreams", "keys", "models", "state", "openai"})
+    root = _Section(
+        raw, "", p, {"server", "upstreams", "keys", "models", "state", "openai", "tasks"}
+    )
 
     server = _parse_server(root.section("server", set(ServerConfig.__dataclass_fields__)))
 
@@ -547,9 +593,11 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
             },
         )
     )
+    tasks = _parse_tasks(root.section("tasks", set(TasksConfig.__dataclass_fields__)))
     if p.items:
         raise ConfigError(p.items)
     return Config(
+        tasks=tasks,
         server=server,
         upstreams=tuple(upstreams),
         keys=tuple(keys),

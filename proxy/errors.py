@@ -141,6 +141,37 @@ def no_upstream(model: str) -> GatewayError:
     )
 
 
+# DashScope's throttling answers carry no Retry-After; its per-minute quotas and the
+# burst throttle ("request rate increased too quickly") both clear within seconds.
+THROTTLE_RETRY_AFTER = 1
+
+
+def is_throttling(code: str | None) -> bool:
+    """Pure: is this one of DashScope's `Throttling*` codes (any of them, including the
+    burst throttle)? They all reach the client as 429 with `Retry-After`."""
+    return bool(code) and str(code).startswith("Throttling")
+
+
+def retry_after_of(header: str | None) -> int:
+    """Pure: DashScope's `Retry-After` (whole seconds) if it sent one, else our default."""
+    if header and header.strip().isdigit():
+        return max(1, int(header.strip()))
+    return THROTTLE_RETRY_AFTER
+
+
+def unknown_model(model: str) -> GatewayError:
+    """A name the gateway does not know as a DashScope model (`gpt-image-1`, `dall-e-3`),
+    refused on the OpenAI front end before any upstream call."""
+    return GatewayError(
+        400,
+        "InvalidParameter",
+        f"Model {model!r} is not a DashScope image model known to this gateway. Use a "
+        "DashScope model (for example qwen-image-2.0), or map this name to one in the "
+        "gateway config's models: section.",
+        openai_code="model_not_found",
+    )
+
+
 def internal_error() -> GatewayError:
     return GatewayError(
         500,

@@ -466,7 +466,7 @@ async def call_with_failover(
 
 @contextlib.asynccontextmanager
 async def call_pinned(
-    request: web.Request,
+    app: web.Application,
     upstream: UpstreamConfig,
     endpoint: str,
     method: str,
@@ -481,9 +481,9 @@ async def call_pinned(
     Its cap applies (waiting up to the connect timeout for a slot) and its breaker:
     while open, the caller gets 503 with Retry-After at once, which the DashScope
     SDKs retry for polls, instead of a 502 that would end their wait for a task
-    that still exists.
+    that still exists. Takes the app, not a request: the reconciler polls with no
+    client request.
     """
-    app = request.app
     health = app[UPSTREAMS]
     metrics = app[METRICS]
     breaker = health.breaker(upstream.name)

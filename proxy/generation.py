@@ -21,7 +21,6 @@ response translation, image fetching, HTTP handlers.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +37,7 @@ from .jsonutil import dumps, loads
 from .metering import facts_from_json
 from .openai_errors import task_error, upstream_error
 from .runtime import METRICS, RUNTIME, TASKS, RequestContext
+from .settlement import Origin, meter, new_task, settle_task
 from .tasks import TERMINAL, TaskRecord
 from .upstream import map_client_error
 
@@ -162,20 +162,6 @@ def _retry_after(value: str | None) -> int | None:
     return None
 
 
-async def meter(
-    request: web.Request,
-    ctx: RequestContext,
-    key: str,
-    model: str,
-    upstream: str,
-    images: int,
-    task_id: str | None,
-) -> None:
-    """Count `images` for `key` and the model the client asked for."""
-    _seen_succeeding(request, ctx, model)
-    await native.meter(request, ctx, key, model, upstream, images, task_id)
-
-
 async def call_sync(
     request: web.Request,
     ctx: RequestContext,
@@ -194,10 +180,20 @@ async def call_sync(
     if answer.status != 200:
         raise answer.error()
     facts = facts_from_json(answer.body)
+    _seen_succeeding(request, ctx, model)
     if facts.image_count:
         # A sync answer is metered here, once; a final-task-shaped answer
         # (text2image sync_call) carries a task id nobody will poll.
-        await meter(request, ctx, key.name, model, upstream.name, facts.image_count, facts.task_id)
+        await meter(
+            request.app,
+            Origin(ctx.route, ctx.request_id, ctx),
+            key=key.name,
+            model=model,
+            upstream=upstream.name,
+            images=facts.image_count,
+            task_id=facts.task_id,
+            anomaly=facts.anomaly,
+        )
     return answer.body
 
 
@@ -228,15 +224,15 @@ async def submit(
             openai_type="server_error",
             openai_code="upstream_bad_answer",
         )
-    record = TaskRecord(
+    record = new_task(
+        request.app,
         facts.task_id,
         key.name,
         model,
         upstream.name,
         ctx.route,
-        time.time(),
-        facts.task_status or "PENDING",
-        meta=meta,
+        facts.task_status,
+        meta,
     )
     await request.app[TASKS].put(record)
     _seen_succeeding(request, ctx, model)
@@ -257,11 +253,17 @@ async def poll_once(
     headers = dashscope_headers(request.headers, upstream.api_key, async_=False)
     # Pinned: the task exists only on the upstream that created it.
     async with call_pinned(
-        request, upstream, "tasks.get", "GET", f"/tasks/{record.task_id}", headers, None
+        request.app, upstream, "tasks.get", "GET", f"/tasks/{record.task_id}", headers, None
     ) as call:
         answer = await _read_answer(request, upstream, call.response)
     if answer.status == 200:
-        await native.settle_poll(request, ctx, record, answer.status, facts_from_json(answer.body))
+        await settle_task(
+            request.app,
+            Origin(ctx.route, ctx.request_id, ctx),
+            record,
+            answer.status,
+            facts_from_json(answer.body),
+        )
     return answer
 
 

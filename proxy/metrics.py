@@ -68,7 +68,18 @@ KNOWN_MODELS = (
     "wanx2.1-t2i-turbo",
     "wanx2.1-t2i-plus",
     "wanx-v1",
+    # 2026 additions
+    "qwen-image-3.0",
+    "qwen-image-3.0-pro",
+    "z-image-turbo",
+    "wan2.7-image",
+    "wan2.7-image-pro",
 )
+
+# Why an answer's image count had to be inferred (`metering_anomalies{reason}`).
+ANOMALY_REASONS = ("no_count_field", "invalid_count_field")
+# How a background reconciler poll ended (`reconciler_polls{outcome}`).
+RECONCILE_OUTCOMES = ("running", "succeeded", "ended", "unknown", "error")
 
 # A model label must look like a model name; anything else is `other` even if
 # the upstream accepted it.
@@ -232,6 +243,29 @@ class Metrics:
             "by operation: limits | usage | tasks.",
             ["operation"],
             registry=registry,
+        )
+        self.metering_anomalies = Counter(
+            "dashscope_proxy_metering_anomalies_total",
+            "Successful answers whose image count was inferred from the images they hold "
+            "because usage carried no valid image_count / output_image_count, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in ANOMALY_REASONS:
+            self.metering_anomalies.labels(reason)
+        self.reconciler_polls = Counter(
+            "dashscope_proxy_reconciler_polls_total",
+            "Task polls the gateway made by itself (tasks nobody polled), by upstream and "
+            "outcome: running | succeeded | ended | unknown | error. Never counted against "
+            "a key's rate limit.",
+            ["upstream", "outcome"],
+            registry=registry,
+        )
+        self.reconciler_backlog = Gauge(
+            "dashscope_proxy_reconciler_due_tasks",
+            "Recorded tasks not yet final whose background poll is due, as last seen.",
+            registry=registry,
+            multiprocess_mode="livemax",
         )
         self.state_backend_up.set(1)
 

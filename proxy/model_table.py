@@ -24,9 +24,10 @@ whether a key may use it (`auth.py`).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from fnmatch import fnmatchcase
 from typing import Protocol
 
 
@@ -173,6 +174,32 @@ _WAN25_I2I = ModelSpec(
     images_min=1,
     images_max=3,
 )
+# 2026 additions. qwen-image-3.0: text-to-image and editing (0-3 input images), usage
+# `output_image_count`; its prompt limit is undocumented, so it is not checked here.
+_QWEN3 = ModelSpec(
+    "qwen-image-3.0",
+    _E1,
+    None,
+    None,
+    SizeRule("pixels", 512 * 512, 2048 * 2048),
+    6,
+    images_min=0,
+    images_max=3,
+)
+# z-image-turbo: a qwen-style sync text-to-image model; its limits are not
+# documented well enough to refuse anything locally.
+_Z_IMAGE = ModelSpec("z-image-turbo", _E1, None, None, SizeRule("any"), None)
+# wan2.7-image: like wan2.6-image, but text-to-image too (0-4 reference images).
+_WAN27_IMAGE = ModelSpec(
+    "wan2.7-image",
+    _E1,
+    _E2,
+    None,
+    SizeRule("any", presets=("1K", "2K")),
+    4,
+    images_min=0,
+    images_max=4,
+)
 # Unknown models: routed like the current generation (messages on the sync
 # endpoint, or the messages task endpoint with mode: async), never checked here.
 UNKNOWN = ModelSpec("unknown", _E1, _E2, None, SizeRule("any"), None, 0, 16)
@@ -195,19 +222,45 @@ TABLE: Mapping[str, ModelSpec] = {
     "wanx2.1-t2i-plus": _WAN21_T2I,
     "wanx-v1": _WANX_V1,
     "wan2.5-i2i-preview": _WAN25_I2I,
+    "qwen-image-3.0": _QWEN3,
+    "qwen-image-3.0-pro": _QWEN3,
+    "z-image-turbo": _Z_IMAGE,
+    "wan2.7-image": _WAN27_IMAGE,
+    "wan2.7-image-pro": _WAN27_IMAGE,
 }
 
-_SNAPSHOT = re.compile(r"^(.+?)-\d{4}-\d{2}-\d{2}$")
+# A dated snapshot: `<family>-YYYY-MM-DD` or `<family>-MMDD`.
+_SNAPSHOT = re.compile(r"^(.+?)-(?:\d{4}-\d{2}-\d{2}|\d{4})$")
+
+
+def family(model: str) -> str:
+    """The catalogue name `model` behaves as: itself, or the family of its dated snapshot
+    (`qwen-image-2.0-pro-2026-04-22` -> `qwen-image-2.0-pro`). Unknown names map to
+    themselves."""
+    if model in TABLE:
+        return model
+    m = _SNAPSHOT.match(model)
+    if m and m.group(1) in TABLE:
+        return m.group(1)
+    return model
 
 
 def lookup(model: str) -> ModelSpec | None:
     """The table entry of `model` or of the family of its dated snapshot; None if unknown."""
-    spec = TABLE.get(model)
-    if spec is None:
-        m = _SNAPSHOT.match(model)
-        if m:
-            spec = TABLE.get(m.group(1))
-    return spec
+    return TABLE.get(family(model))
+
+
+def is_dashscope_model(
+    model: str, overrides: Mapping[str, Override], upstream_patterns: Iterable[str]
+) -> bool:
+    """Does the gateway know `model` as a DashScope model? In the built-in catalogue
+    (dated snapshots included), named in the config's `models:` section, or matched by
+    an upstream's explicit `models` pattern (anything but the catch-all `*`). The
+    OpenAI and `/aliyun/v1` front ends refuse other names (`gpt-image-1`, `dall-e-3`)
+    before any upstream call; `/api/v1` passes every name through."""
+    if lookup(model) is not None or model in overrides:
+        return True
+    return any(p != "*" and fnmatchcase(model, p) for p in upstream_patterns)
 
 
 def edit_models() -> list[str]:

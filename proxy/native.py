@@ -13,7 +13,6 @@ import asyncio
 import logging
 import math
 import re
-import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
@@ -30,11 +29,10 @@ from .inbound import parse_json_object, read_body, require_model
 from .input_limits import check_prompts
 from .jsonutil import dumps
 from .limits import requested_images
-from .metering import BodyFacts, facts_from_bytes
+from .metering import facts_from_bytes
 from .relay import Relayed, relay_response
 from .runtime import (
     CTX,
-    METER,
     METRICS,
     RUNTIME,
     TASKS,
@@ -43,6 +41,7 @@ from .runtime import (
     authenticate,
     set_model,
 )
+from .settlement import Origin, settle_answer, settle_task
 from .tasks import TERMINAL, TaskRecord
 from .upstream import request_headers
 
@@ -63,7 +62,6 @@ SERVICE_ROUTES = {
 async def settle(
     request: web.Request,
     ctx: RequestContext,
-    rt: Runtime,
     key: KeyConfig,
     model: str,
     upstream: UpstreamConfig,
@@ -71,78 +69,25 @@ async def settle(
     meta: str | None = None,
 ) -> None:
     """After a service call: record a created task, meter what DashScope reported."""
-    app = request.app
     ctx.upstream_request_id = relayed.upstream_request_id
     ctx.error_code = relayed.error_code
     if relayed.status != 200:
         return
-    rt.models.seen_succeeding(model)
-    ctx.model_label = rt.models.label(model)
-    facts = relayed.facts
-    if facts.task_id:
-        # An async submit (PENDING), or a sync_call answering the final task
-        # shape: either way the task is ours, and metered at most once.
-        record = TaskRecord(
-            facts.task_id,
-            key.name,
-            model,
-            upstream.name,
-            ctx.route,
-            time.time(),
-            facts.task_status or "PENDING",
-            meta=meta,
-        )
-        try:
-            await app[TASKS].put(record)
-        except Exception:
-            # The state store failed: the task cannot be routed or claimed later, so
-            # count a finished answer now (no later poll can count it again) and let
-            # the client have DashScope's answer regardless.
-            log.exception("recording task %s failed", facts.task_id)
-            if facts.image_count and facts.task_status in (None, "SUCCEEDED"):
-                await meter(
-                    request, ctx, key.name, model, upstream.name, facts.image_count, facts.task_id
-                )
-            return
-        if record.status not in TERMINAL:
-            await task_created(request, facts.task_id)
-        # A sync answer that carries a task id is metered through the same
-        # once-per-task claim, so a later poll of that id never counts again.
-        if (
-            facts.image_count
-            and facts.task_status in (None, "SUCCEEDED")
-            and await app[TASKS].claim_metering(facts.task_id)
-        ):
-            await meter(
-                request, ctx, key.name, model, upstream.name, facts.image_count, facts.task_id
-            )
-        return
-    if facts.image_count:
-        await meter(request, ctx, key.name, model, upstream.name, facts.image_count, None)
-
-
-async def meter(
-    request: web.Request,
-    ctx: RequestContext,
-    key: str,
-    model: str,
-    upstream: str,
-    images: int,
-    task_id: str | None,
-) -> None:
-    """Count `images` for `key` and the model the client asked for: the one path every
-    front end (native, OpenAI, aliyun) records images through."""
-    ctx.images += images
-    await request.app[METER].record(
-        key=key,
+    record = await settle_answer(
+        request.app,
+        origin(ctx),
+        key=key.name,
         model=model,
-        model_label=ctx.model_label,
-        images=images,
-        route=ctx.route,
-        upstream=upstream,
-        request_id=ctx.request_id,
-        task_id=task_id,
+        upstream=upstream.name,
+        facts=relayed.facts,
+        meta=meta,
     )
+    if record is not None and record.status not in TERMINAL:
+        await task_created(request, record.task_id)  # its reservation follows the task
+
+
+def origin(ctx: RequestContext) -> Origin:
+    return Origin(ctx.route, ctx.request_id, ctx)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +129,7 @@ async def relay_settled(
     upstream = call.upstream
 
     async def settled(relayed: Relayed) -> None:
-        await settle(request, ctx, rt, key, model, upstream, relayed)
+        await settle(request, ctx, key, model, upstream, relayed)
 
     relayed = await relay_response(
         request, call.response, request.app[METRICS], upstream, settle=settled
@@ -275,7 +220,7 @@ def _task_call(
     """A task poll (or cancel) on the upstream that created the task: pinned, since the
     task exists nowhere else."""
     return call_pinned(
-        request,
+        request.app,
         upstream,
         "tasks.cancel" if cancel else "tasks.get",
         "POST" if cancel else "GET",
@@ -297,40 +242,12 @@ async def poll_task(
     async def settled(relayed: Relayed) -> None:
         ctx.upstream_request_id = relayed.upstream_request_id
         ctx.error_code = relayed.error_code
-        await settle_poll(request, ctx, record, relayed.status, relayed.facts)
+        await settle_task(request.app, origin(ctx), record, relayed.status, relayed.facts)
 
     # Pinned: the task exists only on the upstream that created it.
     async with _task_call(request, upstream, record.task_id) as call:
         return await relay_response(
             request, call.response, request.app[METRICS], upstream, settle=settled
-        )
-
-
-async def settle_poll(
-    request: web.Request, ctx: RequestContext, record: TaskRecord, status: int, facts: BodyFacts
-) -> None:
-    if status != 200 or not facts.task_status:
-        return
-    store = request.app[TASKS]
-    if facts.task_status != record.status:
-        await store.set_status(record.task_id, facts.task_status)
-        if facts.task_status in TERMINAL and not (
-            facts.task_status == "SUCCEEDED" and facts.image_count
-        ):
-            await task_ended(request, record.key, record.task_id)  # frees its reservation
-    if (
-        facts.task_status == "SUCCEEDED"
-        and facts.image_count
-        and await store.claim_metering(record.task_id)
-    ):
-        await meter(
-            request,
-            ctx,
-            record.key,
-            record.model,
-            record.upstream,
-            facts.image_count,
-            record.task_id,
         )
 
 
@@ -366,7 +283,7 @@ async def cancel_task(request: web.Request) -> web.StreamResponse:
     ctx.error_code = relayed.error_code
     if relayed.status == 200:
         await request.app[TASKS].set_status(task_id, "CANCELED")
-        await task_ended(request, record.key, task_id)
+        await task_ended(request.app, record.key, task_id)
     return relayed.response
 
 
@@ -457,7 +374,8 @@ async def _refresh(request: web.Request, rt: Runtime, record: TaskRecord) -> Tas
     facts = facts_from_bytes(body)
     if status != 200 or not facts.task_status:
         return record
-    await settle_poll(request, request[CTX], record, status, facts)
+    # The images are the task's: labelled with its model, not the list's filter.
+    await settle_task(request.app, origin(request[CTX]), record, status, facts)
     return replace(record, status=facts.task_status)
 
 

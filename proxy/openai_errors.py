@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import GatewayError, openai_type_for
+from .errors import THROTTLE_RETRY_AFTER, GatewayError, is_throttling, openai_type_for
 
 IMAGE_REQUEST = "invalid_image_request"  # the OpenAI `code` of the relay's parameter errors
 
@@ -70,6 +70,9 @@ def upstream_error(
             openai_type="invalid_request_error",
             openai_code="content_policy_violation",
         )
+    if is_throttling(code) or status == 429:
+        status = 429
+        retry_after = retry_after or THROTTLE_RETRY_AFTER
     if status == 401:
         message = (
             f"DashScope rejected the gateway's upstream credentials ({code}: {message}). "

@@ -35,7 +35,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from . import generation
 from .admission import admit, task_created
 from .config import KeyConfig, UpstreamConfig
-from .errors import GatewayError, no_upstream, too_large, upstream_unavailable
+from .errors import GatewayError, no_upstream, too_large, unknown_model, upstream_unavailable
 from .image_fetch import FetchPolicy, fetch_all
 from .inbound import parse_json_object, read_body
 from .input_limits import check_prompt
@@ -105,10 +105,12 @@ async def _generate(
         ctx.prompt = req.prompt
     route = resolve(req.model, rt.config.models)
     check_against(req, route)
+    check_prompt(req.prompt)  # absurd prompts are refused for any name
+    if not rt.router.knows(req.model):
+        raise unknown_model(req.model)
     candidates = rt.router.candidates(route.target)
     if not candidates:
         raise no_upstream(route.target)
-    check_prompt(req.prompt)
     await admit(request, key, model=route.target, images=req.n)  # per-key limits
     body = dashscope_body(req, route)
     created = int(time.time())

@@ -70,7 +70,7 @@ from .limits import (
 )
 from .metrics import Metrics
 from .state import LocalStore, StateBackend, current_periods
-from .tasks import SqliteTaskStore, TaskRecord
+from .tasks import TERMINAL, SqliteTaskStore, TaskRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -190,24 +190,35 @@ end
 return {d, m}
 """
 
-# KEYS: task, index   ARGV: task_id, created_at, ttl, field, value, ...
+# KEYS: task, index, reconcile   ARGV: task_id, created_at, ttl, next_check ('' = none),
+# field, value, ...
 _PUT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 local created = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[2], created, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', created - tonumber(ARGV[3]))
 redis.call('EXPIRE', KEYS[2], ARGV[3])
+if ARGV[4] ~= '' then redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1]) end
 return 1
 """
 
-# KEYS: task   ARGV: status
+# KEYS: task, reconcile   ARGV: status, final (1: no more background polls), task_id
 _SET_STATUS = """
+if ARGV[2] == '1' then redis.call('ZREM', KEYS[2], ARGV[3]) end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
 return 1
 """
+
+# KEYS: reconcile   ARGV: now, limit, lease_until
+_DUE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[3], id) end
+return ids
+"""
+RECONCILE_KEY = "dsp:reconcile"
 
 # KEYS: task, claim   ARGV: ttl
 _CLAIM = """
@@ -271,6 +282,7 @@ class RedisState(StateBackend):
                 ("put", _PUT),
                 ("set_status", _SET_STATUS),
                 ("claim", _CLAIM),
+                ("due", _DUE),
             )
         }
         self.redis_limiter = RedisLimiter(self)
@@ -597,29 +609,9 @@ class RedisTaskStore:
             self._recent.popitem(last=False)
 
     async def put(self, record: TaskRecord) -> None:
-        fields: list[Any] = [
-            "key",
-            record.key,
-            "model",
-            record.model,
-            "upstream",
-            record.upstream,
-            "route",
-            record.route,
-            "created_at",
-            repr(record.created_at),
-            "status",
-            record.status,
-        ]
-        if record.meta is not None:
-            fields += ["meta", record.meta]
         script = self._s.scripts["put"]
-        done = await self._s.call(
-            lambda: script(
-                keys=[f"dsp:task:{record.task_id}", f"dsp:tasks:{record.key}"],
-                args=[record.task_id, repr(record.created_at), RETENTION_SECONDS, *fields],
-            )
-        )
+        keys, args = _put_call(record)
+        done = await self._s.call(lambda: script(keys=keys, args=args))
         if done is None:
             self._s.fallback("tasks")
             await self._s.spool.put(record)
@@ -657,7 +649,12 @@ class RedisTaskStore:
 
     async def set_status(self, task_id: str, status: str) -> None:
         script = self._s.scripts["set_status"]
-        done = await self._s.call(lambda: script(keys=[f"dsp:task:{task_id}"], args=[status]))
+        final = "1" if status in TERMINAL else "0"
+        done = await self._s.call(
+            lambda: script(
+                keys=[f"dsp:task:{task_id}", RECONCILE_KEY], args=[status, final, task_id]
+            )
+        )
         if done is None or (done == 0 and self.spooled):
             await self._s.spool.set_status(task_id, status)
         recent = self._recent.get(task_id)
@@ -681,6 +678,37 @@ class RedisTaskStore:
                 await self._s.spool.put(recent)
                 self.spooled = True
         return await self._s.spool.claim_metering(task_id)
+
+    async def due(self, now: float, limit: int, lease: float) -> list[TaskRecord]:
+        if self._s.up:
+            try:
+                ids = await self._s.scripts["due"](
+                    keys=[RECONCILE_KEY], args=[repr(now), limit, repr(now + lease)]
+                )
+                ids = [str(i) for i in ids]
+                records = await self._fetch(ids, metered=True)
+                gone = [t for t, r in zip(ids, records, strict=True) if r is None]
+                if gone:  # expired (DashScope forgot it long ago): stop looking
+                    await self._s.redis.zrem(RECONCILE_KEY, *gone)
+                found = [r for r in records if r is not None]
+                if self.spooled:
+                    found += await self._s.spool.due(now, limit, lease)
+                return found
+            except _FAILURES as exc:
+                self._s.mark_down(exc)
+        self._s.fallback("tasks")
+        return await self._s.spool.due(now, limit, lease)
+
+    async def reschedule(self, task_id: str, at: float) -> None:
+        done = await self._s.call(lambda: self._s.redis.zadd(RECONCILE_KEY, {task_id: at}, xx=True))
+        if done is None or self.spooled:
+            await self._s.spool.reschedule(task_id, at)
+
+    async def count_due(self, now: float) -> int:
+        count = await self._s.call(lambda: self._s.redis.zcount(RECONCILE_KEY, "-inf", now))
+        if count is None:
+            return await self._s.spool.count_due(now)
+        return int(count)
 
     async def list_for_key(
         self,
@@ -741,14 +769,19 @@ class RedisTaskStore:
                 total += 1
         return matched, total
 
-    async def _fetch(self, ids: list[str]) -> list[TaskRecord | None]:
+    async def _fetch(self, ids: list[str], *, metered: bool = False) -> list[TaskRecord | None]:
+        """The records of `ids` (None where gone); `metered`: read the claims too."""
         if not ids:
             return []
         async with self._s.redis.pipeline(transaction=False) as pipe:
             for task_id in ids:
                 pipe.hgetall(f"dsp:task:{task_id}")
+                if metered:
+                    pipe.exists(f"dsp:metered:{task_id}")
             rows = await pipe.execute()
-        return [_record(t, f, False) for t, f in zip(ids, rows, strict=True)]
+        if not metered:
+            return [_record(t, f, False) for t, f in zip(ids, rows, strict=True)]
+        return [_record(t, rows[2 * i], bool(rows[2 * i + 1])) for i, t in enumerate(ids)]
 
     async def close(self) -> None:
         """Closed with its `RedisState`."""
@@ -766,29 +799,14 @@ class RedisTaskStore:
             if not records:
                 break
             for rec in records:
-                fields: list[Any] = [
-                    "key",
-                    rec.key,
-                    "model",
-                    rec.model,
-                    "upstream",
-                    rec.upstream,
-                    "route",
-                    rec.route,
-                    "created_at",
-                    repr(rec.created_at),
-                    "status",
-                    rec.status,
-                ]
-                if rec.meta is not None:
-                    fields += ["meta", rec.meta]
                 task_key = f"dsp:task:{rec.task_id}"
-                created = await put(
-                    keys=[task_key, f"dsp:tasks:{rec.key}"],
-                    args=[rec.task_id, repr(rec.created_at), RETENTION_SECONDS, *fields],
-                )
+                keys, args = _put_call(rec)
+                created = await put(keys=keys, args=args)
                 if not created:
-                    await set_status(keys=[task_key], args=[rec.status])
+                    final = "1" if rec.status in TERMINAL else "0"
+                    await set_status(
+                        keys=[task_key, RECONCILE_KEY], args=[rec.status, final, rec.task_id]
+                    )
                 if rec.metered and not await claim(
                     keys=[task_key, f"dsp:metered:{rec.task_id}"], args=[RETENTION_SECONDS]
                 ):
@@ -802,6 +820,31 @@ class RedisTaskStore:
         if pushed:
             log.warning("redis: wrote %d task(s) recorded locally during the outage", pushed)
         self.spooled = False
+
+
+def _put_call(record: TaskRecord) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of the `put` script for `record` (one field list for every caller)."""
+    fields: list[Any] = [
+        "key",
+        record.key,
+        "model",
+        record.model,
+        "upstream",
+        record.upstream,
+        "route",
+        record.route,
+        "created_at",
+        repr(record.created_at),
+        "status",
+        record.status,
+    ]
+    if record.meta is not None:
+        fields += ["meta", record.meta]
+    final = record.status in TERMINAL or record.metered
+    check = record.created_at if record.next_check is None else record.next_check
+    next_check = "" if final else repr(check)
+    keys = [f"dsp:task:{record.task_id}", f"dsp:tasks:{record.key}", RECONCILE_KEY]
+    return keys, [record.task_id, repr(record.created_at), RETENTION_SECONDS, next_check, *fields]
 
 
 def _record(task_id: str, fields: dict[str, str], metered: bool) -> TaskRecord | None:

@@ -27,6 +27,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .config import UpstreamConfig
+from .errors import is_throttling, retry_after_of
 from .jsonutil import loads
 from .metering import PARSE_LIMIT, BodyFacts, BodySniffer, SseSniffer, facts_from_bytes
 from .metrics import Metrics
@@ -129,11 +130,17 @@ async def relay_response(
                 metrics.upstream_errors.labels(upstream.name, failure.kind).inc()
                 raise failure from None
             code = _error_code(resp.status, body)
+            status, reason = resp.status, resp.reason
             if code:
                 metrics.upstream_errors.labels(upstream.name, code).inc()
+                if resp.status >= 400 and (resp.status == 429 or is_throttling(code)):
+                    # Every Throttling* answer is a 429 with Retry-After, whatever
+                    # status it came with, so every client backs off the same way.
+                    status, reason = 429, "Too Many Requests"
+                    headers["Retry-After"] = str(retry_after_of(resp.headers.get("Retry-After")))
             facts = facts_from_bytes(body) if resp.status == 200 else BodyFacts()
-            out = web.Response(status=resp.status, reason=resp.reason, body=body, headers=headers)
-            relayed = Relayed(out, resp.status, facts, code, True, upstream_rid)
+            out = web.Response(status=status, reason=reason, body=body, headers=headers)
+            relayed = Relayed(out, status, facts, code, True, upstream_rid)
             if settle is not None:
                 await _settle_safely(settle, relayed, upstream)
             return relayed
@@ -164,6 +171,8 @@ async def _stream(
     sniffer: SseSniffer | BodySniffer = SseSniffer() if sse else BodySniffer()
     # Keep an error body's first bytes to learn its DashScope code.
     err_head = bytearray() if resp.status >= 400 else None
+    if resp.status == 429:
+        headers["Retry-After"] = str(retry_after_of(resp.headers.get("Retry-After")))
     out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
     if not sse and resp.content_length is not None:
         # The bytes pass through unchanged (no decompression), so DashScope's

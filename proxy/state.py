@@ -28,7 +28,7 @@ from .config import StateConfig
 from .limits import Limiter, LocalLimiter, day_period, month_period
 from .metrics import Metrics
 from .runtime import METRICS, RUNTIME, TASKS
-from .tasks import SqliteTaskStore, TaskRecord, TaskStore, _row
+from .tasks import COLUMNS, SqliteTaskStore, TaskRecord, TaskStore, record_of_row
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +118,12 @@ class LocalStore(SqliteTaskStore):
             rows = (
                 self._db()
                 .execute(
-                    "SELECT task_id, key, model, upstream, route, created_at, status, metered, "
-                    "meta FROM tasks ORDER BY created_at LIMIT ?",
+                    f"SELECT {COLUMNS} FROM tasks ORDER BY created_at LIMIT ?",  # noqa: S608
                     (limit,),
                 )
                 .fetchall()
             )
-            return [_row(r) for r in rows]
+            return [record_of_row(r) for r in rows]
 
         return await self._run(op)
 

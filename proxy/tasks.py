@@ -43,6 +43,9 @@ class TaskRecord:
     status: str = "PENDING"
     metered: bool = False
     meta: str | None = None
+    # When the gateway polls it by itself if no one else has seen it final
+    # (the reconciler); None: as soon as the reconciler looks.
+    next_check: float | None = None
 
 
 class TaskStore(Protocol):
@@ -57,6 +60,17 @@ class TaskStore(Protocol):
 
     async def claim_metering(self, task_id: str) -> bool:
         """True exactly once per task, for the caller that must count its images."""
+
+    async def due(self, now: float, limit: int, lease: float) -> list[TaskRecord]:
+        """Up to `limit` unfinished tasks whose background poll is due at `now`, oldest
+        check first. Each is leased: its next check moves to `now + lease` in the same
+        step, so another process (replica or worker) does not poll it meanwhile."""
+
+    async def reschedule(self, task_id: str, at: float) -> None:
+        """The next background poll of an unfinished task is at `at`."""
+
+    async def count_due(self, now: float) -> int:
+        """Unfinished tasks whose background poll is due (the backlog gauge)."""
 
     async def list_for_key(
         self,
@@ -84,10 +98,19 @@ CREATE TABLE IF NOT EXISTS tasks (
     created_at REAL NOT NULL,
     status     TEXT NOT NULL,
     metered    INTEGER NOT NULL DEFAULT 0,
-    meta       TEXT
+    meta       TEXT,
+    next_check REAL
 );
 CREATE INDEX IF NOT EXISTS tasks_by_key ON tasks (key, created_at);
 """
+# Files written before the reconciler existed have no next_check column.
+_MIGRATIONS = (("next_check", "ALTER TABLE tasks ADD COLUMN next_check REAL"),)
+_OPEN_INDEX = (
+    "CREATE INDEX IF NOT EXISTS tasks_open ON tasks (next_check) "
+    "WHERE status NOT IN ('SUCCEEDED', 'FAILED', 'CANCELED', 'UNKNOWN')"
+)
+COLUMNS = "task_id, key, model, upstream, route, created_at, status, metered, meta, next_check"
+_NOT_FINAL = "status NOT IN ('SUCCEEDED', 'FAILED', 'CANCELED', 'UNKNOWN')"
 
 
 class SqliteTaskStore:
@@ -115,6 +138,11 @@ class SqliteTaskStore:
         _set_wal(conn)
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
+        have = {str(r[1]) for r in conn.execute("PRAGMA table_info(tasks)")}
+        for column, ddl in _MIGRATIONS:
+            if column not in have:
+                conn.execute(ddl)
+        conn.execute(_OPEN_INDEX)
         self._conn = conn
 
     async def _run(self, fn: Callable[[], T]) -> T:
@@ -132,7 +160,7 @@ class SqliteTaskStore:
         def op() -> None:
             db = self._db()
             db.execute(
-                "INSERT OR IGNORE INTO tasks VALUES (?,?,?,?,?,?,?,?,?)",
+                f"INSERT OR IGNORE INTO tasks ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
                 (
                     record.task_id,
                     record.key,
@@ -143,6 +171,7 @@ class SqliteTaskStore:
                     record.status,
                     int(record.metered),
                     record.meta,
+                    record.next_check,
                 ),
             )
             if purge:
@@ -157,14 +186,10 @@ class SqliteTaskStore:
         def op() -> TaskRecord | None:
             row = (
                 self._db()
-                .execute(
-                    "SELECT task_id, key, model, upstream, route, created_at, status, "
-                    "metered, meta FROM tasks WHERE task_id = ?",
-                    (task_id,),
-                )
+                .execute(f"SELECT {COLUMNS} FROM tasks WHERE task_id = ?", (task_id,))  # noqa: S608
                 .fetchone()
             )
-            return _row(row) if row else None
+            return record_of_row(row) if row else None
 
         return await self._run(op)
 
@@ -183,6 +208,40 @@ class SqliteTaskStore:
                 "UPDATE tasks SET metered = 1 WHERE task_id = ? AND metered = 0", (task_id,)
             )
             return cur.rowcount == 1
+
+        return await self._run(op)
+
+    async def due(self, now: float, limit: int, lease: float) -> list[TaskRecord]:
+        def op() -> list[TaskRecord]:
+            # One statement: SQLite runs it under its single write lock, so two
+            # workers sharing the file never lease the same task.
+            rows = (
+                self._db()
+                .execute(
+                    f"UPDATE tasks SET next_check = ? WHERE task_id IN ("  # noqa: S608
+                    f"SELECT task_id FROM tasks WHERE {_NOT_FINAL} "
+                    "AND COALESCE(next_check, 0) <= ? ORDER BY next_check LIMIT ?) "
+                    f"RETURNING {COLUMNS}",
+                    (now + lease, now, limit),
+                )
+                .fetchall()
+            )
+            return [record_of_row(r) for r in rows]
+
+        return await self._run(op)
+
+    async def reschedule(self, task_id: str, at: float) -> None:
+        def op() -> None:
+            self._db().execute("UPDATE tasks SET next_check = ? WHERE task_id = ?", (at, task_id))
+
+        await self._run(op)
+
+    async def count_due(self, now: float) -> int:
+        """Unfinished tasks whose background poll is due (for the backlog gauge)."""
+
+        def op() -> int:
+            sql = f"SELECT COUNT(*) FROM tasks WHERE {_NOT_FINAL} AND COALESCE(next_check, 0) <= ?"  # noqa: S608
+            return int(self._db().execute(sql, (now,)).fetchone()[0])
 
         return await self._run(op)
 
@@ -214,13 +273,11 @@ class SqliteTaskStore:
             db = self._db()
             # `cond` is built from the literal clauses above; values are bound.
             count_sql = "SELECT COUNT(*) FROM tasks WHERE " + cond  # noqa: S608
-            page_sql = (  # noqa: S608
-                "SELECT task_id, key, model, upstream, route, created_at, status, metered, meta "
-                "FROM tasks WHERE " + cond + " ORDER BY created_at DESC LIMIT ? OFFSET ?"
-            )
+            order = "ORDER BY created_at DESC LIMIT ? OFFSET ?"
+            page_sql = f"SELECT {COLUMNS} FROM tasks WHERE {cond} {order}"  # noqa: S608
             total = db.execute(count_sql, args).fetchone()[0]
             rows = db.execute(page_sql, [*args, limit, offset]).fetchall()
-            return [_row(r) for r in rows], int(total)
+            return [record_of_row(r) for r in rows], int(total)
 
         return await self._run(op)
 
@@ -248,8 +305,9 @@ def _set_wal(conn: sqlite3.Connection, attempts: int = 250) -> None:
             time.sleep(0.02)
 
 
-def _row(row: tuple[object, ...]) -> TaskRecord:
-    task_id, key, model, upstream, route, created_at, status, metered, meta = row
+def record_of_row(row: tuple[object, ...]) -> TaskRecord:
+    """The record of a row selected with `COLUMNS`."""
+    task_id, key, model, upstream, route, created_at, status, metered, meta, next_check = row
     return TaskRecord(
         str(task_id),
         str(key),
@@ -260,6 +318,7 @@ def _row(row: tuple[object, ...]) -> TaskRecord:
         str(status),
         bool(metered),
         None if meta is None else str(meta),
+        None if next_check is None else float(next_check),  # type: ignore[arg-type]
     )
 
 

@@ -17,6 +17,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .config import Config, UpstreamConfig
 from .errors import GatewayError, no_upstream, upstream_timeout, upstream_unavailable
+from .model_table import is_dashscope_model
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus what the gateway rewrites itself.
 HOP_BY_HOP = frozenset(
@@ -161,6 +162,8 @@ class UpstreamRouter:
         self._config = config
         self._by_name = {u.name: u for u in config.upstreams}
         self._cache: dict[str, tuple[UpstreamConfig, ...]] = {}
+        self._known: dict[str, bool] = {}
+        self._patterns = tuple(p for u in config.upstreams for p in u.models)
 
     def candidates(self, model: str) -> tuple[UpstreamConfig, ...]:
         hit = self._cache.get(model)
@@ -169,6 +172,17 @@ class UpstreamRouter:
             hit = tuple(sorted(self._config.upstreams_for(model), key=lambda u: u.priority))
             if len(self._cache) < self._CACHE_MAX:
                 self._cache[model] = hit
+        return hit
+
+    def knows(self, model: str) -> bool:
+        """Is `model` a DashScope model as far as this config knows (the catalogue, the
+        `models:` section, or an upstream's explicit pattern)? See
+        `model_table.is_dashscope_model`."""
+        hit = self._known.get(model)
+        if hit is None:
+            hit = is_dashscope_model(model, self._config.models, self._patterns)
+            if len(self._known) < self._CACHE_MAX:
+                self._known[model] = hit
         return hit
 
     def choose(self, model: str) -> UpstreamConfig:

@@ -104,7 +104,8 @@ CASES = [
     (
         {"model": "qwen-image-2.0", "prompt": "x", "image": "https://example.com/a.png"},
         "qwen-image-2.0 does not take input images; use an edit model (qwen-image-edit, "
-        "qwen-image-edit-plus, qwen-image-edit-max, wan2.6-image) or map this name to one in "
+        "qwen-image-edit-plus, qwen-image-edit-max, wan2.6-image, qwen-image-3.0, "
+        "qwen-image-3.0-pro, wan2.7-image, wan2.7-image-pro) or map this name to one in "
         "the config's models:.",
     ),
     ({"model": "wan2.6-image", "prompt": "x"}, "wan2.6-image needs 1 to 4 input images, got 0."),

@@ -75,7 +75,9 @@ def test_request_coercions() -> None:
 
 def test_routing_table() -> None:
     assert lookup("qwen-image-2.0-pro-2026-03-03") is lookup("qwen-image-2.0-pro")
-    assert lookup("qwen-image-3.0") is None
+    assert lookup("qwen-image-9.0") is None  # not in DashScope's catalogue
+    assert lookup("qwen-image-3.0-pro-2026-09-01") is lookup("qwen-image-3.0-pro")
+    assert lookup("wan2.7-image-0915") is lookup("wan2.7-image")
     none: dict[str, ModelOverride] = {}
     assert resolve("qwen-image-2.0", none).endpoint is Endpoint.MULTIMODAL
     assert resolve("qwen-image-plus", none).endpoint is Endpoint.MULTIMODAL
