@@ -10,11 +10,14 @@ import re
 import shlex
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry, Gauge
 
 from proxy.config import Config, ServerConfig, parse_config
+from proxy.metrics import Metrics
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "deploy" / "kubernetes"
@@ -168,16 +171,30 @@ def test_compose_gateway_simulator_prometheus_grafana() -> None:
 # ------------------------------------------------------------------------ Kubernetes
 
 
+def kustomization(variant: str) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((K8S / variant / "kustomization.yaml").read_text())
+    return data
+
+
 def k8s_docs(variant: str) -> list[dict[str, Any]]:
-    kustomization = yaml.safe_load((K8S / variant / "kustomization.yaml").read_text())
+    """Every object a kustomization applies, following directory resources (bases)."""
     docs: list[dict[str, Any]] = []
-    for resource in kustomization["resources"]:
+    for resource in kustomization(variant)["resources"]:
         path = K8S / variant / resource
         assert path.exists(), resource
-        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+        if path.is_dir():
+            docs += k8s_docs(str(path.relative_to(K8S)))
+        else:
+            docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
     for d in docs:
         assert d["apiVersion"] and d["kind"] and d["metadata"]["name"], d
     return docs
+
+
+def example_secrets() -> dict[str, dict[str, str]]:
+    """secret.example.yaml: Secret name -> its (placeholder) stringData."""
+    text = (K8S / "standalone/secret.example.yaml").read_text()
+    return {d["metadata"]["name"]: d["stringData"] for d in yaml.safe_load_all(text) if d}
 
 
 def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
@@ -242,16 +259,18 @@ def test_kubernetes_standalone() -> None:
     sleep = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pod["terminationGracePeriodSeconds"] >= sleep + config.server.shutdown_grace_seconds + 5
     # Replicas share state through Redis, and the URL points at a Service that exists.
-    if deploy["spec"]["replicas"] > 1:
+    # The HPA sets the count: the most it may run is what has to share.
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    if max(deploy["spec"].get("replicas", 1), hpa["spec"]["maxReplicas"]) > 1:
         assert config.state.backend == "redis"
-        host = re.match(r"redis://([^:/]+)", config.state.url or "")
-        assert host and one(docs, "Service", host.group(1))
+        host = urlsplit(config.state.url or "").hostname
+        assert host and one(docs, "Service", host)
 
-    # The Secret the pod reads is the one documented in secret.example.yaml.
-    example = yaml.safe_load((K8S / "standalone/secret.example.yaml").read_text())
+    # Every Secret the pod reads is one documented in secret.example.yaml.
+    examples = example_secrets()
     for e in c["env"]:
         ref = e["valueFrom"]["secretKeyRef"]
-        assert ref["name"] == example["metadata"]["name"] and ref["key"] in example["stringData"]
+        assert ref["key"] in examples[ref["name"]], ref
 
     svc = one(docs, "Service", "dashscope-proxy")
     assert selects(svc["spec"]["selector"], labels)
@@ -312,3 +331,254 @@ def test_port_names_fit_kubernetes_limits(variant: str) -> None:
             for c in spec.get("initContainers", []) + spec["containers"]:
                 for p in c.get("ports", []):
                     assert re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?", p["name"])
+
+
+# ------------------------------------------------------------------------ Kubernetes hardening
+
+GATEWAY = "standalone"
+
+
+def pod_labels(deploy: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = deploy["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def container_ports(deploy: dict[str, Any]) -> dict[str, int]:
+    spec = deploy["spec"]["template"]["spec"]
+    return {
+        p["name"]: p["containerPort"]
+        for c in spec.get("initContainers", []) + spec["containers"]
+        for p in c.get("ports", [])
+    }
+
+
+def policy_ports(rule: dict[str, Any], deploy: dict[str, Any]) -> set[tuple[str, int]]:
+    """(protocol, number) of an ingress rule's ports; named ports resolved in the pod."""
+    named = container_ports(deploy)
+    out = set()
+    for port in rule["ports"]:
+        number = port["port"] if isinstance(port["port"], int) else named[port["port"]]
+        out.add((port.get("protocol", "TCP"), number))
+    return out
+
+
+def redis_and_gateway(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    return one(docs, "Deployment", "dashscope-proxy-redis"), one(
+        docs, "Deployment", "dashscope-proxy"
+    )
+
+
+@pytest.mark.parametrize("variant", ["standalone", "sidecar", "monitoring"])
+def test_kustomization_lists_every_manifest_in_its_folder(variant: str) -> None:
+    folder = K8S / variant
+    listed = kustomization(variant)["resources"]
+    files = {r for r in listed if (folder / r).is_file()}
+    for r in set(listed) - files:  # bases: directories with a kustomization of their own
+        assert (folder / r / "kustomization.yaml").is_file(), r
+    on_disk = {
+        p.name
+        for p in folder.iterdir()
+        if p.suffix in (".yaml", ".yml")
+        and p.name != "kustomization.yaml"
+        and not p.name.endswith((".example.yaml", ".example.yml"))  # shapes, never applied
+    }
+    assert files == on_disk, (sorted(on_disk - files), sorted(files - on_disk))
+    assert len(listed) == len(set(listed))
+
+
+def test_redis_requires_the_password_the_gateway_uses_both_from_a_secret() -> None:
+    docs = k8s_docs(GATEWAY)
+    redis, gateway = redis_and_gateway(docs)
+    (rc,) = redis["spec"]["template"]["spec"]["containers"]
+    args = rc["args"]
+    expansion = re.fullmatch(r"\$\(([A-Z_][A-Z0-9_]*)\)", args[args.index("--requirepass") + 1])
+    assert expansion, "requirepass must be $(VAR), expanded by Kubernetes from the env"
+    redis_env = {e["name"]: e for e in rc["env"]}
+    redis_ref = redis_env[expansion.group(1)]["valueFrom"]["secretKeyRef"]
+
+    (gc,) = gateway["spec"]["template"]["spec"]["containers"]
+    # The config names the password only as ${VAR}: the ConfigMap holds no secret.
+    raw = yaml.safe_load(one(docs, "ConfigMap", "dashscope-proxy-config")["data"]["config.yaml"])
+    url = urlsplit(raw["state"]["url"])
+    var = _VAR.fullmatch(url.password or "")
+    assert var, raw["state"]["url"]
+    gateway_env = {e["name"]: e for e in gc["env"]}
+    gateway_ref = gateway_env[var.group(1)]["valueFrom"]["secretKeyRef"]
+    assert (gateway_ref["name"], gateway_ref["key"]) == (redis_ref["name"], redis_ref["key"])
+    assert url.hostname == "dashscope-proxy-redis" and url.port == 6379
+
+    # ... and that Secret's shape is documented, with a placeholder only.
+    assert redis_ref["key"] in example_secrets()[redis_ref["name"]]
+    # The gateway parses the URL with the password substituted.
+    config = config_from(docs, gc, gateway["spec"]["template"]["spec"])
+    assert urlsplit(config.state.url or "").password == f"placeholder-value-of-{var.group(1)}"
+
+
+def test_network_policy_admits_only_the_gateway_to_redis() -> None:
+    docs = k8s_docs(GATEWAY)
+    redis, gateway = redis_and_gateway(docs)
+    redis_labels, gateway_labels = pod_labels(redis), pod_labels(gateway)
+    assert not selects(redis_labels, gateway_labels) and not selects(gateway_labels, redis_labels)
+    policies = [
+        d
+        for d in docs
+        if d["kind"] == "NetworkPolicy"
+        and selects(d["spec"]["podSelector"].get("matchLabels", {}), redis_labels)
+    ]
+    assert policies, "no NetworkPolicy selects the Redis pods"
+    for policy in policies:  # policies add up: every one that selects Redis must be this narrow
+        spec = policy["spec"]
+        assert "Ingress" in spec["policyTypes"]
+        for rule in spec.get("ingress", []):
+            assert rule.get("from"), "an ingress rule without `from` admits every source"
+            for peer in rule["from"]:
+                assert set(peer) == {"podSelector"}, f"only pods of this namespace: {peer}"
+                selector = peer["podSelector"]
+                assert set(selector) == {"matchLabels"} and selector["matchLabels"], selector
+                assert selects(selector["matchLabels"], gateway_labels)
+                assert not selects(selector["matchLabels"], redis_labels)
+            assert policy_ports(rule, redis) == {("TCP", 6379)}
+    assert any(p["spec"].get("ingress") for p in policies)
+
+
+def test_network_policy_for_the_gateway_admits_clients_and_prometheus_on_its_port() -> None:
+    docs = k8s_docs(GATEWAY)
+    redis, gateway = redis_and_gateway(docs)
+    (policy,) = [
+        d
+        for d in docs
+        if d["kind"] == "NetworkPolicy"
+        and selects(d["spec"]["podSelector"]["matchLabels"], pod_labels(gateway))
+    ]
+    assert not selects(policy["spec"]["podSelector"]["matchLabels"], pod_labels(redis))
+    port = ServerConfig().port
+    peers = []
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from"), "an ingress rule without `from` admits every source"
+        assert policy_ports(rule, gateway) == {("TCP", port)}
+        peers += rule["from"]
+    assert {"podSelector": {}} in peers  # every pod of the namespace
+    namespaces = [p["namespaceSelector"]["matchLabels"] for p in peers if "namespaceSelector" in p]
+    assert {"kubernetes.io/metadata.name": "monitoring"} in namespaces  # Prometheus
+    assert not any("ipBlock" in p for p in peers)
+
+
+def test_gateway_replicas_spread_over_zones_and_nodes() -> None:
+    gateway = one(k8s_docs(GATEWAY), "Deployment", "dashscope-proxy")
+    constraints = gateway["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    by_key = {c["topologyKey"]: c for c in constraints}
+    assert set(by_key) == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
+    for c in constraints:
+        assert c["whenUnsatisfiable"] == "ScheduleAnyway"  # a preference, never Pending
+        assert c["maxSkew"] == 1
+        assert selects(c["labelSelector"]["matchLabels"], pod_labels(gateway))
+
+
+def quantity_bytes(q: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "K": 10**3, "M": 10**6, "G": 10**9}
+    m = re.fullmatch(r"(\d+)([KMG]i?)?", str(q))
+    assert m, q
+    return int(m.group(1)) * units.get(m.group(2) or "", 1)
+
+
+@pytest.mark.parametrize("variant", ["standalone", "sidecar"])
+def test_every_emptydir_has_a_size_limit(variant: str) -> None:
+    volumes = [
+        v
+        for d in k8s_docs(variant)
+        if d["kind"] == "Deployment"
+        for v in d["spec"]["template"]["spec"]["volumes"]
+        if "emptyDir" in v
+    ]
+    assert volumes
+    for v in volumes:
+        assert quantity_bytes(v["emptyDir"]["sizeLimit"]) >= 16 * 2**20, v["name"]
+    # The gateway's state volume holds the SQLite file: room for more than a scratch dir.
+    state = next(v for v in volumes if v["name"] in ("state", "proxy-state"))
+    assert quantity_bytes(state["emptyDir"]["sizeLimit"]) >= 256 * 2**20
+
+
+def test_hpa_scales_the_gateway_deployment_on_cpu() -> None:
+    docs = k8s_docs(GATEWAY)
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    ref = hpa["spec"]["scaleTargetRef"]
+    assert (ref["apiVersion"], ref["kind"]) == ("apps/v1", "Deployment")
+    deploy = one(docs, "Deployment", ref["name"])
+    assert pod_labels(deploy).get("app.kubernetes.io/component") == "gateway"
+    assert "replicas" not in deploy["spec"], "the HPA owns the count; a fixed one fights it"
+    # Two at least: the PDB keeps one available, so a drain can move the other.
+    pdb = one(docs, "PodDisruptionBudget")
+    assert hpa["spec"]["minReplicas"] > pdb["spec"]["minAvailable"]
+    assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    (cpu,) = [m for m in hpa["spec"]["metrics"] if m["type"] == "Resource"]
+    assert cpu["resource"]["name"] == "cpu" and cpu["resource"]["target"]["type"] == "Utilization"
+    (c,) = deploy["spec"]["template"]["spec"]["containers"]
+    assert c["resources"]["requests"]["cpu"]  # Utilization is a share of the request
+
+
+def test_hpa_comments_name_the_real_in_flight_gauge() -> None:
+    # The commented Pods metric and the adapter rule must name a gauge the gateway exports.
+    text = (K8S / GATEWAY / "hpa.yaml").read_text()
+    comments = "\n".join(line for line in text.splitlines() if line.lstrip().startswith("#"))
+    named = set(re.findall(r"\bdashscope_proxy_[a-z_]+\b", comments))
+    metrics = Metrics(CollectorRegistry())
+    gauges = {m._name for m in vars(metrics).values() if isinstance(m, Gauge)}
+    assert named and named <= gauges, named - gauges
+    assert metrics.inflight._name in named
+    # Uncommented, the example is a valid Pods metric.
+    block = re.search(r"^(\s*)# - type: Pods\n((?:\1#.*\n)+)", text, re.MULTILINE)
+    assert block
+    uncommented = "\n".join(
+        line.split("# ", 1)[1] for line in ("# - type: Pods\n" + block.group(2)).splitlines()
+    )
+    (metric,) = yaml.safe_load(uncommented)
+    assert metric["pods"]["metric"]["name"] == metrics.inflight._name
+    assert metric["pods"]["target"]["type"] == "AverageValue"
+
+
+@pytest.mark.parametrize("variant", ["standalone", "sidecar"])
+def test_monitoring_objects_get_the_release_label(variant: str) -> None:
+    # kube-prometheus-stack selects ServiceMonitors / PodMonitors / PrometheusRules by `release`.
+    patches = [
+        p
+        for p in kustomization(variant).get("patches", [])
+        if p.get("target", {}).get("group") == "monitoring.coreos.com"
+    ]
+    (patch,) = patches
+    ops = yaml.safe_load(patch["patch"])
+    (op,) = ops
+    assert (op["op"], op["path"]) == ("add", "/metadata/labels/release") and op["value"]
+    monitoring = [
+        d for d in k8s_docs(variant) if d["apiVersion"].startswith("monitoring.coreos.com/")
+    ]
+    kinds = {d["kind"] for d in monitoring}
+    assert kinds >= {"PrometheusRule"} and kinds & {"ServiceMonitor", "PodMonitor"}
+    for d in monitoring:
+        assert isinstance(d["metadata"].get("labels"), dict), d["kind"]  # `add` needs the map
+
+
+# ------------------------------------------------------------------------ Compose demo URLs
+
+
+def published(svc: dict[str, Any]) -> dict[int, int]:
+    """Container port -> host port of a service's `ports` (short syntax)."""
+    out = {}
+    for entry in svc.get("ports", []):
+        parts = str(entry).split(":")
+        assert len(parts) in (2, 3), entry  # HOST:CONTAINER or IP:HOST:CONTAINER
+        out[int(parts[-1].split("/")[0])] = int(parts[-2])
+    return out
+
+
+def test_compose_simulator_image_urls_open_on_the_host() -> None:
+    services = compose()["services"]
+    cmd = services["simulator"]["command"]
+    port = int(cmd[cmd.index("--port") + 1])
+    public = urlsplit(cmd[cmd.index("--public-url") + 1])
+    assert public.scheme == "http" and public.hostname in ("localhost", "127.0.0.1")
+    assert public.hostname not in services  # a service name resolves only inside Compose
+    assert public.path in ("", "/")
+    assert published(services["simulator"]).get(port) == public.port, (
+        "the URL's port must be the host port that publishes the simulator's"
+    )
