@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from proxy.app import create_app
 from proxy.config import Config, parse_config, sha256_hex
 from proxy.simulator import SimSettings, create_sim_app
+from tests.redis_support import redis_server  # noqa: F401 - a fixture for every test file
 from tests.support import Live, LoopThread
 
 UPSTREAM_KEY = "sk-sim-upstream"
