@@ -15,8 +15,10 @@ Modules, from the edges in:
   render      bodies -> HTTP responses, SSE streaming, transport-level faults
   context     request-level helpers (origin, faults that apply, JSON parsing)
   state       per-app state and typed keys
-  responses   pure builders of every response body
-  models      pure request validation;  catalogue  the model table
+  results     pure builders of a finished generation's answer (choices, usage per family)
+  responses   pure builders of the other bodies (SSE frames, tasks, lists, errors)
+  models      pure request validation;  parsing  single-field parsers
+  catalogue   the model table and the dated-snapshot rule
   tasks       the task table;  faults  fault directives;  signing  URL/policy signatures
   png         the PNG encoder;  errors  DashScope error values;  settings  `SimSettings`
 

@@ -51,11 +51,19 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[str, int, SimSettings
     parser.add_argument("--task-ttl", type=int, default=defaults.task_ttl_seconds, help="seconds")
     parser.add_argument("--record-limit", type=int, default=defaults.record_limit)
     parser.add_argument(
+        "--public-url",
+        metavar="URL",
+        help="base of the image URLs handed out (default: the request's Host)",
+    )
+    parser.add_argument(
         "--zero-delay", action="store_true", help="benchmark mode: no delays, no recording"
     )
     args = parser.parse_args(argv)
     if args.image_side < 1 or args.image_side > 4096:
         parser.error("--image-side must be between 1 and 4096")
+    public_url = args.public_url.rstrip("/") if args.public_url else None
+    if public_url is not None and not public_url.startswith(("http://", "https://")):
+        parser.error("--public-url must start with http:// or https://")
     keys: frozenset[str] = frozenset() if args.any_key else frozenset(args.keys or [DEFAULT_KEY])
     settings = SimSettings(
         api_keys=keys,
@@ -68,6 +76,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[str, int, SimSettings
         task_ttl_seconds=args.task_ttl,
         record_limit=args.record_limit,
         zero_delay=args.zero_delay,
+        public_base_url=public_url,
     )
     return args.host, args.port, settings
 

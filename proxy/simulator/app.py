@@ -8,7 +8,8 @@ Routes (DashScope's, under `/api/v1`):
   E5 GET  /tasks/{task_id}     E6 POST /tasks/{task_id}/cancel     E7 GET /tasks
   E8 GET  /uploads?action=getPolicy&model=M
 and the simulator's own, outside `/api/`: `/_sim/oss` (upload host), `/_sim/images/*.png`
-(signed result images), `/_sim/requests`, `/_sim/stats`, `/_sim/faults`, `/_sim/reset`.
+(signed result images), `/_sim/requests`, `/_sim/stats`, `/_sim/faults`, `/_sim/reset`,
+`/_sim/expire-images`.
 
 One middleware gives every request an id, records `/api/` requests, checks the bearer key and
 renders every DashScope error; a response-prepare hook adds DashScope's response headers.
@@ -154,4 +155,5 @@ def create_sim_app(settings: SimSettings | None = None) -> web.Application:
     router.add_post("/_sim/faults", support.queue_fault)
     router.add_delete("/_sim/faults", support.clear_faults)
     router.add_post("/_sim/reset", support.reset)
+    router.add_post("/_sim/expire-images", support.expire_images)
     return app

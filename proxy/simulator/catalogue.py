@@ -1,13 +1,17 @@
 """The simulated model catalogue: which models exist, where they may be called, their limits.
 
-Pure data (protocol doc section 7). `models.py` validates requests against it. Where the
-sources disagree the choice is noted next to the entry.
+Pure data (DashScope's per-model limits) plus one pure rule: a dated snapshot
+(`<family>-YYYY-MM-DD` or `<family>-MMDD`) behaves exactly as its family, so snapshots are not
+listed. `models.py` validates requests against it. Where the sources disagree the choice is
+noted next to the entry.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from enum import StrEnum
 from types import MappingProxyType
 
@@ -26,6 +30,8 @@ class Family(StrEnum):
 
     QWEN = "qwen"  # qwen-image text-to-image: one text; usage {image_count,width,height}
     QWEN_EDIT = "qwen-edit"  # qwen-image-edit*: 1-3 images + one text, E1 only
+    # qwen-image-3.0*: qwen answer, usage {output_image_count, input_image_count, output_*}
+    QWEN3 = "qwen3"
     WAN26_T2I = "wan2.6-t2i"  # wan2.6 shape: `type`, `finished`, token usage
     WAN26_IMAGE = "wan2.6-image"  # edit mode or interleaved text+image
     SYNTHESIS = "synthesis"  # E3 input.prompt -> results[] + task_metrics
@@ -66,6 +72,7 @@ class ModelSpec:
     images_min: int = 0
     images_max: int = 0
     styles: frozenset[str] = field(default_factory=frozenset)
+    interleave_images_max: int = 1  # input images allowed with `enable_interleave`
 
     @property
     def async_capable(self) -> bool:
@@ -161,6 +168,31 @@ def _qwen_edit(name: str, n_max: int) -> ModelSpec:
     )
 
 
+def _qwen3(name: str) -> ModelSpec:
+    # Text-to-image with no input image, editing with 1-3: one spec covers both.
+    return ModelSpec(
+        name, Family.QWEN3, _E1, 800, QWEN2_SIZE, (2048, 2048), 6, 1, images_min=0, images_max=3
+    )
+
+
+def _wan27(name: str) -> ModelSpec:
+    # wan2.6-image's behaviour (edit mode and interleave), but 0-4 reference images in both
+    # modes: DashScope documents text-to-image for 2.7, and nothing narrower for interleave.
+    return ModelSpec(
+        name,
+        Family.WAN26_IMAGE,
+        _E1_E2,
+        2000,
+        WAN26_EDIT_SIZE,
+        (1280, 1280),
+        4,
+        4,
+        images_min=0,
+        images_max=4,
+        interleave_images_max=4,
+    )
+
+
 def _wan22(name: str, *, sync: bool) -> ModelSpec:
     return ModelSpec(
         name, Family.SYNTHESIS, _E3, 500, WAN22_SIZE, (1024, 1024), 4, 4, sync_synthesis=sync
@@ -169,22 +201,18 @@ def _wan22(name: str, *, sync: bool) -> ModelSpec:
 
 _SPECS: tuple[ModelSpec, ...] = (
     _qwen2("qwen-image-2.0-pro"),
-    _qwen2("qwen-image-2.0-pro-2026-03-03"),
-    _qwen2("qwen-image-2.0-pro-2026-04-22"),
-    _qwen2("qwen-image-2.0-pro-2026-06-22"),
     _qwen2("qwen-image-2.0"),
-    _qwen2("qwen-image-2.0-2026-03-03"),
     _qwen_max("qwen-image-max"),
-    _qwen_max("qwen-image-max-2025-12-30"),
     _qwen_plus("qwen-image-plus"),
-    _qwen_plus("qwen-image-plus-2026-01-09"),
     _qwen_plus("qwen-image"),
     _qwen_edit("qwen-image-edit", 1),
     _qwen_edit("qwen-image-edit-plus", 6),
-    _qwen_edit("qwen-image-edit-plus-2025-10-30", 6),
-    _qwen_edit("qwen-image-edit-plus-2025-12-15", 6),
     _qwen_edit("qwen-image-edit-max", 6),
-    _qwen_edit("qwen-image-edit-max-2026-01-16", 6),
+    _qwen3("qwen-image-3.0"),
+    _qwen3("qwen-image-3.0-pro"),
+    # z-image-turbo: qwen-style text-to-image; its limits are barely documented, so the
+    # simulator is permissive (n 1-6, qwen-image-2.0's pixel range). Default size: 1024*1536.
+    ModelSpec("z-image-turbo", Family.QWEN, _E1, 800, QWEN2_SIZE, (1024, 1536), 6, 1),
     ModelSpec("wan2.6-t2i", Family.WAN26_T2I, _E1_E2, 2100, WAN26_T2I_SIZE, (1280, 1280), 4, 4),
     # Edit-mode limits; interleave mode is checked against WAN26_INTERLEAVE_SIZE in models.py.
     ModelSpec(
@@ -199,6 +227,8 @@ _SPECS: tuple[ModelSpec, ...] = (
         images_min=1,
         images_max=4,
     ),
+    _wan27("wan2.7-image"),
+    _wan27("wan2.7-image-pro"),
     ModelSpec("wan2.5-t2i-preview", Family.SYNTHESIS, _E3, 2000, WAN25_SIZE, (1280, 1280), 4, 4),
     _wan22("wan2.2-t2i-flash", sync=True),
     _wan22("wan2.2-t2i-plus", sync=True),
@@ -244,6 +274,36 @@ _SPECS: tuple[ModelSpec, ...] = (
 CATALOGUE: Mapping[str, ModelSpec] = MappingProxyType({spec.name: spec for spec in _SPECS})
 
 
+# `<family>-YYYY-MM-DD` or `<family>-MMDD`. The family part is greedy, so only the last
+# hyphenated date counts; a snapshot of a snapshot is not a catalogue name and stays unknown.
+_SNAPSHOT_RE = re.compile(r"^(?P<family>.+)-(?P<date>\d{4}-\d{2}-\d{2}|\d{4})$")
+
+
+def snapshot_family(name: str) -> str | None:
+    """`qwen-image-3.0-pro-2026-09-01` -> `qwen-image-3.0-pro`; None when `name` has no valid
+    date suffix (`-2026-13-01` and `-1340` are not dates)."""
+    match = _SNAPSHOT_RE.match(name)
+    if match is None:
+        return None
+    date = match.group("date")
+    # MMDD carries no year: check it against a leap year so that -0229 is a valid snapshot.
+    text, pattern = (date, "%Y-%m-%d") if "-" in date else ("2000" + date, "%Y%m%d")
+    try:
+        datetime.strptime(text, pattern)
+    except ValueError:
+        return None
+    return match.group("family")
+
+
 def lookup_model(name: str) -> ModelSpec | None:
-    """The spec of `name`, or None for a model DashScope does not have."""
-    return CATALOGUE.get(name)
+    """The spec of `name`, or None for a model DashScope does not have.
+
+    A dated snapshot of a catalogue model gets its family's spec under its own name (so task
+    lists and answers show the name the caller sent).
+    """
+    spec = CATALOGUE.get(name)
+    if spec is not None:
+        return spec
+    family = snapshot_family(name)
+    base = CATALOGUE.get(family) if family is not None else None
+    return replace(base, name=name) if base is not None else None

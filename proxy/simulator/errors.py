@@ -2,7 +2,7 @@
 
 Pure data. Validation functions return an `ApiError`; handlers raise `SimHTTPError` carrying
 one, and the app's error middleware renders it (JSON, or an SSE error frame for streams).
-Messages are DashScope's own texts (protocol doc section 6.2) where one is documented.
+Messages are DashScope's own texts (its error-code table) where one is documented.
 """
 
 from __future__ import annotations
@@ -79,6 +79,12 @@ FAULT_ERRORS: Mapping[str, ApiError] = MappingProxyType(
         "429": ApiError(
             429, "Throttling.RateQuota", "Requests rate limit exceeded, please try again later."
         ),
+        # DashScope also throttles a request rate that climbs too fast, below the per-minute
+        # quota. Its exact code is not documented; this stand-in follows the Throttling.* names.
+        "burst": ApiError(
+            429, "Throttling.BurstRate", "Request rate increased too quickly, please slow down."
+        ),
+        "throttling": ApiError(429, "Throttling", "Requests throttling triggered."),
         "quota": ApiError(
             429,
             "Throttling.AllocationQuota",

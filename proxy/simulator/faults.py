@@ -1,5 +1,8 @@
 """Fault directives: errors and misbehaviour on demand.
 
+Besides faults, three directives reshape a successful answer (`AnswerShape`), for tests of
+clients that must cope with DashScope's rarer answers.
+
 Three sources, merged per request: `[sim:...]` directives in the prompt text, the `X-Sim-Fault`
 header (same text without brackets, several separated by `;`, `,` or spaces), and faults
 queued with `POST /_sim/faults`. Parsing is pure; `FaultQueue` is the per-app queue.
@@ -12,6 +15,9 @@ Directives (see docs/simulator.md):
   fail                                      the task ends FAILED (sync calls: 400 inspection)
   pad=BYTES                                 grow `output` with a filler field to ~BYTES
   sse-error=429|...                         HTTP 200 SSE stream whose second frame is an error
+  base64                                    image content items carry data URLs, not URLs
+  textitem                                  the last image is a text-only content item instead
+  nocount                                   `usage` has no image_count / output_image_count
 """
 
 from __future__ import annotations
@@ -30,6 +36,15 @@ MAX_PAD_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
+class AnswerShape:
+    """How a successful answer is reshaped. The default value changes nothing."""
+
+    inline_images: bool = False  # `base64`
+    text_item: bool = False  # `textitem`
+    no_count: bool = False  # `nocount`
+
+
+@dataclass(frozen=True)
 class Faults:
     """What to do wrong for one request. The default value does nothing."""
 
@@ -40,6 +55,9 @@ class Faults:
     fail: bool = False
     pad: int = 0
     sse_error: str | None = None
+    base64: bool = False
+    textitem: bool = False
+    nocount: bool = False
 
     def merge(self, other: Faults) -> Faults:
         """Both sets of faults; on conflict `self` wins for errors, the larger value otherwise."""
@@ -51,7 +69,14 @@ class Faults:
             fail=self.fail or other.fail,
             pad=max(self.pad, other.pad),
             sse_error=self.sse_error or other.sse_error,
+            base64=self.base64 or other.base64,
+            textitem=self.textitem or other.textitem,
+            nocount=self.nocount or other.nocount,
         )
+
+    @property
+    def shape(self) -> AnswerShape:
+        return AnswerShape(self.base64, self.textitem, self.nocount)
 
     @property
     def active(self) -> bool:
@@ -59,6 +84,15 @@ class Faults:
 
 
 NO_FAULTS = Faults()
+# Directives without a value, each setting the `Faults` field of the same name.
+_FLAGS = {
+    "truncate": Faults(truncate=True),
+    "badjson": Faults(badjson=True),
+    "fail": Faults(fail=True),
+    "base64": Faults(base64=True),
+    "textitem": Faults(textitem=True),
+    "nocount": Faults(nocount=True),
+}
 
 
 def _apply(faults: Faults, directive: str) -> Faults | str:
@@ -79,12 +113,8 @@ def _apply(faults: Faults, directive: str) -> Faults | str:
         if name == "slow":
             return replace(faults, slow=min(max(number, 0.0), MAX_SLOW_SECONDS))
         return replace(faults, pad=int(min(max(number, 0.0), MAX_PAD_BYTES)))
-    if not value and name == "truncate":
-        return replace(faults, truncate=True)
-    if not value and name == "badjson":
-        return replace(faults, badjson=True)
-    if not value and name == "fail":
-        return replace(faults, fail=True)
+    if not value and name in _FLAGS:
+        return faults.merge(_FLAGS[name])
     return f"unknown directive {directive.strip()!r}"
 
 

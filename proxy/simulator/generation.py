@@ -21,15 +21,16 @@ from .context import (
     INVALID_JSON,
     apply_pre_faults,
     header_enabled,
-    origin,
     parse_json,
+    produce,
     request_faults,
 )
 from .errors import BAD_JSON, DATA_INSPECTION_OUTPUT, INVALID_URL, ApiError, SimHTTPError
 from .faults import Faults, faults_in_prompt, prompt_text
 from .models import GenRequest, validate
 from .render import json_response, sse_response
-from .responses import poll_body, stream_chunks, submit_body, sync_result
+from .responses import poll_body, submit_body
+from .results import Produced, stream_chunks, sync_result
 from .signing import image_name
 from .state import OWNER, REQUEST_ID, STATE, STREAMING, SimState
 from .tasks import Task
@@ -110,13 +111,13 @@ async def _answer_sync(
         await asyncio.sleep(state.settings.effective_sync_delay)
     seed = _seed(req)
     names = tuple(image_name(seed, i) for i in range(req.image_count))
-    urls = state.image_urls(origin(request), names, state.url_expiry())
-    state.stats.images_generated += len(urls)
+    produced = produce(request, req, seed, names, faults.shape, state.url_expiry())
+    state.stats.images_generated += produced.image_count
     request_id = request[REQUEST_ID]
     if request[STREAMING]:
-        chunks = stream_chunks(req, request_id, urls)
+        chunks = stream_chunks(req, request_id, produced)
         return await sse_response(request, chunks, faults, state.settings.effective_sse_delay)
-    return await json_response(request, sync_result(req, request_id, urls), faults)
+    return await json_response(request, sync_result(req, request_id, produced), faults)
 
 
 def _new_task(
@@ -142,6 +143,7 @@ def _new_task(
         running_seconds=running,
         fail=faults.fail,
         pad=faults.pad,
+        shape=faults.shape,
     )
     state.tasks.add(task, task.submitted_mono)
     state.stats.tasks_created += 1
@@ -156,10 +158,11 @@ async def _answer_sync_synthesis(
     # The task already ran while the caller waited: it is terminal from the start.
     task = _new_task(request, state, req, faults, pending=0.0, running=0.0)
     status = task.status(task.submitted_mono)
-    urls: list[str] = []
+    produced = Produced(())
     if not task.fail:
-        urls = state.image_urls(origin(request), task.image_names, state.url_expiry())
-        state.stats.images_generated += len(urls)
+        expires = state.url_expiry()
+        produced = produce(request, req, task.seed, task.image_names, task.shape, expires)
+        state.stats.images_generated += produced.image_count
         task.counted = True
-    body = poll_body(task, status, request[REQUEST_ID], urls, DATA_INSPECTION_OUTPUT)
+    body = poll_body(task, status, request[REQUEST_ID], produced, DATA_INSPECTION_OUTPUT)
     return await json_response(request, body, faults)

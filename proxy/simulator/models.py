@@ -1,6 +1,7 @@
 """Request validation: a request body -> `GenRequest`, or the `ApiError` DashScope answers.
 
-Pure functions over plain values (no I/O, no clock). The model table is in `catalogue.py`.
+Pure functions over plain values (no I/O, no clock). The model table is in `catalogue.py`, the
+single-field parsers in `parsing.py`.
 Prompts longer than a model's limit are truncated, not rejected, as DashScope documents. What is
 deliberately not checked: that input image URLs can be fetched (an `oss://` reference is
 resolved by the app, which owns the upload store), and parameters the simulator ignores.
@@ -8,7 +9,6 @@ resolved by the app, which owns the upload store), and parameters the simulator 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,6 @@ from .catalogue import (
     Endpoint,
     Family,
     ModelSpec,
-    SizeRule,
     lookup_model,
 )
 from .errors import (
@@ -35,9 +34,20 @@ from .errors import (
     ApiError,
     invalid,
 )
+from .parsing import (
+    bool_param,
+    choice_param,
+    count_check,
+    int_param,
+    is_image_ref,
+    opt_int_param,
+    parse_messages,
+    resolve_size,
+    text_param,
+)
 
-_SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*\*\s*(\d{1,5})\s*$")
 MAX_IMAGES_LIMIT = 5
+PROMPT_EXTEND_MODELS = ("direct", "agent")  # qwen-image-3.0 `prompt_extend_model`
 
 
 @dataclass(frozen=True)
@@ -85,132 +95,6 @@ def check_route(spec: ModelSpec, endpoint: Endpoint, *, async_header: bool) -> A
     return None
 
 
-def is_image_ref(value: str) -> bool:
-    """An input image DashScope can resolve: http(s) URL, `data:` URI or `oss://` key."""
-    if value.startswith(("http://", "https://")):
-        return len(value) > len("https://")
-    if value.startswith("data:"):
-        head, sep, _ = value.partition(",")
-        return bool(sep) and head.startswith("data:image/") and head.endswith(";base64")
-    return value.startswith("oss://") and len(value) > len("oss://")
-
-
-def parse_size(text: str) -> tuple[int, int] | None:
-    """`"1024*1024"` -> (1024, 1024); anything else (`1024x1024`, `1024×1024`) -> None."""
-    match = _SIZE_RE.match(text)
-    if match is None:
-        return None
-    return int(match.group(1)), int(match.group(2))
-
-
-def check_size(rule: SizeRule, width: int, height: int) -> str | None:
-    """Why `width*height` breaks `rule`, or None when it is allowed."""
-    if rule.kind == "any":
-        return None
-    if width <= 0 or height <= 0:
-        return "width and height must be positive"
-    if (width, height) in rule.fixed:
-        return None
-    if rule.kind == "fixed":
-        return "allowed sizes are " + ", ".join(f"{w}*{h}" for w, h in rule.fixed)
-    if rule.kind == "sides" and not (
-        rule.low <= width <= rule.high and rule.low <= height <= rule.high
-    ):
-        return f"each side must be between {rule.low} and {rule.high} pixels"
-    if rule.kind == "pixels" and not rule.low <= width * height <= rule.high:
-        return f"total pixels must be between {rule.low} and {rule.high}"
-    if rule.max_aspect and max(width, height) / min(width, height) > rule.max_aspect:
-        return "the aspect ratio must be between 1:4 and 4:1"
-    if width % rule.multiple or height % rule.multiple:
-        return f"width and height must be multiples of {rule.multiple}"
-    return None
-
-
-def resolve_size(
-    spec: ModelSpec, rule: SizeRule, value: object, default: tuple[int, int]
-) -> tuple[int, int] | ApiError:
-    if value is None:
-        return default
-    if not isinstance(value, str):
-        return invalid("The size parameter must be a string like 1024*1024.")
-    for label, dims in rule.presets:
-        if value.strip().upper() == label:
-            return dims
-    dims_or_none = parse_size(value)
-    if dims_or_none is None:
-        return invalid(f"The size {value!r} is invalid; use width*height, e.g. 1024*1024.")
-    reason = check_size(rule, *dims_or_none)
-    if reason is not None:
-        return invalid(f"The size {value} is not supported by {spec.name}: {reason}.")
-    return dims_or_none
-
-
-def _opt_int_param(params: dict[str, Any], key: str) -> int | None | ApiError:
-    value = params.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        return invalid(f"The parameter {key} must be an integer.")
-    return value
-
-
-def _int_param(params: dict[str, Any], key: str, default: int) -> int | ApiError:
-    value = _opt_int_param(params, key)
-    return default if value is None else value
-
-
-def _bool_param(params: dict[str, Any], key: str, default: bool) -> bool | ApiError:
-    value = params.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        return invalid(f"The parameter {key} must be a boolean.")
-    return value
-
-
-def _text_param(source: dict[str, Any], key: str, limit: int) -> str | ApiError:
-    value = source.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        return invalid(f"The parameter {key} must be a string.")
-    return value[:limit]
-
-
-def parse_messages(inp: dict[str, Any]) -> tuple[list[str], list[str]] | ApiError:
-    """The texts and images of the single user message of `input.messages`."""
-    messages = inp.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return invalid("The input messages must be a non-empty list.")
-    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
-        return invalid("Each message must be an object with a role.")
-    if len(messages) != 1 or messages[0]["role"] != "user":
-        return invalid("Only a single message with role user is supported.")
-    content = messages[0].get("content")
-    if isinstance(content, str):
-        content = [{"text": content}]
-    if not isinstance(content, list) or not content:
-        return invalid("The message content must be a non-empty list.")
-    texts: list[str] = []
-    images: list[str] = []
-    for item in content:
-        if isinstance(item, dict) and isinstance(item.get("image"), str):
-            images.append(item["image"])
-        elif isinstance(item, dict) and isinstance(item.get("text"), str):
-            texts.append(item["text"])
-        else:
-            return invalid('Each content item must be {"text": str} or {"image": str}.')
-    return texts, images
-
-
-def _count_check(what: str, count: int, low: int, high: int) -> ApiError | None:
-    if low <= count <= high:
-        return None
-    if low == high:
-        return invalid(f"The number of {what} must be {low}.")
-    return invalid(f"The number of {what} must be between {low} and {high}.")
-
-
 def _synthesis_input(spec: ModelSpec, inp: dict[str, Any]) -> tuple[str, list[str]] | ApiError:
     """E3/E4 `input`: the prompt and the input images of the model's family."""
     prompt = inp.get("prompt")
@@ -233,6 +117,19 @@ def _synthesis_input(spec: ModelSpec, inp: dict[str, Any]) -> tuple[str, list[st
         if isinstance(mask, str):
             images.append(mask)
     return prompt, images
+
+
+def _model_extras(spec: ModelSpec, params: dict[str, Any]) -> ApiError | None:
+    """Parameters only some models define. qwen-image-3.0's are type-checked; wan2.7's
+    `thinking_mode`, `enable_sequential` and `bbox_list` pass through unchecked (their
+    shapes are not documented well enough to refuse anything)."""
+    if spec.family is not Family.QWEN3:
+        return None
+    thinking = bool_param(params, "enable_thinking", True)
+    if isinstance(thinking, ApiError):
+        return thinking
+    extend_model = choice_param(params, "prompt_extend_model", PROMPT_EXTEND_MODELS)
+    return extend_model if isinstance(extend_model, ApiError) else None
 
 
 def validate(
@@ -267,7 +164,7 @@ def validate(
         if isinstance(parsed, ApiError):
             return parsed
         texts, images = parsed
-        text_error = _count_check("text items", len(texts), 1, 1)
+        text_error = count_check("text items", len(texts), 1, 1)
         if text_error is not None:
             return text_error
         prompt = texts[0]
@@ -279,12 +176,15 @@ def validate(
             return synthesis
         prompt, images = synthesis
 
-    interleave = _bool_param(params, "enable_interleave", False)
+    interleave = bool_param(params, "enable_interleave", False)
     if isinstance(interleave, ApiError):
         return interleave
     interleave = interleave and spec.family is Family.WAN26_IMAGE
-    images_min, images_max = (0, 1) if interleave else (spec.images_min, spec.images_max)
-    image_error = _count_check("input images", len(images), images_min, images_max)
+    if interleave:
+        images_min, images_max = 0, spec.interleave_images_max
+    else:
+        images_min, images_max = spec.images_min, spec.images_max
+    image_error = count_check("input images", len(images), images_min, images_max)
     if image_error is not None:
         return image_error
     if not all(is_image_ref(image) for image in images):
@@ -295,7 +195,7 @@ def validate(
             "send the header X-DashScope-SSE: enable."
         )
 
-    n = _int_param(params, "n", 1 if interleave else spec.n_default)
+    n = int_param(params, "n", 1 if interleave else spec.n_default)
     if isinstance(n, ApiError):
         return n
     n_max = 1 if interleave else spec.n_max
@@ -303,13 +203,13 @@ def validate(
         if n_max == 1:
             return invalid(f"num_images_per_prompt must be 1 for {spec.name}.")
         return invalid(f"The parameter n must be between 1 and {n_max} for {spec.name}.")
-    max_images = _int_param(params, "max_images", MAX_IMAGES_LIMIT)
+    max_images = int_param(params, "max_images", MAX_IMAGES_LIMIT)
     if isinstance(max_images, ApiError):
         return max_images
     if interleave and not 1 <= max_images <= MAX_IMAGES_LIMIT:
         return invalid(f"The parameter max_images must be between 1 and {MAX_IMAGES_LIMIT}.")
 
-    seed = _opt_int_param(params, "seed")
+    seed = opt_int_param(params, "seed")
     if isinstance(seed, ApiError):
         return seed
     if seed is not None and not 0 <= seed <= SEED_MAX:
@@ -320,22 +220,25 @@ def validate(
     if isinstance(dims, ApiError):
         return dims
 
-    negative = _text_param(params, "negative_prompt", NEGATIVE_PROMPT_LIMIT)
+    negative = text_param(params, "negative_prompt", NEGATIVE_PROMPT_LIMIT)
     if isinstance(negative, ApiError):
         return negative
     if not negative:
-        negative = _text_param(inp, "negative_prompt", NEGATIVE_PROMPT_LIMIT)
+        negative = text_param(inp, "negative_prompt", NEGATIVE_PROMPT_LIMIT)
         if isinstance(negative, ApiError):
             return negative
-    prompt_extend = _bool_param(params, "prompt_extend", True)
+    prompt_extend = bool_param(params, "prompt_extend", True)
     if isinstance(prompt_extend, ApiError):
         return prompt_extend
-    watermark = _bool_param(params, "watermark", False)
+    watermark = bool_param(params, "watermark", False)
     if isinstance(watermark, ApiError):
         return watermark
     style = params.get("style")
     if spec.styles and style is not None and style not in spec.styles:
         return invalid("The parameter style is not supported; use e.g. <auto> or <anime>.")
+    extras_error = _model_extras(spec, params)
+    if extras_error is not None:
+        return extras_error
 
     return GenRequest(
         spec=spec,

@@ -7,6 +7,7 @@ and the same URL always serves the same bytes.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import struct
 import zlib
@@ -51,6 +52,11 @@ def draw_image(seed: int, index: int, side: int) -> bytes:
                 row.append(int(value * 0.8) if checker else int(value))
         rows.append(bytes(row))
     return encode_png(side, side, rows)
+
+
+def data_url(png: bytes) -> str:
+    """`data:image/png;base64,...`: a PNG inline in a JSON answer (directive `base64`)."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 class PngCache:

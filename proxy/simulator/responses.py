@@ -1,5 +1,5 @@
-"""Pure builders of every DashScope response body: sync results, SSE frames, task submits,
-polls, cancel, list, upload policy and errors (protocol doc sections 4-6).
+"""Pure builders of DashScope's response bodies: SSE frames, task submits, polls, cancel, list,
+upload policy and errors. The answers of a finished generation are built in `results.py`.
 
 SDK crash rules honoured here: every HTTP-200 JSON body of E1/E2 has a dict `output`; every
 message has a `role`; SSE `data:` is one line of JSON; error frames are `event:error` with no
@@ -15,6 +15,7 @@ from typing import Any
 from .catalogue import Family
 from .errors import ApiError
 from .models import GenRequest
+from .results import Produced, result_output, result_usage
 from .tasks import Task, TaskStatus
 
 Body = dict[str, Any]
@@ -46,90 +47,6 @@ def pad_body(body: Body, target_bytes: int) -> Body:
     return {**body, "output": {**output, _PAD_FIELD: filler}}
 
 
-def _wan_usage(req: GenRequest, image_count: int | None) -> Body:
-    usage: Body = {"input_tokens": 0, "output_tokens": 0, "size": req.size, "total_tokens": 0}
-    if image_count is not None:
-        usage["image_count"] = image_count
-    return usage
-
-
-def _qwen_usage(req: GenRequest, image_count: int) -> Body:
-    return {"image_count": image_count, "width": req.width, "height": req.height}
-
-
-def _choice(content: list[Body], finish_reason: str = "stop") -> Body:
-    return {"finish_reason": finish_reason, "message": {"role": "assistant", "content": content}}
-
-
-def image_choices(req: GenRequest, urls: list[str]) -> list[Body]:
-    """`output.choices` of an E1/E2 result: qwen-image-edit puts all images in one message,
-    every other model returns one choice per image (`type: image` on wan2.6 only)."""
-    if req.spec.family is Family.QWEN_EDIT:
-        return [_choice([{"image": url} for url in urls])]
-    if req.spec.family is Family.QWEN:
-        return [_choice([{"image": url}]) for url in urls]
-    return [_choice([{"image": url, "type": "image"}]) for url in urls]
-
-
-def interleave_texts(req: GenRequest) -> list[str]:
-    """The text items around the images of a wan2.6-image interleave answer."""
-    topic = req.prompt.strip().splitlines()[0][:60] if req.prompt.strip() else "your request"
-    steps = [f"Step {i + 1} of {req.max_images} for {topic}: " for i in range(req.max_images)]
-    return [*steps, "Enjoy!"]
-
-
-def interleave_content(req: GenRequest, urls: list[str]) -> list[Body]:
-    """Text, image, text, image, ..., text: the whole interleave answer as content items."""
-    texts = interleave_texts(req)
-    content: list[Body] = []
-    for text, url in zip(texts, urls, strict=False):
-        content += [{"type": "text", "text": text}, {"type": "image", "image": url}]
-    content.append({"type": "text", "text": texts[-1]})
-    return content
-
-
-def sync_result(req: GenRequest, request_id: str, urls: list[str]) -> Body:
-    """The HTTP-200 body of a synchronous E1 call."""
-    if req.spec.family in (Family.QWEN, Family.QWEN_EDIT):
-        return {
-            "output": {"choices": image_choices(req, urls)},
-            "usage": _qwen_usage(req, len(urls)),
-            "request_id": request_id,
-        }
-    choices = [_choice(interleave_content(req, urls))] if req.interleave else None
-    return {
-        "output": {"choices": choices or image_choices(req, urls), "finished": True},
-        "usage": _wan_usage(req, len(urls)),
-        "request_id": request_id,
-    }
-
-
-def stream_chunks(req: GenRequest, request_id: str, urls: list[str]) -> list[Body]:
-    """The `data:` payloads of an E1 SSE answer, in order.
-
-    Interleave mode: one content item per event (text, image, text, ...), `finish_reason`
-    "null" and `finished: false` until the last event, whose usage has `image_count`. Other
-    models: a single final event shaped like the sync result.
-    """
-    if not req.interleave:
-        return [sync_result(req, request_id, urls)]
-    items = interleave_content(req, urls)
-    chunks: list[Body] = []
-    for position, item in enumerate(items):
-        last = position == len(items) - 1
-        chunks.append(
-            {
-                "output": {
-                    "choices": [_choice([item], "stop" if last else "null")],
-                    "finished": last,
-                },
-                "usage": _wan_usage(req, len(urls) if last else None),
-                "request_id": request_id,
-            }
-        )
-    return chunks
-
-
 def sse_frame(event_id: int, payload: Body, *, event: str = "result", status: int = 200) -> bytes:
     """`id:N\\nevent:result\\n:HTTP_STATUS/200\\ndata:<json>\\n\\n` (no spaces after colons)."""
     head = f"id:{event_id}\nevent:{event}\n:HTTP_STATUS/{status}\ndata:"
@@ -140,7 +57,7 @@ def submit_body(request_id: str, task_id: str) -> Body:
     return {"output": {"task_status": "PENDING", "task_id": task_id}, "request_id": request_id}
 
 
-def synthesis_results(req: GenRequest, urls: list[str]) -> list[Body]:
+def synthesis_results(req: GenRequest, urls: tuple[str, ...]) -> list[Body]:
     actual = f"{req.prompt}, highly detailed, soft light" if req.prompt_extend else req.prompt
     return [{"orig_prompt": req.prompt, "actual_prompt": actual, "url": url} for url in urls]
 
@@ -150,9 +67,9 @@ def _metrics(total: int, succeeded: int, failed: int) -> Body:
 
 
 def poll_body(
-    task: Task, status: TaskStatus, request_id: str, urls: list[str], fail: ApiError
+    task: Task, status: TaskStatus, request_id: str, produced: Produced, fail: ApiError
 ) -> Body:
-    """`GET /tasks/{id}` for a task in `status`; `urls` are used only once it SUCCEEDED.
+    """`GET /tasks/{id}` for a task in `status`; `produced` is used only once it SUCCEEDED.
 
     Synthesis (E3/E4) tasks answer `results[]` + `task_metrics`, code/message of a failure
     inside `output`; image-generation (E2) tasks answer `choices` + token usage, code/message
@@ -182,14 +99,11 @@ def poll_body(
             body.update(code=fail.code, message=fail.message)
         return body
     if synthesis:
-        output["results"] = synthesis_results(req, urls)
-        output["task_metrics"] = _metrics(req.n, len(urls), 0)
-        body["usage"] = {"image_count": len(urls)}
+        output["results"] = synthesis_results(req, produced.refs)
+        output["task_metrics"] = _metrics(req.n, produced.image_count, 0)
     else:
-        output["finished"] = True
-        content = [_choice(interleave_content(req, urls))] if req.interleave else None
-        output["choices"] = content or image_choices(req, urls)
-        body["usage"] = _wan_usage(req, len(urls))
+        output.update(result_output(req, produced))
+    body["usage"] = result_usage(req, produced)
     return body
 
 

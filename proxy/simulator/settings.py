@@ -41,6 +41,10 @@ class SimSettings:
     """Total size of files kept from the upload host; the oldest are dropped beyond it."""
     zero_delay: bool = False
     """Benchmark mode: all schedule delays 0, no request recording."""
+    public_base_url: str | None = None
+    """Base of the result-image URLs (e.g. `http://localhost:8089`) instead of the request's
+    own `scheme://Host`: in a container network the caller reaches the simulator under a name
+    a browser on the host cannot resolve. None: the request's Host."""
 
     @property
     def effective_pending(self) -> float:

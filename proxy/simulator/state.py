@@ -60,10 +60,18 @@ class UploadStore:
         return self._files.get(key)
 
 
+# Signers retired by `POST /_sim/expire-images` that are still recognised, so that their URLs
+# answer "expired" rather than "bad signature". Beyond this many, the oldest are forgotten
+# (their URLs then fail the signature check: still a 403).
+RETIRED_SIGNERS_KEPT = 1024
+
+
 @dataclass
 class SimState:
     settings: SimSettings
-    signer: Signer
+    signer: Signer  # upload policies
+    image_signer: Signer  # result-image URLs; replaced by `expire_images`
+    retired_image_signers: deque[Signer]
     tasks: TaskTable
     pngs: PngCache
     uploads: UploadStore
@@ -76,6 +84,8 @@ class SimState:
         return cls(
             settings=settings,
             signer=Signer(),
+            image_signer=Signer(),
+            retired_image_signers=deque(maxlen=RETIRED_SIGNERS_KEPT),
             tasks=TaskTable(settings.task_ttl_seconds, settings.task_limit),
             pngs=PngCache(settings.image_side),
             uploads=UploadStore(settings.upload_limit_bytes),
@@ -85,7 +95,16 @@ class SimState:
         )
 
     def image_urls(self, origin: str, names: tuple[str, ...], expires: int) -> list[str]:
-        return [signed_image_url(self.signer, origin, name, expires) for name in names]
+        return [signed_image_url(self.image_signer, origin, name, expires) for name in names]
+
+    def expire_images(self) -> None:
+        """Make every image URL handed out so far answer as expired; later URLs are unaffected.
+
+        Rotating the image signer does this without remembering any URL: old URLs carry the
+        old signature, which only the retired signer accepts.
+        """
+        self.retired_image_signers.append(self.image_signer)
+        self.image_signer = Signer()
 
     def url_expiry(self, start_wall: float | None = None) -> int:
         """Epoch second at which URLs made for a result finished at `start_wall` expire."""

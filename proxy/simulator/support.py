@@ -1,8 +1,10 @@
 """The simulator's own endpoints: uploads (E8 `getPolicy` and the OSS-style upload host),
-signed result images, and the test-support `/_sim/*` API (requests, stats, faults, reset).
+signed result images, and the test-support `/_sim/*` API (requests, stats, faults, reset,
+expire-images).
 
-Image and upload URLs point back at this server (the request's own Host), so they work on
-any port and need no auth, like pre-signed OSS URLs.
+Image and upload URLs point back at this server (the request's own Host, or for images
+`public_base_url` when set), so they work on any port and need no auth, like pre-signed OSS
+URLs.
 """
 
 from __future__ import annotations
@@ -92,7 +94,14 @@ async def image(request: web.Request) -> web.Response:
     expires = request.query.get("Expires", "")
     signature = request.query.get("Signature", "")
     parsed = parse_image_name(name)
-    if parsed is None or not check_image_signature(state.signer, name, expires, signature):
+    if parsed is None:
+        return _oss_error(403, "SignatureDoesNotMatch", "The request signature does not match.")
+    if not check_image_signature(state.image_signer, name, expires, signature):
+        if any(
+            check_image_signature(old, name, expires, signature)
+            for old in state.retired_image_signers
+        ):  # signed before `POST /_sim/expire-images`
+            return _oss_error(403, "AccessDenied", "Request has expired.")
         return _oss_error(403, "SignatureDoesNotMatch", "The request signature does not match.")
     if not expires.isdigit() or time.time() > int(expires):
         return _oss_error(403, "AccessDenied", "Request has expired.")
@@ -158,6 +167,13 @@ async def list_faults(request: web.Request) -> web.Response:
 async def clear_faults(request: web.Request) -> web.Response:
     request.app[STATE].faults.clear()
     return _sim_json({"queued": []})
+
+
+async def expire_images(request: web.Request) -> web.Response:
+    """`POST /_sim/expire-images`: every image URL handed out so far now answers 403, as an
+    expired OSS URL does; URLs handed out afterwards (a task polled again included) work."""
+    request.app[STATE].expire_images()
+    return _sim_json({"expired": True})
 
 
 async def reset(request: web.Request) -> web.Response:

@@ -12,7 +12,7 @@ from datetime import datetime
 
 from aiohttp import web
 
-from .context import apply_pre_faults, origin, request_faults
+from .context import apply_pre_faults, produce, request_faults
 from .errors import CANCEL_NOT_PENDING, DATA_INSPECTION_OUTPUT, SimHTTPError, invalid
 from .faults import Faults
 from .render import json_response
@@ -24,6 +24,7 @@ from .responses import (
     task_summary,
     unknown_task_body,
 )
+from .results import Produced
 from .state import OWNER, REQUEST_ID, STATE
 from .tasks import TERMINAL, CancelResult, TaskStatus
 
@@ -41,14 +42,14 @@ async def get_task(request: web.Request) -> web.StreamResponse:
     if task is None:
         return await json_response(request, unknown_task_body(request[REQUEST_ID], task_id), faults)
     status = task.status(now)
-    urls: list[str] = []
+    produced = Produced(())
     if status is TaskStatus.SUCCEEDED:
         expires = state.url_expiry(task.end_wall)
-        urls = state.image_urls(origin(request), task.image_names, expires)
+        produced = produce(request, task.request, task.seed, task.image_names, task.shape, expires)
         if not task.counted:
             task.counted = True
-            state.stats.images_generated += len(urls)
-    body = poll_body(task, status, request[REQUEST_ID], urls, DATA_INSPECTION_OUTPUT)
+            state.stats.images_generated += produced.image_count
+    body = poll_body(task, status, request[REQUEST_ID], produced, DATA_INSPECTION_OUTPUT)
     if status in TERMINAL and task.pad:
         faults = faults.merge(Faults(pad=task.pad))
     return await json_response(request, body, faults)

@@ -14,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from .faults import AnswerShape
 from .models import GenRequest
 
 
@@ -45,6 +46,7 @@ class Task:
     running_seconds: float
     fail: bool = False
     pad: int = 0
+    shape: AnswerShape = AnswerShape()  # `base64` / `textitem` / `nocount` for the result
     canceled_wall: float | None = None
     counted: bool = field(default=False)  # images added to the stats already
 

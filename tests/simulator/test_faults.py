@@ -129,7 +129,7 @@ def test_sse_error_frame_is_read_as_an_error(sim: SimServer) -> None:
     events = list(stream)
     assert len(events) == 2
     assert events[0].status_code == 200
-    # The SDK ignores `:HTTP_STATUS/429` and reports stream errors as 400 (protocol doc 4.4).
+    # The SDK ignores `:HTTP_STATUS/429` and reports stream errors as 400.
     assert (events[1].status_code, events[1].code) == (400, "Throttling.RateQuota")
 
 

@@ -8,14 +8,8 @@ import pytest
 
 from proxy.simulator.catalogue import CATALOGUE, Endpoint, lookup_model
 from proxy.simulator.errors import ApiError
-from proxy.simulator.models import (
-    GenRequest,
-    check_route,
-    check_size,
-    is_image_ref,
-    parse_size,
-    validate,
-)
+from proxy.simulator.models import GenRequest, check_route, validate
+from proxy.simulator.parsing import check_size, is_image_ref, parse_size
 
 E1, E2, E3, E4 = (
     Endpoint.MULTIMODAL,

@@ -28,9 +28,8 @@ from proxy.simulator.responses import (
     pad_body,
     poll_body,
     sse_frame,
-    stream_chunks,
-    sync_result,
 )
+from proxy.simulator.results import Produced, stream_chunks, sync_result
 from proxy.simulator.signing import (
     Signer,
     check_image_signature,
@@ -98,7 +97,9 @@ def request(model: str, endpoint: Endpoint, **params: object) -> GenRequest:
 
 
 def test_sync_result_shapes() -> None:
-    qwen = sync_result(request("qwen-image-2.0", Endpoint.MULTIMODAL, n=2), "rid", ["u1", "u2"])
+    qwen = sync_result(
+        request("qwen-image-2.0", Endpoint.MULTIMODAL, n=2), "rid", Produced(("u1", "u2"))
+    )
     assert qwen == {
         "output": {
             "choices": [
@@ -115,9 +116,9 @@ def test_sync_result_shapes() -> None:
         "usage": {"image_count": 2, "width": 2048, "height": 2048},
         "request_id": "rid",
     }
-    wan = sync_result(request("wan2.6-t2i", Endpoint.MULTIMODAL, n=1), "rid", ["u"])
+    wan = sync_result(request("wan2.6-t2i", Endpoint.MULTIMODAL, n=1), "rid", Produced(("u",)))
     assert wan["output"]["finished"] is True
-    assert wan["output"]["choices"][0]["message"]["content"] == [{"image": "u", "type": "image"}]
+    assert wan["output"]["choices"][0]["message"]["content"] == [{"type": "image", "image": "u"}]
     assert wan["usage"] == {
         "input_tokens": 0,
         "output_tokens": 0,
@@ -129,7 +130,7 @@ def test_sync_result_shapes() -> None:
 
 def test_interleave_chunks() -> None:
     req = request("wan2.6-image", Endpoint.MULTIMODAL, enable_interleave=True, max_images=2)
-    chunks = stream_chunks(req, "rid", ["u1", "u2"])
+    chunks = stream_chunks(req, "rid", Produced(("u1", "u2")))
     kinds = [c["output"]["choices"][0]["message"]["content"][0]["type"] for c in chunks]
     assert kinds == ["text", "image", "text", "image", "text"]
     assert [c["output"]["finished"] for c in chunks] == [False] * 4 + [True]
@@ -168,25 +169,25 @@ def make_task(endpoint: Endpoint, model: str, fail: bool = False) -> Task:
 
 def test_poll_bodies_per_state() -> None:
     task = make_task(Endpoint.TEXT2IMAGE, "wan2.2-t2i-flash")
-    pending = poll_body(task, TaskStatus.PENDING, "r", [], DATA_INSPECTION_OUTPUT)
+    pending = poll_body(task, TaskStatus.PENDING, "r", Produced(()), DATA_INSPECTION_OUTPUT)
     assert pending["output"] == {
         "task_id": "t1",
         "task_status": "PENDING",
         "submit_time": "2023-11-15 06:13:20.000",
     }
-    running = poll_body(task, TaskStatus.RUNNING, "r", [], DATA_INSPECTION_OUTPUT)
+    running = poll_body(task, TaskStatus.RUNNING, "r", Produced(()), DATA_INSPECTION_OUTPUT)
     assert running["output"]["task_metrics"] == {"TOTAL": 1, "SUCCEEDED": 0, "FAILED": 0}
-    done = poll_body(task, TaskStatus.SUCCEEDED, "r", ["u"], DATA_INSPECTION_OUTPUT)
+    done = poll_body(task, TaskStatus.SUCCEEDED, "r", Produced(("u",)), DATA_INSPECTION_OUTPUT)
     assert done["output"]["results"][0]["url"] == "u"
     assert done["usage"] == {"image_count": 1}
-    failed = poll_body(task, TaskStatus.FAILED, "r", [], DATA_INSPECTION_OUTPUT)
+    failed = poll_body(task, TaskStatus.FAILED, "r", Produced(()), DATA_INSPECTION_OUTPUT)
     assert failed["output"]["code"] == "DataInspectionFailed" and "code" not in failed
 
     wan = make_task(Endpoint.IMAGE_GENERATION, "wan2.6-t2i")
-    wan_done = poll_body(wan, TaskStatus.SUCCEEDED, "r", ["u"], DATA_INSPECTION_OUTPUT)
+    wan_done = poll_body(wan, TaskStatus.SUCCEEDED, "r", Produced(("u",)), DATA_INSPECTION_OUTPUT)
     assert wan_done["output"]["choices"][0]["message"]["role"] == "assistant"
     assert wan_done["usage"]["image_count"] == 1
-    wan_failed = poll_body(wan, TaskStatus.FAILED, "r", [], DATA_INSPECTION_OUTPUT)
+    wan_failed = poll_body(wan, TaskStatus.FAILED, "r", Produced(()), DATA_INSPECTION_OUTPUT)
     assert wan_failed["code"] == "DataInspectionFailed" and "code" not in wan_failed["output"]
 
 
