@@ -1,9 +1,10 @@
 """`python -m bench`: run the scenarios, print the table, write the JSON.
 
-    python -m bench                      every scenario, 3 runs each (~7 min)
+    python -m bench                      every scenario, 3 runs each (~8 min)
     python -m bench --quick              seconds-long smoke (CI): tiny counts, no speed claims
-    python -m bench --only rps,latency   a subset (names: rps latency hold relay b64 soak workers)
-    python -m bench --runs 5 --soak-seconds 600 --hold-seconds 10
+    python -m bench --only rps,latency   a subset (names: rps latency hold relay b64 soak workers
+                                         reconciler)
+    python -m bench --runs 5 --soak-seconds 600 --hold-seconds 10 --reconcile-tasks 50000
 
 Run from the repository root (it starts `python -m proxy` and `python -m bench.*`).
 """
@@ -45,6 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hold-seconds", type=float, help="hold time (default 5; quick 1)")
     p.add_argument("--soak-seconds", type=float, help="soak length (default 30; quick 3)")
     p.add_argument("--soak-rate", type=float, default=300.0, help="soak requests/s")
+    p.add_argument(
+        "--reconcile-tasks",
+        type=int,
+        help="outstanding tasks reconciled (default 10000; quick 500)",
+    )
     p.add_argument("--no-wrk", action="store_true", help="use the Python load generator")
     p.add_argument("--no-nginx", action="store_true", help="skip the nginx reference")
     p.add_argument("--json", default="bench/results/latest.json", help="where to write JSON")
@@ -71,6 +77,7 @@ def settings(args: argparse.Namespace) -> Settings:
         hold_seconds=pick(args.hold_seconds, 5, 1),
         soak_seconds=pick(args.soak_seconds, 30, 3),
         soak_rate=args.soak_rate,
+        reconcile_tasks=int(pick(args.reconcile_tasks, 10_000, 500)),
         use_wrk=not args.no_wrk,
         use_nginx=not args.no_nginx,
     )

@@ -64,6 +64,7 @@ class Settings:
     hold_seconds: float
     soak_seconds: float
     soak_rate: float
+    reconcile_tasks: int
     use_wrk: bool
     use_nginx: bool
 
@@ -211,20 +212,28 @@ class Bench:
 
     # ------------------------------------------------------------------ processes
 
-    def gateway_yaml(self, port: int, workers: int = 1) -> str:
+    def gateway_yaml(
+        self,
+        port: int,
+        workers: int = 1,
+        tasks: dict[str, object] | None = None,
+        state: Path | None = None,
+    ) -> str:
+        """The gateway's config; `tasks`: its `tasks:` section, `state`: its state file."""
         n = self._n = self._n + 1
         teams = "\n".join(
             f'  - name: team-{i:02d}\n    key_sha256: "{i:064x}"\n'
             f'    models: ["qwen-image*", "wan2.6-*"]'
             for i in range(1, 9)
         )
+        section = "".join(f"\n  {k}: {json.dumps(v)}" for k, v in (tasks or {}).items())
         return f"""
 server:
   host: 127.0.0.1
   port: {port}
   workers: {workers}
   access_log: true
-  usage_log: {self.tmp}/usage-{n}.jsonl
+  usage_log: {self.usage_log(n)}
 upstreams:
   - name: bench
     base_url: http://127.0.0.1:{self.upstream_port}/api/v1
@@ -235,15 +244,26 @@ keys:
   - name: bench
     key: {GATEWAY_KEY}
 state:
-  path: {self.tmp}/state-{n}.db
-"""
+  path: {state or self.tmp / f"state-{n}.db"}
+""" + (f"tasks:{section}\n" if section else "")
+
+    def usage_log(self, n: int) -> Path:
+        return self.tmp / f"usage-{n}.jsonl"
 
     @contextlib.contextmanager
-    def gateway(self, workers: int = 1, pinned: bool = True) -> Iterator[Proc]:
-        """The gateway as a real process; its access log (stdout) goes to /dev/null."""
+    def gateway(
+        self,
+        workers: int = 1,
+        pinned: bool = True,
+        tasks: dict[str, object] | None = None,
+        state: Path | None = None,
+    ) -> Iterator[Proc]:
+        """The gateway as a real process; its access log (stdout) goes to /dev/null.
+        `proc.extra["usage_log"]` is its usage ledger."""
         port = procs.free_port()
         cfg = self.tmp / f"gateway-{port}.yaml"
-        cfg.write_text(self.gateway_yaml(port, workers))
+        cfg.write_text(self.gateway_yaml(port, workers, tasks, state))
+        usage = self.usage_log(self._n)
         with procs.running(
             "gateway",
             [procs.python(), "-m", "proxy", "--config", str(cfg)],
@@ -251,6 +271,7 @@ state:
             self.sut_cpus if pinned else None,
             self.tmp,
         ) as proc:
+            proc.extra["usage_log"] = usage
             yield proc
 
     @contextlib.contextmanager

@@ -6,7 +6,8 @@ from typing import Any
 
 from .core import Metric, ScenarioResult
 
-COLUMNS = ("direct", "reference", "nginx", "workers=1", "gateway")
+# `proxied request` and `expected` are the reconciler row's same-run references.
+COLUMNS = ("direct", "reference", "nginx", "workers=1", "proxied request", "expected", "gateway")
 
 
 def _num(v: float) -> str:

@@ -24,6 +24,7 @@ from .core import (
     sync_request,
 )
 from .procs import Proc
+from .reconcile import reconciler
 
 Scenario = Callable[[Bench], ScenarioResult]
 
@@ -414,4 +415,5 @@ SCENARIOS: dict[str, Scenario] = {
     "b64": b64,
     "soak": soak,
     "workers": workers,
+    "reconciler": reconciler,
 }

@@ -14,7 +14,8 @@ Routes (any method):
                           its image URL points at /img/<image-bytes>.png here
         X-Bench-Hold: S   answer after S seconds (the long-generation case)
         X-Bench-Pad: N    answer with a valid JSON body of about N bytes
-    /api/v1/tasks/ID      a SUCCEEDED task (image_count 1)
+    /api/v1/tasks/ID      a SUCCEEDED task (image_count 1) that names ID (an id of
+                          letters, digits, `-` and `_`; any other id: `bench-task`)
     /img/N.png            N bytes starting with the PNG signature
     anything else         404 in DashScope's error shape
 """
@@ -25,11 +26,14 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import resource
 import signal
 from typing import cast
 
 _REQUEST_ID = b"7a3f1c2e-5b6d-4e8f-9a0b-1c2d3e4f5a6b"
+_TASK_ID = re.compile(rb"[A-Za-z0-9_-]{1,128}")
+_TASK_MARK = "@@TASK_ID@@"
 
 
 def _http(status: str, body: bytes, ctype: bytes = b"application/json") -> bytes:
@@ -77,18 +81,27 @@ class Answers:
         task = {
             "request_id": _REQUEST_ID.decode(),
             "output": {
-                "task_id": "bench-task",
+                "task_id": _TASK_MARK,
                 "task_status": "SUCCEEDED",
                 "results": [{"url": self.image_url}],
             },
             "usage": {"image_count": 1},
         }
-        self.task = _http("200 OK", json.dumps(task).encode())
+        # The task answer names the polled id: its body is built per request from
+        # two halves (the reconciler polls thousands of distinct ids).
+        head, tail = json.dumps(task).encode().split(_TASK_MARK.encode())
+        self._task_body = (head, tail)
         self.not_found = _http("404 Not Found", b'{"code":"NotFound","message":"no route"}')
         self.bad_request = _http("400 Bad Request", b'{"code":"BadRequest","message":"bad"}')
         self._padded: dict[int, bytes] = {}
         self._images: dict[int, bytes] = {}
         self._noise = os.urandom(1024 * 1024)
+
+    def task_answer(self, task_id: bytes) -> bytes:
+        if _TASK_ID.fullmatch(task_id) is None:
+            task_id = b"bench-task"
+        head, tail = self._task_body
+        return _http("200 OK", head + task_id + tail)
 
     def padded(self, size: int) -> bytes:
         out = self._padded.get(size)
@@ -107,7 +120,7 @@ class Answers:
         if path.startswith(b"/api/v1/services/"):
             return self.padded(pad) if pad else self.sync
         if path.startswith(b"/api/v1/tasks/"):
-            return self.task
+            return self.task_answer(path[14:].split(b"?", 1)[0])
         if path.startswith(b"/img/") and path.endswith(b".png"):
             try:
                 size = int(path[5:-4])

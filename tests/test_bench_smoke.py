@@ -8,6 +8,7 @@ JSON written, and that no scenario crashed.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +41,12 @@ def test_bench_quick_produces_table_and_json(tmp_path: Path) -> None:
             assert scenario["metrics"], name
             for metric in scenario["metrics"]:
                 assert metric["values"].get("gateway"), (name, metric["name"])
+    # Not a timing: the reconciler row fails unless every task was metered exactly once.
+    reconciler = doc["scenarios"]["reconciler"]
+    assert reconciler["status"] == "ok", reconciler
+    (metered,) = [m for m in reconciler["metrics"] if m["name"].startswith("images metered")]
+    assert metered["met"] is True, metered
     table = done.stdout
-    assert "| scenario | metric" in table
+    assert re.search(r"^\| scenario +\| metric ", table, re.MULTILINE), table[-3000:]
     for name in SCENARIOS:
         assert f"| {name} " in table, name
