@@ -35,11 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from proxy.config import TasksConfig
-
-try:  # proxy/state/ as a package
-    from proxy.state.tasks import SqliteTaskStore, TaskRecord
-except ImportError:  # the flat layout (proxy/tasks.py)
-    from proxy.tasks import SqliteTaskStore, TaskRecord
+from proxy.state.tasks import SqliteTaskStore, TaskRecord
 
 from .core import Bench, ScenarioResult, sync_request
 from .procs import Proc

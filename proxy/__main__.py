@@ -1,7 +1,7 @@
 """Command line: parse arguments, load config, run. Nothing else lives here.
 
 dashscope-proxy --config PATH [--host H] [--port N]   serve the gateway
-    (with server.workers > 1: a supervisor of N worker processes, proxy.supervisor)
+    (with server.workers > 1: a supervisor of N worker processes, proxy.ops.supervisor)
 dashscope-proxy demo [--port N]                       simulator + gateway, no account
 dashscope-proxy check-config PATH                     validate, list every problem
 dashscope-proxy hash-key                              stdin key -> key_sha256
@@ -17,7 +17,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from .config import ConfigError, file_signature, load_config, sha256_hex
+from proxy.config import ConfigError, file_signature, load_config, sha256_hex
 
 COMMANDS = ("demo", "check-config", "hash-key", "serve")
 
@@ -63,7 +63,7 @@ def _serve(argv: Sequence[str]) -> int:
         return 2
     poll = max(args.config_poll_seconds, 0.0)
     if config.server.workers > 1 and args.worker_index is None:
-        from .supervisor import Supervisor
+        from proxy.ops.supervisor import Supervisor
 
         return Supervisor(
             config,
@@ -78,8 +78,8 @@ def _serve(argv: Sequence[str]) -> int:
         _tag_log_lines(f"worker-{args.worker_index}")
         # Set by the supervisor; prometheus_client reads it at import too.
         metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    from .app import create_app
-    from .server import install_fast_loop, serve
+    from proxy.app import create_app
+    from proxy.ops.server import install_fast_loop, serve
 
     install_fast_loop()
     app = create_app(config, metrics_dir=metrics_dir)
@@ -139,7 +139,7 @@ def _hash_key(argv: Sequence[str]) -> int:
 
 
 def _demo(argv: Sequence[str]) -> int:
-    from .demo import run_demo
+    from proxy.ops.demo import run_demo
 
     parser = argparse.ArgumentParser(prog="dashscope-proxy demo")
     parser.add_argument("--host", default="127.0.0.1")

@@ -20,11 +20,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from . import aliyun, native, openai_images, openapi
-from .accesslog import AccessLog
-from .admission import limits_ctx
-from .config import Config
-from .errors import (
+from proxy.config import Config
+from proxy.core.admission import limits_ctx
+from proxy.core.metering import Meter
+from proxy.core.reconciler import reconciler_ctx
+from proxy.errors import (
     GatewayError,
     dialect_for_path,
     internal_error,
@@ -33,12 +33,12 @@ from .errors import (
     render_error,
     too_large,
 )
-from .failover import UPSTREAMS, UpstreamHealth
-from .ledger import ledger_ctx
-from .metering import Meter
-from .metrics import Metrics
-from .reconciler import reconciler_ctx
-from .runtime import (
+from proxy.fronts import aliyun, native, openapi
+from proxy.fronts.openai import images as openai_images
+from proxy.metrics import Metrics
+from proxy.ops.accesslog import AccessLog
+from proxy.ops.ledger import ledger_ctx
+from proxy.runtime import (
     CTX,
     METER,
     METRICS,
@@ -48,8 +48,9 @@ from .runtime import (
     Runtime,
     RuntimeHolder,
 )
-from .state import STATE, state_ctx
-from .upstream import make_session
+from proxy.state.local import STATE, state_ctx
+from proxy.upstream.call import make_session
+from proxy.upstream.failover import UPSTREAMS, UpstreamHealth
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def create_app(
     """The gateway application for `config`. Tests pass a fresh `registry`.
 
     `metrics_dir`: prometheus_client's multiprocess directory when this is one
-    of several workers (see proxy.supervisor).
+    of several workers (see proxy.ops.supervisor).
     """
     # The body limit is enforced by inbound.read_body (from Content-Length, before
     # reading); aiohttp's own cap is set above it so it never answers first.

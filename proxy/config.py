@@ -8,7 +8,7 @@ because typos are the commonest config bug.
 
 Deliberately not here: reading the environment for anything but `${VAR}`
 interpolation, and any I/O except `load_config(path)` reading one file and
-`file_signature(path)` stat-ing it (what proxy.reload watches).
+`file_signature(path)` stat-ing it (what proxy.ops.reload watches).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .model_table import family, override_problem
+from proxy.core.catalogue import family, override_problem
 
 __all__ = [
     "Config",

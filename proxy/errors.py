@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from .jsonutil import dumps
+from proxy.jsonutil import dumps
 
 
 class Dialect(enum.Enum):

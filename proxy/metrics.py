@@ -201,7 +201,7 @@ class Metrics:
         self._img_children: dict[tuple[str, str], Counter] = {}
         self._inflight_children: dict[str, Gauge] = {}
         self._upstream_children: dict[tuple[str, str], Histogram] = {}
-        # Resilience (proxy.failover, proxy.limits, proxy.state). Every label
+        # Resilience (proxy.upstream.failover, proxy.core.limits, proxy.state.local). Every label
         # comes from the config (upstream and key names) or a closed set.
         self.upstream_up = Gauge(
             "dashscope_proxy_upstream_up",

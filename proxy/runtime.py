@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from .auth import KeyRing
-from .config import Config, KeyConfig
-from .metering import Meter
-from .metrics import ANONYMOUS, OTHER, Metrics, ModelLabels
-from .tasks import TaskStore
-from .upstream import UpstreamRouter
+from proxy.config import Config, KeyConfig
+from proxy.core.auth import KeyRing
+from proxy.core.metering import Meter
+from proxy.metrics import ANONYMOUS, OTHER, Metrics, ModelLabels
+from proxy.state.tasks import TaskStore
+from proxy.upstream.call import UpstreamRouter
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from proxy.failover import UPSTREAMS
 from proxy.simulator import SimSettings, create_sim_app
+from proxy.upstream.failover import UPSTREAMS
 from tests.conftest import Gateway, GatewayFactory
 from tests.resilience_support import (
     IG,

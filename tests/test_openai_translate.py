@@ -11,19 +11,19 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from proxy.aliyun import native_body
 from proxy.config import ConfigError, ImageFetchConfig, ModelOverride, UpstreamConfig, parse_config
+from proxy.core.catalogue import Endpoint, lookup, resolve
 from proxy.errors import GatewayError
-from proxy.image_fetch import FetchPolicy, fetch_all
-from proxy.model_table import Endpoint, lookup, resolve
-from proxy.openai_errors import status_for_code, upstream_error
-from proxy.openai_translate import (
+from proxy.fronts.aliyun import native_body
+from proxy.fronts.openai.errors import status_for_code, upstream_error
+from proxy.fronts.openai.translate import (
     ImageRequest,
     dashscope_body,
     dashscope_size,
     images_of,
     parse_request,
 )
+from proxy.upstream.fetch import FetchPolicy, fetch_all
 from tests.openai_helpers import png
 from tests.support import LoopThread
 

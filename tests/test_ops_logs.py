@@ -197,7 +197,7 @@ def test_ledger_survives_restarts_torn_lines_and_rotation(
 def test_a_failing_ledger_never_fails_the_request_nor_loses_the_count(
     start_gateway: GatewayFactory, sim: Live, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="proxy.ledger")
+    caplog.set_level(logging.ERROR, logger="proxy.ops.ledger")
     # /dev/full accepts the open and fails every write with ENOSPC.
     gw = start_gateway(
         yaml_text=gateway_yaml(sim.url, tmp_path / "s.db").replace(

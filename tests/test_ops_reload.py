@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.app import create_app
 from proxy.config import file_signature, load_config, parse_config
-from proxy.reload import describe_changes, install_reloader, restart_required
+from proxy.ops.reload import describe_changes, install_reloader, restart_required
 from tests.conftest import KEY_A, UPSTREAM_KEY, gateway_yaml
 from tests.ops_support import (
     MM,

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from proxy.config import parse_config
-from proxy.supervisor import Supervisor
+from proxy.ops.supervisor import Supervisor
 from tests.conftest import KEY_A, gateway_yaml
 from tests.ops_support import (
     GatewayProcess,
@@ -40,7 +40,7 @@ def launcher(sim: Live, tmp_path: Path) -> Iterator[Launcher]:
 
 def listening(gw: GatewayProcess) -> int:
     return len(
-        re.findall(r"worker-\d proxy\.server: dashscope-proxy listening on", gw.stderr_text())
+        re.findall(r"worker-\d proxy\.ops\.server: dashscope-proxy listening on", gw.stderr_text())
     )
 
 

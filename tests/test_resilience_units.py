@@ -12,10 +12,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from proxy.config import LimitsConfig, UpstreamConfig
-from proxy.errors import GatewayError
-from proxy.failover import Breaker, Gate, UpstreamHealth, capacity
-from proxy.input_limits import MAX_PROMPT_CHARS, check_prompts, native_prompts
-from proxy.limits import (
+from proxy.core.input_limits import MAX_PROMPT_CHARS, check_prompts, native_prompts
+from proxy.core.limits import (
     CONCURRENCY,
     IMAGES_DAY,
     IMAGES_MONTH,
@@ -28,7 +26,9 @@ from proxy.limits import (
     seconds_to_next_day,
     seconds_to_next_month,
 )
+from proxy.errors import GatewayError
 from proxy.metrics import Metrics
+from proxy.upstream.failover import Breaker, Gate, UpstreamHealth, capacity
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,1 @@
+"""What every front end shares: the opening, admission, settlement, metering, the catalogue."""

@@ -1,0 +1,160 @@
+"""Applying per-key limits to requests: the one call every generation handler makes.
+
+    await admit(request, key, model=model, images=n)
+
+right after authentication and parsing (the model and `n` are needed), before
+anything reaches DashScope. It checks and records `requests_per_minute`,
+`concurrent_requests` and the image quotas in one step (one Lua call with
+Redis) and refuses with 429 (`Throttling.RateQuota` /
+`Throttling.AllocationQuota` under /api/v1, `rate_limit_error` under /v1)
+with `Retry-After`. The concurrency slot and the request's image reservation
+are released by the middleware when the request ends, however it ends.
+
+The rest of the module keeps reservations true to what happens next:
+`task_created` (an async submit was accepted: the reservation follows the
+task), `task_ended` (a task failed or was cancelled: nothing to meter) and
+`usage_listener` (the `Meter` listener that counts metered images against
+the quotas and settles reservations). `limits_ctx` keeps
+`dashscope_proxy_quota_remaining_images` fresh for keys with quotas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from proxy.config import Config, KeyConfig, LimitsConfig
+from proxy.core.limits import DAY, MONTH, has_limits, has_quota, refusal
+from proxy.core.metering import UsageEvent, UsageListener
+from proxy.metrics import Metrics
+from proxy.runtime import CTX, METER, METRICS, RUNTIME
+from proxy.state.local import STATE
+
+log = logging.getLogger(__name__)
+
+GAUGE_REFRESH_SECONDS = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A request admitted under limits: `token` names its slot and reservation."""
+
+    key: str
+    token: str
+    images: int
+
+
+ADMISSION = web.RequestKey("admission", Admission)
+
+
+async def admit(request: web.Request, key: KeyConfig, *, model: str, images: int) -> None:
+    """Admit a generation request of `key` that may generate `images`, or raise 429.
+
+    A key without limits costs nothing here. `model` is what DashScope will be
+    asked for (kept for future per-model limits; the count is `images`).
+    """
+    limits = key.limits
+    if not has_limits(limits):
+        return
+    app = request.app
+    ctx = request[CTX]
+    limiter = app[STATE].limiter
+    metrics = app[METRICS]
+    reserve = images if has_quota(limits) else 0
+    decision = await limiter.admit(key.name, limits, ctx.request_id, reserve, time.time())
+    set_remaining(metrics, key.name, limits, decision.used_day, decision.used_month)
+    if not decision.allowed:
+        metrics.limit_rejections.labels(key.name, decision.limit or "unknown").inc()
+        raise refusal(decision, limits, images)
+    request[ADMISSION] = Admission(key.name, ctx.request_id, reserve)
+    name, token = key.name, ctx.request_id
+    ctx.cleanups.append(lambda: limiter.release(name, token))
+
+
+async def task_created(request: web.Request, task_id: str) -> None:
+    """An async submit of this request created `task_id`: its reservation moves to the
+    task until the task's images are metered or it ends."""
+    admission = request.get(ADMISSION)
+    if admission is None or not admission.images:
+        return
+    await request.app[STATE].limiter.hold_for_task(
+        admission.key, admission.token, task_id, time.time()
+    )
+
+
+async def task_ended(app: web.Application, key: str, task_id: str) -> None:
+    """`task_id` of `key` ended without images (FAILED, CANCELED, UNKNOWN)."""
+    if _limits_of(app[RUNTIME].current.config, key) is not None:
+        await app[STATE].limiter.settle_task(key, task_id)
+
+
+def _limits_of(config: Config, key: str) -> LimitsConfig | None:
+    for k in config.keys:
+        if k.name == key:
+            return k.limits if has_quota(k.limits) else None
+    return None
+
+
+def set_remaining(
+    metrics: Metrics, key: str, limits: LimitsConfig, used_day: int, used_month: int
+) -> None:
+    if limits.images_per_day is not None:
+        metrics.quota_remaining.labels(key, DAY).set(max(0, limits.images_per_day - used_day))
+    if limits.images_per_month is not None:
+        metrics.quota_remaining.labels(key, MONTH).set(max(0, limits.images_per_month - used_month))
+
+
+def usage_listener(app: web.Application) -> UsageListener:
+    """The `Meter` listener: metered images count against the key's quotas."""
+
+    async def on_usage(event: UsageEvent) -> None:
+        tokens = [event.request_id]
+        if event.task_id:
+            tokens.append("t:" + event.task_id)
+        used_day, used_month = await app[STATE].limiter.record_usage(
+            event.key, event.images, tokens, event.timestamp
+        )
+        limits = _limits_of(app[RUNTIME].current.config, event.key)
+        if limits is not None:
+            set_remaining(app[METRICS], event.key, limits, used_day, used_month)
+
+    return on_usage
+
+
+async def refresh_gauges(app: web.Application) -> None:
+    """Set the remaining-quota gauge of every key with a quota from the state backend."""
+    limiter = app[STATE].limiter
+    for key in app[RUNTIME].current.config.keys:
+        if has_quota(key.limits):
+            used_day, used_month = await limiter.usage(key.name, time.time())
+            set_remaining(app[METRICS], key.name, key.limits, used_day, used_month)
+
+
+async def limits_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context (after `state.state_ctx`): the usage listener, and a background
+    refresh of the quota gauges (usage on other replicas, a new day or month, keys
+    added by a reload)."""
+    listener = usage_listener(app)
+    app[METER].listeners.append(listener)
+
+    async def refresh_forever() -> None:
+        while True:
+            try:
+                await refresh_gauges(app)
+            except Exception:
+                log.exception("refreshing quota gauges failed")
+            await asyncio.sleep(GAUGE_REFRESH_SECONDS)
+
+    task = asyncio.create_task(refresh_forever())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    with contextlib.suppress(ValueError):
+        app[METER].listeners.remove(listener)

@@ -1,0 +1,202 @@
+"""Settlement: what happens once DashScope has answered -- count images, record tasks.
+
+Every front end (`/api/v1`, `/aliyun/v1`, `/v1`) and the background reconciler
+settle through these functions, so an image is counted the same way whoever
+saw it first:
+
+- `meter`: count `images` for a key and the model of the request or task that
+  produced them (its bounded label is derived from that model, never from the
+  request that happened to observe them);
+- `settle_answer`: a generation answer -- a sync answer is metered, an async
+  submit is recorded as a task of the key (a sync answer carrying a task id is
+  metered through the task's once-only claim);
+- `settle_task`: a task poll answer -- the task's last status is remembered,
+  a reservation is freed when it ended without images, and the first
+  SUCCEEDED is metered exactly once (`TaskStore.claim_metering`).
+
+Nothing here reads a request: the facts come from the caller, so a poll the
+gateway makes by itself (no client, no request) settles exactly like a
+client's. `RequestContext` is optional and only gathers figures for the access
+log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from proxy.core.admission import task_ended
+from proxy.core.metering import BodyFacts
+from proxy.runtime import METER, RUNTIME, TASKS, RequestContext
+from proxy.state.tasks import TERMINAL, TaskRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Who observed an answer: the route and request id written with its count."""
+
+    route: str
+    request_id: str
+    ctx: RequestContext | None = None
+
+
+async def meter(
+    app: web.Application,
+    origin: Origin,
+    *,
+    key: str,
+    model: str,
+    upstream: str,
+    images: int,
+    task_id: str | None = None,
+    anomaly: str | None = None,
+) -> None:
+    """Count `images` of `key` on `model` (the name the client asked for)."""
+    if images <= 0:
+        return
+    if origin.ctx is not None:
+        origin.ctx.images += images
+    await app[METER].record(
+        key=key,
+        model=model,
+        model_label=app[RUNTIME].current.models.label(model),
+        images=images,
+        route=origin.route,
+        upstream=upstream,
+        request_id=origin.request_id,
+        task_id=task_id,
+        anomaly=anomaly,
+    )
+
+
+def new_task(
+    app: web.Application,
+    task_id: str,
+    key: str,
+    model: str,
+    upstream: str,
+    route: str,
+    status: str | None,
+    meta: str | None = None,
+) -> TaskRecord:
+    """The record of a task DashScope just created, with its first background poll
+    scheduled `tasks.reconcile_after_seconds` from now."""
+    now = time.time()
+    after = app[RUNTIME].current.config.tasks.reconcile_after_seconds
+    return TaskRecord(
+        task_id,
+        key,
+        model,
+        upstream,
+        route,
+        now,
+        status or "PENDING",
+        meta=meta,
+        next_check=now + after,
+    )
+
+
+async def settle_answer(
+    app: web.Application,
+    origin: Origin,
+    *,
+    key: str,
+    model: str,
+    upstream: str,
+    facts: BodyFacts,
+    meta: str | None = None,
+) -> TaskRecord | None:
+    """A successful generation answer: record the task it created (returned; None when
+    there is none, or the state store failed to record it), and meter what it reports.
+    The caller has checked the answer is an HTTP 200."""
+    app[RUNTIME].current.models.seen_succeeding(model)
+    if origin.ctx is not None:
+        origin.ctx.model_label = app[RUNTIME].current.models.label(model)
+    finished = facts.task_status in (None, "SUCCEEDED")
+    if not facts.task_id:
+        if facts.image_count and finished:
+            await meter(
+                app,
+                origin,
+                key=key,
+                model=model,
+                upstream=upstream,
+                images=facts.image_count,
+                anomaly=facts.anomaly,
+            )
+        return None
+    # An async submit (PENDING), or a sync_call answering the final task shape:
+    # either way the task is ours, and metered at most once.
+    record = new_task(
+        app, facts.task_id, key, model, upstream, origin.route, facts.task_status, meta
+    )
+    store = app[TASKS]
+    try:
+        await store.put(record)
+    except Exception:
+        # The state store failed: the task cannot be routed or claimed later, so
+        # count a finished answer now (no later poll can count it again).
+        log.exception("recording task %s failed", facts.task_id)
+        if facts.image_count and finished:
+            await meter(
+                app,
+                origin,
+                key=key,
+                model=model,
+                upstream=upstream,
+                images=facts.image_count,
+                task_id=facts.task_id,
+                anomaly=facts.anomaly,
+            )
+        return None
+    if facts.image_count and finished and await store.claim_metering(facts.task_id):
+        await meter(
+            app,
+            origin,
+            key=key,
+            model=model,
+            upstream=upstream,
+            images=facts.image_count,
+            task_id=facts.task_id,
+            anomaly=facts.anomaly,
+        )
+    return record
+
+
+async def settle_task(
+    app: web.Application, origin: Origin, record: TaskRecord, status: int, facts: BodyFacts
+) -> bool:
+    """A poll of `record` answered `status` with `facts`: remember its status, free its
+    reservation if it ended without images, meter its first SUCCEEDED. True if this
+    call counted its images."""
+    if status != 200 or not facts.task_status:
+        return False
+    store = app[TASKS]
+    if facts.task_status != record.status:
+        await store.set_status(record.task_id, facts.task_status)
+        if facts.task_status in TERMINAL and not (
+            facts.task_status == "SUCCEEDED" and facts.image_count
+        ):
+            await task_ended(app, record.key, record.task_id)
+    if (
+        facts.task_status == "SUCCEEDED"
+        and facts.image_count
+        and await store.claim_metering(record.task_id)
+    ):
+        await meter(
+            app,
+            origin,
+            key=record.key,
+            model=record.model,
+            upstream=record.upstream,
+            images=facts.image_count,
+            task_id=record.task_id,
+            anomaly=facts.anomaly,
+        )
+        return True
+    return False

@@ -1,0 +1,1 @@
+"""The front ends, one per dialect, side by side: none imports another."""

@@ -1,0 +1,431 @@
+"""DashScope-native passthrough under `/api/v1`: what the official SDKs call.
+
+Every handler is the same straight line: authenticate, read what routing
+needs, choose the upstream, swap the key, relay the answer unchanged, then
+settle (meter images, record task ownership). Task polls, cancels and lists go
+to the upstream that created the task, and only for the key that created it;
+anyone else is answered exactly as DashScope answers an unknown id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from aiohttp import web
+
+from proxy.config import KeyConfig, UpstreamConfig
+from proxy.core.admission import admit, task_created, task_ended
+from proxy.core.inbound import parse_json_object, read_body, require_model
+from proxy.core.input_limits import check_prompts
+from proxy.core.limits import requested_images
+from proxy.core.metering import facts_from_bytes
+from proxy.core.settlement import Origin, settle_answer, settle_task
+from proxy.errors import GatewayError, invalid_parameter, no_upstream, upstream_unavailable
+from proxy.jsonutil import dumps
+from proxy.runtime import (
+    CTX,
+    METRICS,
+    RUNTIME,
+    TASKS,
+    RequestContext,
+    Runtime,
+    authenticate,
+    set_model,
+)
+from proxy.state.tasks import TERMINAL, TaskRecord
+from proxy.upstream.call import request_headers
+from proxy.upstream.failover import UpstreamCall, call_pinned, call_with_failover
+from proxy.upstream.relay import Relayed, relay_response
+
+# DashScope task ids are UUIDs; accept a little more, never a path separator.
+_TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_CN_TZ = timezone(timedelta(hours=8))  # DashScope's list times are Beijing time
+
+SERVICE_ROUTES = {
+    "multimodal-generation": "/services/aigc/multimodal-generation/generation",
+    "image-generation": "/services/aigc/image-generation/generation",
+    "text2image": "/services/aigc/text2image/image-synthesis",
+    "image2image": "/services/aigc/image2image/image-synthesis",
+}
+
+
+async def settle(
+    request: web.Request,
+    ctx: RequestContext,
+    key: KeyConfig,
+    model: str,
+    upstream: UpstreamConfig,
+    relayed: Relayed,
+    meta: str | None = None,
+) -> None:
+    """After a service call: record a created task, meter what DashScope reported."""
+    ctx.upstream_request_id = relayed.upstream_request_id
+    ctx.error_code = relayed.error_code
+    if relayed.status != 200:
+        return
+    record = await settle_answer(
+        request.app,
+        origin(ctx),
+        key=key.name,
+        model=model,
+        upstream=upstream.name,
+        facts=relayed.facts,
+        meta=meta,
+    )
+    if record is not None and record.status not in TERMINAL:
+        await task_created(request, record.task_id)  # its reservation follows the task
+
+
+def origin(ctx: RequestContext) -> Origin:
+    return Origin(ctx.route, ctx.request_id, ctx)
+
+
+@dataclass(frozen=True, slots=True)
+class NativeRequest:
+    """A native-body generation request, authenticated and checked."""
+
+    key: KeyConfig
+    raw: bytes
+    body: dict[str, Any]
+    model: str
+
+
+async def read_native_request(
+    request: web.Request, ctx: RequestContext, rt: Runtime
+) -> NativeRequest:
+    """What `/api/v1/services/...` and `/aliyun/v1` both do first: key, bounded body,
+    JSON object, model, allowlist, prompt limits (and the prompt for the log, if on)."""
+    key = authenticate(request, rt, ctx)
+    raw = await read_body(request, rt.config.server.max_body_bytes)
+    body = parse_json_object(raw)
+    model = require_model(body)
+    set_model(ctx, rt, model)
+    rt.keyring.check_allowed(key, model)
+    if rt.config.server.log_prompts:
+        ctx.prompt = _prompt_of(body)
+    check_prompts(body)
+    return NativeRequest(key, raw, body, model)
+
+
+async def relay_settled(
+    request: web.Request,
+    ctx: RequestContext,
+    rt: Runtime,
+    key: KeyConfig,
+    model: str,
+    call: UpstreamCall,
+) -> web.StreamResponse:
+    """Relay a service call's answer unchanged, settling it (task, images) before its end."""
+    upstream = call.upstream
+
+    async def settled(relayed: Relayed) -> None:
+        await settle(request, ctx, key, model, upstream, relayed)
+
+    relayed = await relay_response(
+        request, call.response, request.app[METRICS], upstream, settle=settled
+    )
+    return relayed.response
+
+
+async def service_call(request: web.Request, service: str) -> web.StreamResponse:
+    """POST /api/v1/services/aigc/...: sync, SSE and async submits alike."""
+    ctx = request[CTX]
+    rt = request.app[RUNTIME].current
+    req = await read_native_request(request, ctx, rt)
+    candidates = rt.router.candidates(req.model)
+    if not candidates:
+        raise no_upstream(req.model)
+    images = requested_images(req.model, req.body.get("parameters"))
+    await admit(request, req.key, model=req.model, images=images)
+    # Failover across the model's upstreams while nothing reached the client
+    # (proxy.upstream.failover says what is retried); `oss://` inputs stay pinned.
+    async with call_with_failover(
+        request,
+        candidates,
+        ctx.route,
+        "POST",
+        service,
+        lambda u: request_headers(request.headers, u.api_key),
+        req.raw,
+        pinned=uses_uploads(request),
+    ) as call:
+        return await relay_settled(request, ctx, rt, req.key, req.model, call)
+
+
+def uses_uploads(request: web.Request) -> bool:
+    """Does the request reference files uploaded through `/uploads` (`oss://`)? Those live
+    in one DashScope account, so the request must go where the upload policy came from."""
+    return request.headers.get("X-DashScope-OssResourceResolve", "").lower() == "enable"
+
+
+def _prompt_of(obj: dict[str, Any]) -> str | None:
+    inp = obj.get("input")
+    if not isinstance(inp, dict):
+        return None
+    if isinstance(inp.get("prompt"), str):
+        return str(inp["prompt"])
+    for msg in inp.get("messages") or ():
+        if isinstance(msg, dict):
+            for item in msg.get("content") or ():
+                if isinstance(item, dict) and isinstance(item.get("text"), str):
+                    return str(item["text"])
+    return None
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def _valid_task_id(request: web.Request) -> str:
+    task_id = request.match_info["task_id"]
+    if not _TASK_ID.match(task_id):
+        raise invalid_parameter("task_id is not a valid task id.", "invalid_task_id")
+    return task_id
+
+
+def unknown_task(task_id: str, request_id: str) -> web.Response:
+    """Exactly what DashScope answers for an id it does not know (HTTP 200)."""
+    body = {"request_id": request_id, "output": {"task_id": task_id, "task_status": "UNKNOWN"}}
+    return web.Response(body=dumps(body), content_type="application/json")
+
+
+async def _owned(
+    request: web.Request, ctx: RequestContext, rt: Runtime, key: KeyConfig, task_id: str
+) -> tuple[TaskRecord, UpstreamConfig] | None:
+    record = await request.app[TASKS].get(task_id)
+    if record is None or record.key != key.name:
+        return None
+    set_model(ctx, rt, record.model)
+    upstream = rt.router.by_name(record.upstream)
+    if upstream is None:
+        raise upstream_unavailable(
+            f"upstream {record.upstream!r} that created this task is no longer configured"
+        )
+    ctx.upstream = upstream.name
+    return record, upstream
+
+
+def _task_call(
+    request: web.Request, upstream: UpstreamConfig, task_id: str, *, cancel: bool = False
+) -> AbstractAsyncContextManager[UpstreamCall]:
+    """A task poll (or cancel) on the upstream that created the task: pinned, since the
+    task exists nowhere else."""
+    return call_pinned(
+        request.app,
+        upstream,
+        "tasks.cancel" if cancel else "tasks.get",
+        "POST" if cancel else "GET",
+        f"/tasks/{task_id}/cancel" if cancel else f"/tasks/{task_id}",
+        request_headers(request.headers, upstream.api_key),
+        None,
+    )
+
+
+async def poll_task(
+    request: web.Request,
+    record: TaskRecord,
+    upstream: UpstreamConfig,
+    ctx: RequestContext,
+    rt: Runtime,
+) -> Relayed:
+    """GET the task from its upstream, relay it, meter the first SUCCEEDED."""
+
+    async def settled(relayed: Relayed) -> None:
+        ctx.upstream_request_id = relayed.upstream_request_id
+        ctx.error_code = relayed.error_code
+        await settle_task(request.app, origin(ctx), record, relayed.status, relayed.facts)
+
+    # Pinned: the task exists only on the upstream that created it.
+    async with _task_call(request, upstream, record.task_id) as call:
+        return await relay_response(
+            request, call.response, request.app[METRICS], upstream, settle=settled
+        )
+
+
+async def get_task(request: web.Request) -> web.StreamResponse:
+    ctx = request[CTX]
+    rt = request.app[RUNTIME].current
+    key = authenticate(request, rt, ctx)
+    task_id = _valid_task_id(request)
+    owned = await _owned(request, ctx, rt, key, task_id)
+    if owned is None:
+        return unknown_task(task_id, ctx.request_id)
+    relayed = await poll_task(request, *owned, ctx, rt)
+    return relayed.response
+
+
+async def cancel_task(request: web.Request) -> web.StreamResponse:
+    ctx = request[CTX]
+    rt = request.app[RUNTIME].current
+    key = authenticate(request, rt, ctx)
+    task_id = _valid_task_id(request)
+    owned = await _owned(request, ctx, rt, key, task_id)
+    if owned is None:
+        # Never reaches DashScope; answered as a task that cannot be canceled,
+        # which reveals nothing about whether the id exists.
+        raise GatewayError(
+            400,
+            "UnsupportedOperation",
+            "Failed to cancel the task, please confirm if the task is in PENDING status.",
+        )
+    record, upstream = owned
+    async with _task_call(request, upstream, task_id, cancel=True) as call:
+        relayed = await relay_response(request, call.response, request.app[METRICS], upstream)
+    ctx.error_code = relayed.error_code
+    if relayed.status == 200:
+        await request.app[TASKS].set_status(task_id, "CANCELED")
+        await task_ended(request.app, record.key, task_id)
+    return relayed.response
+
+
+def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise invalid_parameter(f"{name} must be an integer.") from None
+    if not lo <= value <= hi:
+        raise invalid_parameter(f"{name} must be between {lo} and {hi}.")
+    return value
+
+
+def _time_param(request: web.Request, name: str) -> float | None:
+    raw = request.query.get(name)
+    if not raw:
+        return None
+    try:
+        return datetime.strptime(raw, "%Y%m%d%H%M%S").replace(tzinfo=_CN_TZ).timestamp()
+    except ValueError:
+        raise invalid_parameter(f"{name} must be YYYYMMDDhhmmss.") from None
+
+
+async def list_tasks(request: web.Request) -> web.StreamResponse:
+    """GET /api/v1/tasks: this key's tasks only, in DashScope's list shape.
+
+    The gateway's ownership store is authoritative for *which* tasks a key has
+    (DashScope's own list covers the whole account, i.e. every team); statuses
+    of unfinished tasks on the page are refreshed from the upstream that owns them.
+    """
+    ctx = request[CTX]
+    rt = request.app[RUNTIME].current
+    key = authenticate(request, rt, ctx)
+    page_no = _int_param(request, "page_no", 1, 1, 1_000_000)
+    page_size = _int_param(request, "page_size", 10, 1, 100)
+    status = request.query.get("status") or None
+    model = request.query.get("model_name") or None
+    if model:
+        set_model(ctx, rt, model)
+    records, total = await request.app[TASKS].list_for_key(
+        key.name,
+        offset=(page_no - 1) * page_size,
+        limit=page_size,
+        model=model,
+        status=status,
+        since=_time_param(request, "start_time"),
+        until=_time_param(request, "end_time"),
+    )
+    records = list(await asyncio.gather(*(_refresh(request, rt, r) for r in records)))
+    data = [
+        {
+            "task_id": r.task_id,
+            "status": r.status,
+            "model_name": r.model,
+            "gmt_create": int(r.created_at * 1000),
+            "region": r.upstream,
+        }
+        for r in records
+    ]
+    body = {
+        "request_id": ctx.request_id,
+        "total": total,
+        "total_page": math.ceil(total / page_size),
+        "page_no": page_no,
+        "page_size": page_size,
+        "data": data,
+        "tasks": data,
+    }
+    return web.Response(body=dumps(body), content_type="application/json")
+
+
+async def _refresh(request: web.Request, rt: Runtime, record: TaskRecord) -> TaskRecord:
+    """The record with a fresh status from its upstream (unfinished tasks only)."""
+    upstream = rt.router.by_name(record.upstream)
+    if record.status in TERMINAL or upstream is None:
+        return record
+    try:
+        async with _task_call(request, upstream, record.task_id) as call:
+            status = call.response.status
+            body = await call.response.read()
+    except GatewayError:
+        return record  # keep the last known status
+    except Exception:  # noqa: BLE001 - a refresh is best effort
+        return record
+    facts = facts_from_bytes(body)
+    if status != 200 or not facts.task_status:
+        return record
+    # The images are the task's: labelled with its model, not the list's filter.
+    await settle_task(request.app, origin(request[CTX]), record, status, facts)
+    return replace(record, status=facts.task_status)
+
+
+async def uploads(request: web.Request) -> web.StreamResponse:
+    """GET /api/v1/uploads?action=getPolicy&model=M: the SDK's upload policy for local files."""
+    ctx = request[CTX]
+    rt = request.app[RUNTIME].current
+    key = authenticate(request, rt, ctx)
+    model = request.query.get("model")
+    if not model:
+        raise GatewayError(
+            400, "BadRequest.EmptyModel", 'Required parameter "model" missing from request.'
+        )
+    set_model(ctx, rt, model)
+    rt.keyring.check_allowed(key, model)
+    candidates = rt.router.candidates(model)
+    if not candidates:
+        raise no_upstream(model)
+    # Pinned (config order, no failover once sent): the generation that uses the
+    # upload must pick the same account (see `uses_uploads`).
+    async with call_with_failover(
+        request,
+        candidates,
+        "uploads",
+        "GET",
+        "/uploads",
+        lambda u: request_headers(request.headers, u.api_key),
+        None,
+        params=request.rel_url.query,
+        pinned=True,
+    ) as call:
+        relayed = await relay_response(request, call.response, request.app[METRICS], call.upstream)
+    ctx.error_code = relayed.error_code
+    return relayed.response
+
+
+def add_routes(app: web.Application, prefix: str = "/api/v1") -> None:
+    r = app.router
+    # One resource per service, so the route name (a metric label) is fixed.
+    for name, path in SERVICE_ROUTES.items():
+        r.add_post(prefix + path, _service_handler(path), name=name)
+    r.add_get(prefix + "/tasks/{task_id}", get_task, name="tasks.get")
+    r.add_post(prefix + "/tasks/{task_id}/cancel", cancel_task, name="tasks.cancel")
+    # The SDK calls /tasks, the docs show /tasks/: one resource for both.
+    r.add_get(prefix + "/tasks{slash:/?}", list_tasks, name="tasks.list")
+    r.add_get(prefix + "/uploads", uploads, name="uploads")
+
+
+def _service_handler(path: str) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await service_call(request, path)
+
+    return handler

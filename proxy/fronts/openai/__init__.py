@@ -1,0 +1,1 @@
+"""The OpenAI-compatible images API (`/v1`): translation, errors, handlers."""

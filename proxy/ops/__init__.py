@@ -1,0 +1,1 @@
+"""Running the gateway: server, workers, reload, access log, usage ledger, demo."""

@@ -1,0 +1,1 @@
+"""Where task ownership, metering claims and limit counters live: SQLite or Redis."""

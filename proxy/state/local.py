@@ -1,0 +1,270 @@
+"""State backends: where task ownership, once-per-task metering and limit counters live.
+
+`state.backend: local` (the default) is one process's state: tasks in SQLite
+(`state.path`), limit counters in memory, and image usage per key and UTC
+day/month persisted in the same SQLite file, so a restart does not reset
+quotas. `state.backend: redis` (`redis_state.RedisState`) shares all of it
+between replicas and falls back to this file and in-process counters while
+Redis is unreachable.
+
+A backend offers `tasks` (a `TaskStore`), `limiter` (a `limits.Limiter`) and
+`problems()`: what is degraded right now, for `/readyz`. The app owns one
+backend (created and closed in a cleanup context). Switching backends needs a
+restart; a config reload keeps the running one.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+
+from aiohttp import web
+
+from proxy.config import StateConfig
+from proxy.core.limits import Limiter, LocalLimiter, day_period, month_period
+from proxy.metrics import Metrics
+from proxy.runtime import METRICS, RUNTIME, TASKS
+from proxy.state.tasks import COLUMNS, SqliteTaskStore, TaskRecord, TaskStore, record_of_row
+
+log = logging.getLogger(__name__)
+
+_USAGE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage (
+    key    TEXT NOT NULL,
+    period TEXT NOT NULL,   -- d:YYYYMMDD | m:YYYYMM (UTC)
+    images INTEGER NOT NULL,
+    PRIMARY KEY (key, period)
+);
+"""
+
+
+class LocalStore(SqliteTaskStore):
+    """The SQLite task store plus a per-key image usage table.
+
+    With the local backend the usage table holds the totals; with Redis it is
+    the outage spool: usage not yet added to Redis (drained on recovery).
+    """
+
+    def _open(self) -> None:
+        super()._open()
+        self._db().executescript(_USAGE_SCHEMA)
+
+    async def add_usage(self, key: str, images: int, periods: Iterable[str]) -> None:
+        await self.add_usage_rows({(key, p): images for p in periods})
+
+    async def add_usage_rows(self, usage: dict[tuple[str, str], int]) -> None:
+        rows = [(key, period, images) for (key, period), images in usage.items()]
+
+        def op() -> None:
+            self._db().executemany(
+                "INSERT INTO usage VALUES (?,?,?) ON CONFLICT(key, period) "
+                "DO UPDATE SET images = images + excluded.images",
+                rows,
+            )
+
+        await self._run(op)
+
+    async def load_usage(self, periods: Iterable[str]) -> dict[tuple[str, str], int]:
+        wanted = list(periods)
+
+        def op() -> dict[tuple[str, str], int]:
+            marks = ",".join("?" * len(wanted))
+            rows = (
+                self._db()
+                .execute(
+                    f"SELECT key, period, images FROM usage WHERE period IN ({marks})",  # noqa: S608
+                    wanted,
+                )
+                .fetchall()
+            )
+            return {(str(k), str(p)): int(n) for k, p, n in rows}
+
+        return await self._run(op)
+
+    async def drain_usage(self) -> list[tuple[str, str, int]]:
+        """Every usage row, deleted in the same transaction (the spool, handed to Redis)."""
+
+        def op() -> list[tuple[str, str, int]]:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = db.execute("SELECT key, period, images FROM usage").fetchall()
+                db.execute("DELETE FROM usage")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return [(str(k), str(p), int(n)) for k, p, n in rows]
+
+        return await self._run(op)
+
+    async def purge_usage(self, keep: Iterable[str]) -> None:
+        kept = list(keep)
+
+        def op() -> None:
+            marks = ",".join("?" * len(kept))
+            self._db().execute(f"DELETE FROM usage WHERE period NOT IN ({marks})", kept)  # noqa: S608
+
+        await self._run(op)
+
+    async def all_tasks(self, limit: int) -> list[TaskRecord]:
+        """Up to `limit` task records, oldest first (the outage spool, handed to Redis)."""
+
+        def op() -> list[TaskRecord]:
+            rows = (
+                self._db()
+                .execute(
+                    f"SELECT {COLUMNS} FROM tasks ORDER BY created_at LIMIT ?",  # noqa: S608
+                    (limit,),
+                )
+                .fetchall()
+            )
+            return [record_of_row(r) for r in rows]
+
+        return await self._run(op)
+
+    async def delete_tasks(self, task_ids: Iterable[str]) -> None:
+        ids = [(t,) for t in task_ids]
+
+        def op() -> None:
+            self._db().executemany("DELETE FROM tasks WHERE task_id = ?", ids)
+
+        await self._run(op)
+
+
+def current_periods(now: float) -> tuple[str, str]:
+    return "d:" + day_period(now), "m:" + month_period(now)
+
+
+class StateBackend(abc.ABC):
+    """Tasks, limits and their health, for one app."""
+
+    name: str
+    tasks: TaskStore
+    limiter: Limiter
+
+    @property
+    def up(self) -> bool:
+        """False while serving from a fallback."""
+        return True
+
+    def problems(self) -> list[str]:
+        """What is degraded right now (for /readyz); empty when all is well."""
+        return []
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+class PersistedLimiter(LocalLimiter):
+    """The local limiter whose image usage is written behind to SQLite.
+
+    The in-memory count (what admission reads) changes at once; the SQLite
+    write is batched by one flusher task that lingers `FLUSH_LINGER_SECONDS`
+    to gather what arrives meanwhile, so a metered request never waits for the
+    disk and a busy gateway writes a few transactions a second, not one per
+    request. A crash loses at most that last batch of *quota* usage, never the
+    image metric or the usage ledger. Old periods are purged once per UTC day.
+    """
+
+    FLUSH_LINGER_SECONDS = 0.25
+
+    def __init__(self, store: LocalStore) -> None:
+        super().__init__()
+        self._store = store
+        self._day = ""
+        self._pending: dict[tuple[str, str], int] = {}
+        self._flusher: asyncio.Task[None] | None = None
+        self._purge_due = True
+        self._wake = asyncio.Event()  # set at shutdown: stop lingering, write now
+
+    async def record_usage(
+        self, key: str, images: int, tokens: Iterable[str], now: float
+    ) -> tuple[int, int]:
+        used = self.add_usage(key, images, tokens, now)
+        periods = current_periods(now)
+        if periods[0] != self._day:  # a new UTC day: forget yesterday's counters
+            self._day = periods[0]
+            self.forget_old(now)
+            self._purge_due = True
+        for period in periods:
+            self._pending[(key, period)] = self._pending.get((key, period), 0) + images
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return used
+
+    async def _flush(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self.FLUSH_LINGER_SECONDS)
+        while self._pending:
+            batch, self._pending = self._pending, {}
+            try:
+                await self._store.add_usage_rows(batch)
+                if self._purge_due:
+                    await self._store.purge_usage(current_periods(time.time()))
+                    self._purge_due = False
+            except Exception:
+                log.exception(
+                    "writing quota usage to %s failed; retrying with the next usage",
+                    "the state file",
+                )
+                for k, n in batch.items():
+                    self._pending[k] = self._pending.get(k, 0) + n
+                return
+
+    async def close(self) -> None:
+        """Write what is pending (shutdown), without waiting out the linger."""
+        self._wake.set()
+        if self._flusher is not None:
+            await self._flusher
+        await self._flush()
+
+
+class LocalState(StateBackend):
+    """The embedded backend: SQLite on local disk and in-process counters."""
+
+    name = "local"
+
+    limiter: PersistedLimiter
+
+    def __init__(self, store: LocalStore, limiter: PersistedLimiter) -> None:
+        self.tasks = store
+        self.limiter = limiter
+        self._store = store
+
+    @classmethod
+    async def open(cls, config: StateConfig) -> LocalState:
+        store = LocalStore(config.path)
+        await store.open()
+        limiter = PersistedLimiter(store)
+        limiter.used.update(await store.load_usage(current_periods(time.time())))
+        return cls(store, limiter)
+
+    async def close(self) -> None:
+        await self.limiter.close()
+        await self._store.close()
+
+
+STATE = web.AppKey("state", StateBackend)
+
+
+async def state_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: the app's state backend; its task store is `app[TASKS]`."""
+    state = await open_state(app[RUNTIME].current.config.state, app[METRICS])
+    app[STATE] = state
+    app[TASKS] = state.tasks
+    yield
+    await state.close()
+
+
+async def open_state(config: StateConfig, metrics: Metrics) -> StateBackend:
+    """The backend the config names, opened (Redis: possibly degraded, never failing)."""
+    if config.backend == "redis":
+        from proxy.state.redis import RedisState  # the `redis` extra, only when configured
+
+        return await RedisState.open(config, metrics)
+    return await LocalState.open(config)

@@ -1,0 +1,1 @@
+"""Calling DashScope: sending, failover, upstream health, relaying, fetching result images."""

@@ -1,0 +1,195 @@
+"""Calling DashScope: the shared ClientSession, upstream choice, header filters, error mapping.
+
+Foreign errors are translated at this one boundary (as httpx's
+`map_httpcore_exceptions` does): aiohttp's client exceptions become
+`UpstreamFailure` with a short, closed-set `kind` used as the metric label and
+in the DashScope-shaped 502/504 the client sees. No exception text from aiohttp
+reaches a client, because it can contain the upstream URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.config import Config, UpstreamConfig
+from proxy.core.catalogue import is_dashscope_model
+from proxy.errors import GatewayError, no_upstream, upstream_timeout, upstream_unavailable
+
+# RFC 9110 7.6.1 hop-by-hop headers, plus what the gateway rewrites itself.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Request headers never forwarded upstream:
+# - authorization: the client's gateway key; replaced by the upstream key.
+# - host, content-length: recomputed by aiohttp for the new request.
+# - accept-encoding: we ask DashScope for identity so metering can read the
+#   bytes and they pass to the client unchanged (no decompress/recompress).
+# - cookie, x-forwarded-*: nothing of the client's network leaks to DashScope.
+_DROP_REQUEST = HOP_BY_HOP | {
+    "authorization",
+    "host",
+    "content-length",
+    "accept-encoding",
+    "cookie",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "expect",
+}
+# Response headers not relayed: hop-by-hop, and the framing headers aiohttp
+# writes itself for the response it sends (length or chunking).
+_DROP_RESPONSE = HOP_BY_HOP | {"content-length", "content-encoding", "set-cookie"}
+
+
+def request_headers(incoming: Mapping[str, str], api_key: str) -> CIMultiDict[str]:
+    """Pure: the headers to send upstream for a client request."""
+    drop = _DROP_REQUEST
+    conn = incoming.get("Connection")
+    if conn:
+        drop = drop | {h.strip().lower() for h in conn.split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+    out["Authorization"] = f"Bearer {api_key}"
+    out["Accept-Encoding"] = "identity"
+    return out
+
+
+def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """Pure: the upstream response headers relayed to the client."""
+    drop = _DROP_RESPONSE
+    conn = upstream.get("Connection")
+    if conn:
+        drop = drop | {h.strip().lower() for h in conn.split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+    return out
+
+
+class UpstreamFailure(GatewayError):
+    """A transport failure talking to DashScope. `kind` is a closed-set metric label."""
+
+    kind: str
+
+    @classmethod
+    def of(cls, kind: str, err: GatewayError) -> UpstreamFailure:
+        f = cls(err.status, err.code, err.message, err.openai_type, err.openai_code)
+        f.kind = kind
+        return f
+
+
+def map_client_error(exc: BaseException) -> UpstreamFailure:
+    """Translate an aiohttp/asyncio exception raised before any byte reached the client."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        # No connection was made, so nothing was sent: safe to try another upstream.
+        return UpstreamFailure.of("connect_timeout", upstream_timeout())
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return UpstreamFailure.of("timeout", upstream_timeout())
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamFailure.of("connect", upstream_unavailable("connection refused or failed"))
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return UpstreamFailure.of(
+            "disconnected", upstream_unavailable("the connection closed unexpectedly")
+        )
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return UpstreamFailure.of("truncated", upstream_unavailable("the response was truncated"))
+    return UpstreamFailure.of("transport", upstream_unavailable("transport error"))
+
+
+def client_timeout(upstream: UpstreamConfig) -> aiohttp.ClientTimeout:
+    t = upstream.timeouts
+    return aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.read)
+
+
+def make_session(upstreams: Iterable[UpstreamConfig]) -> aiohttp.ClientSession:
+    """The one ClientSession of the app.
+
+    aiohttp's default connector caps a session at 100 connections, which would
+    queue the 101st concurrent image request behind minutes-long calls; the
+    gateway instead caps per upstream (`max_connections`) and not globally.
+    DNS answers are cached for 5 minutes; keep-alive connections are reused.
+    """
+    per_host = max((u.max_connections for u in upstreams), default=10000)
+    connector = aiohttp.TCPConnector(
+        limit=0,
+        limit_per_host=per_host,
+        ttl_dns_cache=300,
+        keepalive_timeout=30,
+        enable_cleanup_closed=False,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        # Bodies pass through as bytes; never decompress or re-encode them.
+        auto_decompress=False,
+        # No cookie jar: cookies from one caller's upstream answer must never
+        # be sent on another caller's request.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+
+
+class UpstreamRouter:
+    """Chooses the upstream for a model: first configured upstream whose globs match.
+
+    Results are cached per model name (bounded), so the glob match runs once
+    per distinct model, not per request.
+    """
+
+    _CACHE_MAX = 1024
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._by_name = {u.name: u for u in config.upstreams}
+        self._cache: dict[str, tuple[UpstreamConfig, ...]] = {}
+        self._known: dict[str, bool] = {}
+        self._patterns = tuple(p for u in config.upstreams for p in u.models)
+
+    def candidates(self, model: str) -> tuple[UpstreamConfig, ...]:
+        hit = self._cache.get(model)
+        if hit is None:
+            # Lower priority value first; config order among equals.
+            hit = tuple(sorted(self._config.upstreams_for(model), key=lambda u: u.priority))
+            if len(self._cache) < self._CACHE_MAX:
+                self._cache[model] = hit
+        return hit
+
+    def knows(self, model: str) -> bool:
+        """Is `model` a DashScope model as far as this config knows (the catalogue, the
+        `models:` section, or an upstream's explicit pattern)? See
+        `model_table.is_dashscope_model`."""
+        hit = self._known.get(model)
+        if hit is None:
+            hit = is_dashscope_model(model, self._config.models, self._patterns)
+            if len(self._known) < self._CACHE_MAX:
+                self._known[model] = hit
+        return hit
+
+    def choose(self, model: str) -> UpstreamConfig:
+        found = self.candidates(model)
+        if not found:
+            raise no_upstream(model)
+        return found[0]
+
+    def by_name(self, name: str) -> UpstreamConfig | None:
+        return self._by_name.get(name)

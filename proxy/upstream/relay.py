@@ -1,0 +1,253 @@
+"""Relaying one DashScope response to the client, unchanged, while sniffing what metering needs.
+
+Three shapes:
+- small JSON with a Content-Length (the usual answer, a few KB): read whole,
+  parsed once for metering, written in one `web.Response`;
+- SSE (`text/event-stream`): streamed chunk by chunk as it arrives (never
+  buffered whole); `SseSniffer` keeps the last complete event for metering;
+- anything else (large or unknown length): streamed with `BodySniffer`.
+
+If the client goes away mid-relay we keep reading the upstream body to its end
+(within the upstream timeouts) without writing, because DashScope bills what it
+generated and the count must not be lost. If DashScope fails mid-relay after
+the response has started, the client connection is closed so the client sees a
+truncated body rather than a "complete" corrupt one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.config import UpstreamConfig
+from proxy.core.metering import PARSE_LIMIT, BodyFacts, BodySniffer, SseSniffer, facts_from_bytes
+from proxy.errors import is_throttling, retry_after_of
+from proxy.jsonutil import loads
+from proxy.metrics import Metrics
+from proxy.upstream.call import client_timeout, map_client_error, response_headers
+
+log = logging.getLogger(__name__)
+
+# Read size for streamed bodies: large enough to relay MB/s with few syscalls,
+# small enough that thousands of concurrent streams stay within memory.
+CHUNK = 64 * 1024
+
+_CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError, BrokenPipeError)
+
+
+@dataclass(slots=True)
+class Relayed:
+    """The outcome of one relayed upstream call."""
+
+    response: web.StreamResponse
+    status: int
+    facts: BodyFacts
+    error_code: str | None
+    complete: bool  # upstream body fully received
+    upstream_request_id: str | None
+
+
+async def call_upstream(
+    session: aiohttp.ClientSession,
+    metrics: Metrics,
+    upstream: UpstreamConfig,
+    endpoint: str,
+    method: str,
+    url: str,
+    headers: CIMultiDict[str],
+    body: bytes | None,
+    params: object = None,
+) -> aiohttp.ClientResponse:
+    """Send one request upstream; transport failures raise `UpstreamFailure` (502/504)."""
+    t0 = time.perf_counter()
+    try:
+        resp = await session.request(
+            method,
+            url,
+            data=body,
+            headers=headers,
+            params=params,  # type: ignore[arg-type]
+            timeout=client_timeout(upstream),
+            allow_redirects=False,
+        )
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        failure = map_client_error(exc)
+        metrics.upstream_errors.labels(upstream.name, failure.kind).inc()
+        raise failure from None
+    metrics.upstream_timer(upstream.name, endpoint).observe(time.perf_counter() - t0)
+    return resp
+
+
+def _error_code(status: int, facts_body: bytes | None) -> str | None:
+    if status < 400:
+        return None
+    if facts_body:
+        try:
+            obj = loads(facts_body)
+            if isinstance(obj, dict) and isinstance(obj.get("code"), str):
+                return obj["code"][:64] if obj["code"] else str(status)
+        except (ValueError, RecursionError):
+            pass
+    return str(status)
+
+
+Settle = Callable[[Relayed], Awaitable[None]]
+
+
+async def relay_response(
+    request: web.Request,
+    resp: aiohttp.ClientResponse,
+    metrics: Metrics,
+    upstream: UpstreamConfig,
+    extra_headers: dict[str, str] | None = None,
+    settle: Settle | None = None,
+) -> Relayed:
+    """Relay `resp` to the client; always releases `resp`.
+
+    `settle` (metering, task recording) runs once the upstream body is complete
+    and *before* the client receives the end of the response, so a client that
+    has read the whole answer can rely on the count being recorded.
+    """
+    upstream_rid = resp.headers.get("x-request-id") or resp.headers.get("x-dashscope-request-id")
+    try:
+        headers = response_headers(resp.headers)
+        if extra_headers:
+            headers.update(extra_headers)
+        ctype = resp.headers.get("Content-Type", "")
+        length = resp.content_length
+        if "text/event-stream" not in ctype and length is not None and length <= PARSE_LIMIT:
+            try:
+                body = await resp.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                failure = map_client_error(exc)
+                metrics.upstream_errors.labels(upstream.name, failure.kind).inc()
+                raise failure from None
+            code = _error_code(resp.status, body)
+            status, reason = resp.status, resp.reason
+            if code:
+                metrics.upstream_errors.labels(upstream.name, code).inc()
+                if resp.status >= 400 and (resp.status == 429 or is_throttling(code)):
+                    # Every Throttling* answer is a 429 with Retry-After, whatever
+                    # status it came with, so every client backs off the same way.
+                    status, reason = 429, "Too Many Requests"
+                    headers["Retry-After"] = str(retry_after_of(resp.headers.get("Retry-After")))
+            facts = facts_from_bytes(body) if resp.status == 200 else BodyFacts()
+            out = web.Response(status=status, reason=reason, body=body, headers=headers)
+            relayed = Relayed(out, status, facts, code, True, upstream_rid)
+            if settle is not None:
+                await _settle_safely(settle, relayed, upstream)
+            return relayed
+        return await _stream(
+            request,
+            resp,
+            headers,
+            "text/event-stream" in ctype,
+            metrics,
+            upstream,
+            upstream_rid,
+            settle,
+        )
+    finally:
+        resp.release()
+
+
+async def _stream(
+    request: web.Request,
+    resp: aiohttp.ClientResponse,
+    headers: CIMultiDict[str],
+    sse: bool,
+    metrics: Metrics,
+    upstream: UpstreamConfig,
+    upstream_rid: str | None,
+    settle: Settle | None,
+) -> Relayed:
+    sniffer: SseSniffer | BodySniffer = SseSniffer() if sse else BodySniffer()
+    # Keep an error body's first bytes to learn its DashScope code.
+    err_head = bytearray() if resp.status >= 400 else None
+    if resp.status == 429:
+        headers["Retry-After"] = str(retry_after_of(resp.headers.get("Retry-After")))
+    out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+    if not sse and resp.content_length is not None:
+        # The bytes pass through unchanged (no decompression), so DashScope's
+        # length holds: the client gets it instead of chunked framing, and a
+        # body cut short upstream shows as truncated (we then close).
+        out.content_length = resp.content_length
+    client_alive = True
+    try:
+        await out.prepare(request)
+    except _CLIENT_GONE:
+        client_alive = False
+    complete = False
+    # With a Content-Length the client has the whole answer once its last byte is
+    # written, before `write_eof`: hold each chunk back until the next arrives, so the
+    # last one is written only after settling (a client that read the answer can rely
+    # on its count). SSE is chunked: its end is `write_eof`, and events go out at once.
+    hold = out.content_length is not None
+    held: bytes | None = None
+    try:
+        # iter_any: each buffer as the socket delivered it (at most the reader's
+        # high-water mark), without iter_chunked's re-slicing and joining.
+        async for chunk in resp.content.iter_any():
+            sniffer.feed(chunk)
+            if err_head is not None and len(err_head) < 4096:
+                err_head += chunk[: 4096 - len(err_head)]
+            if hold:
+                chunk, held = held or b"", chunk
+            if client_alive and chunk:
+                try:
+                    await out.write(chunk)
+                except _CLIENT_GONE:
+                    # Keep draining: DashScope bills what it generates.
+                    client_alive = False
+        complete = True
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        failure = map_client_error(exc)
+        metrics.upstream_errors.labels(upstream.name, failure.kind).inc()
+        log.warning(
+            "upstream %s failed mid-response (%s); closing client connection",
+            upstream.name,
+            failure.kind,
+        )
+        _abort(request)
+        client_alive = False
+    code = _error_code(resp.status, bytes(err_head) if err_head is not None else None)
+    if sse and isinstance(sniffer, SseSniffer) and sniffer.error:
+        code = code or "stream_error"
+    if code:
+        metrics.upstream_errors.labels(upstream.name, code).inc()
+    facts = sniffer.facts() if resp.status == 200 else BodyFacts()
+    relayed = Relayed(out, resp.status, facts, code, complete, upstream_rid)
+    if settle is not None:
+        await _settle_safely(settle, relayed, upstream)
+    if client_alive:
+        with contextlib.suppress(*_CLIENT_GONE):
+            if held and complete:
+                await out.write(held)
+            await out.write_eof()
+    return relayed
+
+
+async def _settle_safely(settle: Settle, relayed: Relayed, upstream: UpstreamConfig) -> None:
+    """Run `settle`; a failure there (a state store error, say) is logged, never turned into
+    an error for a client whose answer DashScope already produced and billed."""
+    try:
+        await settle(relayed)
+    except Exception:
+        log.exception(
+            "settling a response from upstream %s failed (status %s); relaying it anyway",
+            upstream.name,
+            relayed.status,
+        )
+
+
+def _abort(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.close()
