@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from proxy.config import Config, KeyConfig
+from proxy.config import Config
 from proxy.core.auth import KeyRing
 from proxy.core.metering import Meter
 from proxy.metrics import ANONYMOUS, OTHER, Metrics, ModelLabels
@@ -75,20 +75,6 @@ class RequestContext:
     # Run by the middleware when the request ends, however it ends (limits release
     # their concurrency slot here). Synchronous and must not raise.
     cleanups: list[Callable[[], None]] = field(default_factory=list)
-
-
-def authenticate(request: web.Request, rt: Runtime, ctx: RequestContext) -> KeyConfig:
-    """The caller's configured key (401 otherwise); recorded on the context for logs
-    and metrics. Every front end (native, OpenAI, aliyun) starts here."""
-    key = rt.keyring.authenticate(request.headers.get("Authorization"))
-    ctx.key = key.name
-    return key
-
-
-def set_model(ctx: RequestContext, rt: Runtime, model: str) -> None:
-    """Record the model the client asked for, and its bounded metric label."""
-    ctx.model = model
-    ctx.model_label = rt.models.label(model)
 
 
 RUNTIME = web.AppKey("runtime", RuntimeHolder)

@@ -11,8 +11,8 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
+from proxy.catalogue import Endpoint, lookup, resolve
 from proxy.config import ConfigError, ImageFetchConfig, ModelOverride, UpstreamConfig, parse_config
-from proxy.core.catalogue import Endpoint, lookup, resolve
 from proxy.errors import GatewayError
 from proxy.fronts.aliyun import native_body
 from proxy.fronts.openai.errors import status_for_code, upstream_error

@@ -28,10 +28,13 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy.core.admission import task_ended
+from proxy.config import KeyConfig, UpstreamConfig
+from proxy.core.admission import task_created, task_ended
 from proxy.core.metering import BodyFacts
-from proxy.runtime import METER, RUNTIME, TASKS, RequestContext
+from proxy.runtime import METER, METRICS, RUNTIME, TASKS, RequestContext, Runtime
 from proxy.state.tasks import TERMINAL, TaskRecord
+from proxy.upstream.failover import UpstreamCall
+from proxy.upstream.relay import Relayed, relay_response
 
 log = logging.getLogger(__name__)
 
@@ -200,3 +203,57 @@ async def settle_task(
         )
         return True
     return False
+
+
+# --------------------------------------------------- settling a relayed answer
+
+
+async def settle(
+    request: web.Request,
+    ctx: RequestContext,
+    key: KeyConfig,
+    model: str,
+    upstream: UpstreamConfig,
+    relayed: Relayed,
+    meta: str | None = None,
+) -> None:
+    """After a service call: record a created task, meter what DashScope reported."""
+    ctx.upstream_request_id = relayed.upstream_request_id
+    ctx.error_code = relayed.error_code
+    if relayed.status != 200:
+        return
+    record = await settle_answer(
+        request.app,
+        origin(ctx),
+        key=key.name,
+        model=model,
+        upstream=upstream.name,
+        facts=relayed.facts,
+        meta=meta,
+    )
+    if record is not None and record.status not in TERMINAL:
+        await task_created(request, record.task_id)  # its reservation follows the task
+
+
+def origin(ctx: RequestContext) -> Origin:
+    return Origin(ctx.route, ctx.request_id, ctx)
+
+
+async def relay_settled(
+    request: web.Request,
+    ctx: RequestContext,
+    rt: Runtime,
+    key: KeyConfig,
+    model: str,
+    call: UpstreamCall,
+) -> web.StreamResponse:
+    """Relay a service call's answer unchanged, settling it (task, images) before its end."""
+    upstream = call.upstream
+
+    async def settled(relayed: Relayed) -> None:
+        await settle(request, ctx, key, model, upstream, relayed)
+
+    relayed = await relay_response(
+        request, call.response, request.app[METRICS], upstream, settle=settled
+    )
+    return relayed.response

@@ -23,12 +23,13 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.catalogue import SERVICE_PATHS, BodyShape, Route, resolve
 from proxy.config import UpstreamConfig
 from proxy.core.admission import admit
-from proxy.core.catalogue import BodyShape, Route, resolve
+from proxy.core.inbound import read_native_request, uses_uploads
 from proxy.core.limits import requested_images
+from proxy.core.settlement import relay_settled
 from proxy.errors import GatewayError
-from proxy.fronts import native
 from proxy.jsonutil import dumps
 from proxy.runtime import CTX, RUNTIME
 from proxy.upstream.call import request_headers
@@ -85,7 +86,7 @@ def native_body(obj: dict[str, Any], route: Route) -> dict[str, Any]:
 async def generations(request: web.Request) -> web.StreamResponse:
     ctx = request[CTX]
     rt = request.app[RUNTIME].current
-    req = await native.read_native_request(request, ctx, rt)
+    req = await read_native_request(request, ctx, rt)
     route = resolve(req.model, rt.config.models)
     candidates = rt.router.candidates(route.target)
     if not candidates or not rt.router.knows(req.model):
@@ -116,12 +117,12 @@ async def generations(request: web.Request) -> web.StreamResponse:
         candidates,
         endpoint.value,
         "POST",
-        native.SERVICE_ROUTES[endpoint.value],
+        SERVICE_PATHS[endpoint.value],
         headers_for,
         payload,
-        pinned=native.uses_uploads(request),
+        pinned=uses_uploads(request),
     ) as call:
-        return await native.relay_settled(request, ctx, rt, req.key, req.model, call)
+        return await relay_settled(request, ctx, rt, req.key, req.model, call)
 
 
 def add_routes(app: web.Application) -> None:

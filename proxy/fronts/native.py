@@ -12,22 +12,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
-from typing import Any
 
 from aiohttp import web
 
+from proxy.catalogue import SERVICE_PATHS
 from proxy.config import KeyConfig, UpstreamConfig
-from proxy.core.admission import admit, task_created, task_ended
-from proxy.core.inbound import parse_json_object, read_body, require_model
-from proxy.core.input_limits import check_prompts
+from proxy.core.admission import admit, task_ended
+from proxy.core.inbound import (
+    authenticate,
+    read_native_request,
+    set_model,
+    uses_uploads,
+    valid_task_id,
+)
 from proxy.core.limits import requested_images
 from proxy.core.metering import facts_from_bytes
-from proxy.core.settlement import Origin, settle_answer, settle_task
+from proxy.core.settlement import origin, relay_settled, settle_task
 from proxy.errors import GatewayError, invalid_parameter, no_upstream, upstream_unavailable
 from proxy.jsonutil import dumps
 from proxy.runtime import (
@@ -37,104 +41,15 @@ from proxy.runtime import (
     TASKS,
     RequestContext,
     Runtime,
-    authenticate,
-    set_model,
 )
 from proxy.state.tasks import TERMINAL, TaskRecord
 from proxy.upstream.call import request_headers
 from proxy.upstream.failover import UpstreamCall, call_pinned, call_with_failover
 from proxy.upstream.relay import Relayed, relay_response
 
-# DashScope task ids are UUIDs; accept a little more, never a path separator.
-_TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _CN_TZ = timezone(timedelta(hours=8))  # DashScope's list times are Beijing time
-
-SERVICE_ROUTES = {
-    "multimodal-generation": "/services/aigc/multimodal-generation/generation",
-    "image-generation": "/services/aigc/image-generation/generation",
-    "text2image": "/services/aigc/text2image/image-synthesis",
-    "image2image": "/services/aigc/image2image/image-synthesis",
-}
-
-
-async def settle(
-    request: web.Request,
-    ctx: RequestContext,
-    key: KeyConfig,
-    model: str,
-    upstream: UpstreamConfig,
-    relayed: Relayed,
-    meta: str | None = None,
-) -> None:
-    """After a service call: record a created task, meter what DashScope reported."""
-    ctx.upstream_request_id = relayed.upstream_request_id
-    ctx.error_code = relayed.error_code
-    if relayed.status != 200:
-        return
-    record = await settle_answer(
-        request.app,
-        origin(ctx),
-        key=key.name,
-        model=model,
-        upstream=upstream.name,
-        facts=relayed.facts,
-        meta=meta,
-    )
-    if record is not None and record.status not in TERMINAL:
-        await task_created(request, record.task_id)  # its reservation follows the task
-
-
-def origin(ctx: RequestContext) -> Origin:
-    return Origin(ctx.route, ctx.request_id, ctx)
-
-
-@dataclass(frozen=True, slots=True)
-class NativeRequest:
-    """A native-body generation request, authenticated and checked."""
-
-    key: KeyConfig
-    raw: bytes
-    body: dict[str, Any]
-    model: str
-
-
-async def read_native_request(
-    request: web.Request, ctx: RequestContext, rt: Runtime
-) -> NativeRequest:
-    """What `/api/v1/services/...` and `/aliyun/v1` both do first: key, bounded body,
-    JSON object, model, allowlist, prompt limits (and the prompt for the log, if on)."""
-    key = authenticate(request, rt, ctx)
-    raw = await read_body(request, rt.config.server.max_body_bytes)
-    body = parse_json_object(raw)
-    model = require_model(body)
-    set_model(ctx, rt, model)
-    rt.keyring.check_allowed(key, model)
-    if rt.config.server.log_prompts:
-        ctx.prompt = _prompt_of(body)
-    check_prompts(body)
-    return NativeRequest(key, raw, body, model)
-
-
-async def relay_settled(
-    request: web.Request,
-    ctx: RequestContext,
-    rt: Runtime,
-    key: KeyConfig,
-    model: str,
-    call: UpstreamCall,
-) -> web.StreamResponse:
-    """Relay a service call's answer unchanged, settling it (task, images) before its end."""
-    upstream = call.upstream
-
-    async def settled(relayed: Relayed) -> None:
-        await settle(request, ctx, key, model, upstream, relayed)
-
-    relayed = await relay_response(
-        request, call.response, request.app[METRICS], upstream, settle=settled
-    )
-    return relayed.response
 
 
 async def service_call(request: web.Request, service: str) -> web.StreamResponse:
@@ -162,34 +77,7 @@ async def service_call(request: web.Request, service: str) -> web.StreamResponse
         return await relay_settled(request, ctx, rt, req.key, req.model, call)
 
 
-def uses_uploads(request: web.Request) -> bool:
-    """Does the request reference files uploaded through `/uploads` (`oss://`)? Those live
-    in one DashScope account, so the request must go where the upload policy came from."""
-    return request.headers.get("X-DashScope-OssResourceResolve", "").lower() == "enable"
-
-
-def _prompt_of(obj: dict[str, Any]) -> str | None:
-    inp = obj.get("input")
-    if not isinstance(inp, dict):
-        return None
-    if isinstance(inp.get("prompt"), str):
-        return str(inp["prompt"])
-    for msg in inp.get("messages") or ():
-        if isinstance(msg, dict):
-            for item in msg.get("content") or ():
-                if isinstance(item, dict) and isinstance(item.get("text"), str):
-                    return str(item["text"])
-    return None
-
-
 # ----------------------------------------------------------------------------- tasks
-
-
-def _valid_task_id(request: web.Request) -> str:
-    task_id = request.match_info["task_id"]
-    if not _TASK_ID.match(task_id):
-        raise invalid_parameter("task_id is not a valid task id.", "invalid_task_id")
-    return task_id
 
 
 def unknown_task(task_id: str, request_id: str) -> web.Response:
@@ -255,7 +143,7 @@ async def get_task(request: web.Request) -> web.StreamResponse:
     ctx = request[CTX]
     rt = request.app[RUNTIME].current
     key = authenticate(request, rt, ctx)
-    task_id = _valid_task_id(request)
+    task_id = valid_task_id(request)
     owned = await _owned(request, ctx, rt, key, task_id)
     if owned is None:
         return unknown_task(task_id, ctx.request_id)
@@ -267,7 +155,7 @@ async def cancel_task(request: web.Request) -> web.StreamResponse:
     ctx = request[CTX]
     rt = request.app[RUNTIME].current
     key = authenticate(request, rt, ctx)
-    task_id = _valid_task_id(request)
+    task_id = valid_task_id(request)
     owned = await _owned(request, ctx, rt, key, task_id)
     if owned is None:
         # Never reaches DashScope; answered as a task that cannot be canceled,
@@ -415,7 +303,7 @@ async def uploads(request: web.Request) -> web.StreamResponse:
 def add_routes(app: web.Application, prefix: str = "/api/v1") -> None:
     r = app.router
     # One resource per service, so the route name (a metric label) is fixed.
-    for name, path in SERVICE_ROUTES.items():
+    for name, path in SERVICE_PATHS.items():
         r.add_post(prefix + path, _service_handler(path), name=name)
     r.add_get(prefix + "/tasks/{task_id}", get_task, name="tasks.get")
     r.add_post(prefix + "/tasks/{task_id}/cancel", cancel_task, name="tasks.cancel")

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.catalogue import is_dashscope_model
 from proxy.config import Config, UpstreamConfig
-from proxy.core.catalogue import is_dashscope_model
 from proxy.errors import GatewayError, no_upstream, upstream_timeout, upstream_unavailable
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus what the gateway rewrites itself.

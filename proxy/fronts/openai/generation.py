@@ -29,11 +29,11 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.catalogue import SERVICE_PATHS
 from proxy.config import KeyConfig, UpstreamConfig
 from proxy.core.metering import facts_from_json
 from proxy.core.settlement import Origin, meter, new_task, settle_task
 from proxy.errors import GatewayError
-from proxy.fronts import native
 from proxy.fronts.openai.errors import task_error, upstream_error
 from proxy.jsonutil import dumps, loads
 from proxy.runtime import METRICS, RUNTIME, TASKS, RequestContext
@@ -171,10 +171,10 @@ async def call_sync(
     endpoint: str,
     body: dict[str, Any],
 ) -> Any:
-    """One sync generation on `endpoint` (a `native.SERVICE_ROUTES` name) on the first of
+    """One sync generation on `endpoint` (an `Endpoint` value) on the first of
     `candidates` that takes it: the DashScope answer, metered; upstream errors raised."""
     upstream, answer = await _call(
-        request, candidates, endpoint, native.SERVICE_ROUTES[endpoint], dumps(body), async_=False
+        request, candidates, endpoint, SERVICE_PATHS[endpoint], dumps(body), async_=False
     )
     ctx.upstream_request_id = answer.request_id
     if answer.status != 200:
@@ -210,7 +210,7 @@ async def submit(
     """An async submit; the task is recorded for `key` (and `model`, the name asked for)
     with the upstream that accepted it, where its polls go."""
     upstream, answer = await _call(
-        request, candidates, endpoint, native.SERVICE_ROUTES[endpoint], dumps(body), async_=True
+        request, candidates, endpoint, SERVICE_PATHS[endpoint], dumps(body), async_=True
     )
     ctx.upstream_request_id = answer.request_id
     if answer.status != 200:
@@ -240,7 +240,7 @@ async def submit(
 
 
 def _seen_succeeding(request: web.Request, ctx: RequestContext, model: str) -> None:
-    """DashScope accepted `model`: label it by name from now on (as `native.settle` does)."""
+    """DashScope accepted `model`: label it by name from now on (as `settle_answer` does)."""
     models = request.app[RUNTIME].current.models
     models.seen_succeeding(model)
     ctx.model_label = models.label(model)

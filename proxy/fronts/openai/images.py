@@ -32,13 +32,18 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from proxy.catalogue import TABLE, Route, resolve
 from proxy.config import KeyConfig, UpstreamConfig
 from proxy.core.admission import admit, task_created
-from proxy.core.catalogue import TABLE, Route, resolve
-from proxy.core.inbound import parse_json_object, read_body
+from proxy.core.inbound import (
+    authenticate,
+    parse_json_object,
+    read_body,
+    set_model,
+    valid_task_id,
+)
 from proxy.core.input_limits import check_prompt
 from proxy.errors import GatewayError, no_upstream, too_large, unknown_model, upstream_unavailable
-from proxy.fronts.native import _valid_task_id
 from proxy.fronts.openai import generation
 from proxy.fronts.openai.errors import bad_request, task_error
 from proxy.fronts.openai.translate import (
@@ -61,8 +66,6 @@ from proxy.runtime import (
     TASKS,
     RequestContext,
     Runtime,
-    authenticate,
-    set_model,
 )
 from proxy.state.tasks import TaskRecord
 from proxy.upstream.fetch import FetchPolicy, fetch_all
@@ -188,7 +191,7 @@ async def get_task(request: web.Request) -> web.StreamResponse:
     ctx = request[CTX]
     rt = request.app[RUNTIME].current
     key = authenticate(request, rt, ctx)
-    task_id = _valid_task_id(request)
+    task_id = valid_task_id(request)
     record = await request.app[TASKS].get(task_id)
     meta = _read_meta(record)
     # Another key's task is answered exactly like an id that does not exist.

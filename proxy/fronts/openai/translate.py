@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.core.catalogue import (
+from proxy.catalogue import (
     BodyShape,
     Route,
     images_problem,

@@ -44,12 +44,21 @@ class Override(Protocol):
 
 
 class Endpoint(StrEnum):
-    """DashScope generation endpoints, named as `native.SERVICE_ROUTES` names them."""
+    """DashScope generation endpoints (their paths: `SERVICE_PATHS`)."""
 
     MULTIMODAL = "multimodal-generation"  # sync (JSON or SSE)
     IMAGE_GENERATION = "image-generation"  # async submit, messages body
     TEXT2IMAGE = "text2image"  # async submit (sync without the async header), prompt body
     IMAGE2IMAGE = "image2image"  # async submit, prompt + images body
+
+
+# Where each endpoint lives under an upstream's `base_url` (`.../api/v1`).
+SERVICE_PATHS = {
+    Endpoint.MULTIMODAL.value: "/services/aigc/multimodal-generation/generation",
+    Endpoint.IMAGE_GENERATION.value: "/services/aigc/image-generation/generation",
+    Endpoint.TEXT2IMAGE.value: "/services/aigc/text2image/image-synthesis",
+    Endpoint.IMAGE2IMAGE.value: "/services/aigc/image2image/image-synthesis",
+}
 
 
 class BodyShape(StrEnum):
