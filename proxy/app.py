@@ -22,7 +22,6 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from proxy.config import Config
 from proxy.core.admission import limits_ctx
-from proxy.core.metering import Meter
 from proxy.core.reconciler import reconciler_ctx
 from proxy.errors import (
     GatewayError,
@@ -35,6 +34,7 @@ from proxy.errors import (
 )
 from proxy.fronts import aliyun, native, openapi
 from proxy.fronts.openai import images as openai_images
+from proxy.metering import Meter
 from proxy.metrics import Metrics
 from proxy.ops.accesslog import AccessLog
 from proxy.ops.ledger import ledger_ctx
@@ -50,7 +50,7 @@ from proxy.runtime import (
 )
 from proxy.state.local import STATE, state_ctx
 from proxy.upstream.call import make_session
-from proxy.upstream.failover import UPSTREAMS, UpstreamHealth
+from proxy.upstream.health import UPSTREAMS, UpstreamHealth
 
 log = logging.getLogger(__name__)
 

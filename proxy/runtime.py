@@ -18,7 +18,7 @@ from aiohttp import web
 
 from proxy.config import Config
 from proxy.core.auth import KeyRing
-from proxy.core.metering import Meter
+from proxy.metering import Meter
 from proxy.metrics import ANONYMOUS, OTHER, Metrics, ModelLabels
 from proxy.state.tasks import TaskStore
 from proxy.upstream.call import UpstreamRouter

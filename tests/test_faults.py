@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from proxy.simulator import SimSettings, create_sim_app
-from proxy.upstream.failover import UPSTREAMS
+from proxy.upstream.health import UPSTREAMS
 from tests.conftest import Gateway, GatewayFactory
 from tests.resilience_support import (
     IG,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from proxy.core.metering import PARSE_LIMIT, BodyFacts, BodySniffer, SseSniffer, facts_from_json
+from proxy.metering import PARSE_LIMIT, BodyFacts, BodySniffer, SseSniffer, facts_from_json
 
 
 @pytest.mark.parametrize(

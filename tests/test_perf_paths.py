@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry
 
 from proxy.config import KeyConfig, sha256_hex
 from proxy.core.auth import KeyRing
-from proxy.core.metering import PARSE_LIMIT, BodySniffer, UsageEvent, facts_from_bytes
 from proxy.errors import GatewayError
+from proxy.metering import PARSE_LIMIT, BodySniffer, UsageEvent, facts_from_bytes
 from proxy.metrics import Metrics
 from proxy.ops.accesslog import AccessLog, rfc3339
 from proxy.ops.ledger import UsageLedger

@@ -28,7 +28,7 @@ from proxy.core.limits import (
 )
 from proxy.errors import GatewayError
 from proxy.metrics import Metrics
-from proxy.upstream.failover import Breaker, Gate, UpstreamHealth, capacity
+from proxy.upstream.health import Breaker, Gate, UpstreamHealth, capacity
 
 
 @pytest.mark.parametrize(

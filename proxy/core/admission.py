@@ -31,7 +31,7 @@ from aiohttp import web
 
 from proxy.config import Config, KeyConfig, LimitsConfig
 from proxy.core.limits import DAY, MONTH, has_limits, has_quota, refusal
-from proxy.core.metering import UsageEvent, UsageListener
+from proxy.metering import UsageEvent, UsageListener
 from proxy.metrics import Metrics
 from proxy.runtime import CTX, METER, METRICS, RUNTIME
 from proxy.state.local import STATE

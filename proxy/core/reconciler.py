@@ -37,9 +37,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.config import TasksConfig
-from proxy.core.metering import facts_from_bytes
 from proxy.core.settlement import Origin, settle_task
 from proxy.errors import GatewayError
+from proxy.metering import facts_from_bytes
 from proxy.runtime import METRICS, RUNTIME, TASKS
 from proxy.state.tasks import TERMINAL, TaskRecord
 from proxy.upstream.failover import call_pinned

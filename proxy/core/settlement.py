@@ -30,7 +30,7 @@ from aiohttp import web
 
 from proxy.config import KeyConfig, UpstreamConfig
 from proxy.core.admission import task_created, task_ended
-from proxy.core.metering import BodyFacts
+from proxy.metering import BodyFacts
 from proxy.runtime import METER, METRICS, RUNTIME, TASKS, RequestContext, Runtime
 from proxy.state.tasks import TERMINAL, TaskRecord
 from proxy.upstream.failover import UpstreamCall

@@ -30,10 +30,10 @@ from proxy.core.inbound import (
     valid_task_id,
 )
 from proxy.core.limits import requested_images
-from proxy.core.metering import facts_from_bytes
 from proxy.core.settlement import origin, relay_settled, settle_task
 from proxy.errors import GatewayError, invalid_parameter, no_upstream, upstream_unavailable
 from proxy.jsonutil import dumps
+from proxy.metering import facts_from_bytes
 from proxy.runtime import (
     CTX,
     METRICS,

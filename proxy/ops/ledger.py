@@ -49,8 +49,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy.core.metering import UsageEvent
 from proxy.jsonutil import dumps
+from proxy.metering import UsageEvent
 from proxy.metrics import Metrics
 from proxy.ops.accesslog import rfc3339
 from proxy.runtime import METER, METRICS, RUNTIME

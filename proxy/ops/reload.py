@@ -41,7 +41,7 @@ from aiohttp import web
 
 from proxy.config import Config, ConfigError, Signature, file_signature, load_config
 from proxy.runtime import METRICS, RUNTIME, Runtime
-from proxy.upstream.failover import UPSTREAMS
+from proxy.upstream.health import UPSTREAMS
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ reaches a client, because it can contain the upstream URL.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterable, Mapping
 
 import aiohttp
@@ -18,6 +19,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.catalogue import is_dashscope_model
 from proxy.config import Config, UpstreamConfig
 from proxy.errors import GatewayError, no_upstream, upstream_timeout, upstream_unavailable
+from proxy.metrics import Metrics
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus what the gateway rewrites itself.
 HOP_BY_HOP = frozenset(
@@ -193,3 +195,34 @@ class UpstreamRouter:
 
     def by_name(self, name: str) -> UpstreamConfig | None:
         return self._by_name.get(name)
+
+
+async def call_upstream(
+    session: aiohttp.ClientSession,
+    metrics: Metrics,
+    upstream: UpstreamConfig,
+    endpoint: str,
+    method: str,
+    url: str,
+    headers: CIMultiDict[str],
+    body: bytes | None,
+    params: object = None,
+) -> aiohttp.ClientResponse:
+    """Send one request upstream; transport failures raise `UpstreamFailure` (502/504)."""
+    t0 = time.perf_counter()
+    try:
+        resp = await session.request(
+            method,
+            url,
+            data=body,
+            headers=headers,
+            params=params,  # type: ignore[arg-type]
+            timeout=client_timeout(upstream),
+            allow_redirects=False,
+        )
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        failure = map_client_error(exc)
+        metrics.upstream_errors.labels(upstream.name, failure.kind).inc()
+        raise failure from None
+    metrics.upstream_timer(upstream.name, endpoint).observe(time.perf_counter() - t0)
+    return resp

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -27,11 +26,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.config import UpstreamConfig
-from proxy.core.metering import PARSE_LIMIT, BodyFacts, BodySniffer, SseSniffer, facts_from_bytes
 from proxy.errors import is_throttling, retry_after_of
 from proxy.jsonutil import loads
+from proxy.metering import PARSE_LIMIT, BodyFacts, BodySniffer, SseSniffer, facts_from_bytes
 from proxy.metrics import Metrics
-from proxy.upstream.call import client_timeout, map_client_error, response_headers
+from proxy.upstream.call import map_client_error, response_headers
 
 log = logging.getLogger(__name__)
 
@@ -52,37 +51,6 @@ class Relayed:
     error_code: str | None
     complete: bool  # upstream body fully received
     upstream_request_id: str | None
-
-
-async def call_upstream(
-    session: aiohttp.ClientSession,
-    metrics: Metrics,
-    upstream: UpstreamConfig,
-    endpoint: str,
-    method: str,
-    url: str,
-    headers: CIMultiDict[str],
-    body: bytes | None,
-    params: object = None,
-) -> aiohttp.ClientResponse:
-    """Send one request upstream; transport failures raise `UpstreamFailure` (502/504)."""
-    t0 = time.perf_counter()
-    try:
-        resp = await session.request(
-            method,
-            url,
-            data=body,
-            headers=headers,
-            params=params,  # type: ignore[arg-type]
-            timeout=client_timeout(upstream),
-            allow_redirects=False,
-        )
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        failure = map_client_error(exc)
-        metrics.upstream_errors.labels(upstream.name, failure.kind).inc()
-        raise failure from None
-    metrics.upstream_timer(upstream.name, endpoint).observe(time.perf_counter() - t0)
-    return resp
 
 
 def _error_code(status: int, facts_body: bytes | None) -> str | None:

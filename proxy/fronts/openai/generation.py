@@ -31,11 +31,11 @@ from multidict import CIMultiDict
 
 from proxy.catalogue import SERVICE_PATHS
 from proxy.config import KeyConfig, UpstreamConfig
-from proxy.core.metering import facts_from_json
 from proxy.core.settlement import Origin, meter, new_task, settle_task
 from proxy.errors import GatewayError
 from proxy.fronts.openai.errors import task_error, upstream_error
 from proxy.jsonutil import dumps, loads
+from proxy.metering import facts_from_json
 from proxy.runtime import METRICS, RUNTIME, TASKS, RequestContext
 from proxy.state.tasks import TERMINAL, TaskRecord
 from proxy.upstream.call import map_client_error
