@@ -3,7 +3,7 @@
 `state.backend: local` (the default) is one process's state: tasks in SQLite
 (`state.path`), limit counters in memory, and image usage per key and UTC
 day/month persisted in the same SQLite file, so a restart does not reset
-quotas. `state.backend: redis` (`redis_state.RedisState`) shares all of it
+quotas. `state.backend: redis` (`proxy.state.redis`) shares all of it
 between replicas and falls back to this file and in-process counters while
 Redis is unreachable.
 

@@ -1,0 +1,50 @@
+"""What the Redis backend's modules share: timings, key names, failures, and its scripts."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import TypeVar
+
+from redis.exceptions import RedisError
+
+from proxy.core.limits import CONCURRENCY, IMAGES_DAY, IMAGES_MONTH, RPM
+from proxy.errors import GatewayError
+from proxy.state.tasks import SqliteTaskStore
+
+T = TypeVar("T")
+
+SOCKET_TIMEOUT = 1.0  # a Redis call slower than this counts as Redis being down
+POOL_SIZE = 128  # connections per replica; waiting for one is bounded by POOL_WAIT
+POOL_WAIT = 2.0
+PING_SECONDS = 1.0
+LEASE_SECONDS = 30.0
+REFRESH_SECONDS = 10.0
+# After Redis returns, unknown task ids still answer 503 this long: another replica may not
+# have written back the tasks it recorded during the outage yet (it pings every second).
+RECOVERY_GRACE_SECONDS = 5.0
+RETENTION_SECONDS = SqliteTaskStore.RETENTION_SECONDS
+DAY_TTL = 3 * 86400
+MONTH_TTL = 40 * 86400
+FAILURES = (RedisError, OSError, TimeoutError)
+LIMIT_CODES = {1: RPM, 2: CONCURRENCY, 3: IMAGES_DAY, 4: IMAGES_MONTH}
+RECONCILE_KEY = "dsp:reconcile"  # sorted set: task id -> when the reconciler polls it next
+
+# The Lua scripts, one file each beside this module (KEYS and ARGV documented there).
+SCRIPT_NAMES = ("admit", "claim", "due", "hold", "put", "refresh", "release", "set_status", "usage")
+
+
+def script_source(name: str) -> str:
+    """The text of `<name>.lua` shipped in this package."""
+    return resources.files(__package__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+
+def state_unavailable() -> GatewayError:
+    return GatewayError(
+        503,
+        "ServiceUnavailable",
+        "Task state is temporarily unavailable (the gateway's shared state store "
+        "cannot be reached); please retry shortly.",
+        openai_type="server_error",
+        openai_code="state_unavailable",
+        retry_after=2,
+    )

@@ -1,0 +1,215 @@
+"""Per-key limits on Redis: admission, leases, reservations and image usage (Lua)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from proxy.config import LimitsConfig
+from proxy.core.limits import (
+    TASK_HOLD_SECONDS,
+    WINDOW_SECONDS,
+    Decision,
+    LocalLimiter,
+    decide,
+    has_quota,
+)
+from proxy.state.local import current_periods
+from proxy.state.redis.common import DAY_TTL, LEASE_SECONDS, LIMIT_CODES, MONTH_TTL
+
+if TYPE_CHECKING:
+    from proxy.state.redis.backend import RedisState
+
+log = logging.getLogger(__name__)
+
+
+def _keys(key: str) -> tuple[str, str, str, str]:
+    return f"dsp:rpm:{key}", f"dsp:conc:{key}", f"dsp:resv:{key}", f"dsp:resvn:{key}"
+
+
+def _used_keys(key: str, now: float) -> tuple[str, str]:
+    day, month = current_periods(now)
+    return f"dsp:used:{key}:{day}", f"dsp:used:{key}:{month}"
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+class RedisLimiter:
+    """Limits in Redis; in-process counters (`LocalLimiter`) while Redis is down."""
+
+    def __init__(self, state: RedisState) -> None:
+        self._s = state
+        self.local = LocalLimiter()
+        # Tokens admitted through Redis and still in flight: token -> key.
+        self._held: dict[str, str] = {}
+        # Tokens admitted by the local fallback (released locally).
+        self._local_tokens: set[str] = set()
+        # Releases that failed while Redis was down: (key, token).
+        self._orphans: set[tuple[str, str]] = set()
+        self.spooled = False
+
+    async def admit(
+        self, key: str, limits: LimitsConfig, token: str, images: int, now: float
+    ) -> Decision:
+        def arg(v: int | None) -> int:
+            return -1 if v is None else v
+
+        reserve = images if has_quota(limits) else 0
+        script = self._s.scripts["admit"]
+        result = await self._s.call(
+            lambda: script(
+                keys=[*_keys(key), *_used_keys(key, now)],
+                args=[
+                    arg(limits.requests_per_minute),
+                    arg(limits.concurrent_requests),
+                    arg(limits.images_per_day),
+                    arg(limits.images_per_month),
+                    reserve,
+                    token,
+                    _ms(LEASE_SECONDS),
+                    _ms(WINDOW_SECONDS),
+                    _ms(TASK_HOLD_SECONDS),
+                ],
+            )
+        )
+        if result is None:
+            self._s.fallback("limits")
+            decision = self.local.admit_now(key, limits, token, reserve, now)
+            if decision.allowed:
+                self._local_tokens.add(token)
+            return decision
+        code, now_ms, recent, oldest, inflight, used_d, used_m, reserved = (int(x) for x in result)
+        self._seed(key, now, used_d, used_m)
+        if code == 0:
+            self._held[token] = key
+            return Decision(True, used_day=used_d, used_month=used_m, reserved=reserved)
+        decision = decide(
+            limits,
+            now=now_ms / 1000,
+            recent=recent,
+            oldest=oldest / 1000 if oldest >= 0 else None,
+            inflight=inflight,
+            used_day=used_d,
+            used_month=used_m,
+            reserved=reserved,
+            images=reserve,
+        )
+        if decision.allowed:  # the script and `decide` disagree only at an exact boundary
+            decision = Decision(False, LIMIT_CODES[code], 1, used_d, used_m, reserved)
+        return decision
+
+    def _seed(self, key: str, now: float, used_d: int, used_m: int) -> None:
+        day, month = current_periods(now)
+        self.local.used[(key, day)] = used_d
+        self.local.used[(key, month)] = used_m
+
+    def release(self, key: str, token: str) -> None:
+        if token in self._local_tokens:
+            self._local_tokens.discard(token)
+            self.local.release(key, token)
+            return
+        if self._held.pop(token, None) is None:
+            return
+        self._s.spawn(self._release_remote(key, [token]))
+
+    async def _release_remote(self, key: str, tokens: list[str]) -> None:
+        conc, resv, resvn = _keys(key)[1:]
+        script = self._s.scripts["release"]
+        done = await self._s.call(lambda: script(keys=[conc, resv, resvn], args=tokens))
+        if done is None:
+            self._orphans.update((key, t) for t in tokens)
+
+    async def hold_for_task(self, key: str, token: str, task_id: str, now: float) -> None:
+        if token in self._local_tokens:
+            self.local.hold_now(key, token, task_id, now)
+            return
+        _, _, resv, resvn = _keys(key)
+        script = self._s.scripts["hold"]
+        await self._s.call(
+            lambda: script(keys=[resv, resvn], args=[token, "t:" + task_id, _ms(TASK_HOLD_SECONDS)])
+        )
+
+    async def settle_task(self, key: str, task_id: str) -> None:
+        await self.local.settle_task(key, task_id)
+        conc, resv, resvn = _keys(key)[1:]
+        script = self._s.scripts["release"]
+        await self._s.call(lambda: script(keys=[conc, resv, resvn], args=["t:" + task_id]))
+
+    async def record_usage(
+        self, key: str, images: int, tokens: Iterable[str], now: float
+    ) -> tuple[int, int]:
+        toks = list(tokens)
+        _, _, resv, resvn = _keys(key)
+        script = self._s.scripts["usage"]
+        result = await self._s.call(
+            lambda: script(
+                keys=[*_used_keys(key, now), resv, resvn], args=[images, DAY_TTL, MONTH_TTL, *toks]
+            )
+        )
+        if result is not None:
+            used_d, used_m = (int(x) for x in result)
+            self._seed(key, now, used_d, used_m)
+            self.local.add_usage(key, 0, toks, now)
+            return used_d, used_m
+        # Redis down: count locally (on top of the last known totals) and spool it.
+        self._s.fallback("usage")
+        used = self.local.add_usage(key, images, toks, now)
+        await self._s.spool.add_usage(key, images, current_periods(now))
+        self.spooled = True
+        return used
+
+    async def usage(self, key: str, now: float) -> tuple[int, int]:
+        keys = _used_keys(key, now)
+        values = await self._s.call(lambda: self._s.redis.mget(keys))
+        if values is None:
+            return self.local.used_now(key, now)
+        used_d, used_m = (int(v) if v else 0 for v in values)
+        self._seed(key, now, used_d, used_m)
+        return used_d, used_m
+
+    async def refresh(self) -> None:
+        """Extend the leases of requests this replica still has in flight."""
+        if not self._s.up or not self._held:
+            return
+        by_key: dict[str, list[str]] = {}
+        for token, key in self._held.items():
+            by_key.setdefault(key, []).append(token)
+        script = self._s.scripts["refresh"]
+        for key, tokens in by_key.items():
+            conc, resv = _keys(key)[1:3]
+            await script(keys=[conc, resv], args=[_ms(LEASE_SECONDS), *tokens])
+
+    async def push_spool(self) -> None:
+        """Usage and releases recorded while Redis was down, written to Redis."""
+        if self._orphans:
+            by_key: dict[str, list[str]] = {}
+            for key, token in self._orphans:
+                by_key.setdefault(key, []).append(token)
+            script = self._s.scripts["release"]
+            for key, tokens in by_key.items():
+                conc, resv, resvn = _keys(key)[1:]
+                await script(keys=[conc, resv, resvn], args=tokens)
+            self._orphans.clear()
+        rows = await self._s.spool.drain_usage()
+        sent = 0
+        try:
+            for key, period, images in rows:
+                ttl = DAY_TTL if period.startswith("d:") else MONTH_TTL
+                name = f"dsp:used:{key}:{period}"
+                async with self._s.redis.pipeline(transaction=True) as pipe:
+                    pipe.incrby(name, images)
+                    pipe.expire(name, ttl)
+                    await pipe.execute()
+                sent += 1
+        finally:
+            for key, period, images in rows[sent:]:  # keep what was not sent
+                await self._s.spool.add_usage(key, images, [period])
+        if rows:
+            log.warning("redis: added %d spooled usage row(s) from the outage", len(rows))
+        self.spooled = False
+
+
+# ------------------------------------------------------------------------ tasks
