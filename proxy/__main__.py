@@ -17,7 +17,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from proxy.config import ConfigError, file_signature, load_config, sha256_hex
+from proxy.config.model import ConfigError, sha256_hex
+from proxy.config.parse import file_signature, load_config
 
 COMMANDS = ("demo", "check-config", "hash-key", "serve")
 

@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from proxy.config import Config
+from proxy.config.model import Config
 from proxy.core.admission import limits_ctx
 from proxy.core.reconciler import reconciler_ctx
 from proxy.errors import (
@@ -44,11 +44,13 @@ from proxy.runtime import (
     METRICS,
     RUNTIME,
     SESSION,
+    STATE,
+    TASKS,
     RequestContext,
     Runtime,
     RuntimeHolder,
 )
-from proxy.state.local import STATE, state_ctx
+from proxy.state.backends import open_state
 from proxy.upstream.call import make_session
 from proxy.upstream.health import UPSTREAMS, UpstreamHealth
 
@@ -179,7 +181,7 @@ def create_app(
     app.cleanup_ctx.append(_session_ctx)
     app[UPSTREAMS] = UpstreamHealth(metrics)
     app[UPSTREAMS].precreate(config.upstreams)
-    app.cleanup_ctx.append(state_ctx)  # app[STATE], app[TASKS]
+    app.cleanup_ctx.append(_state_ctx)  # app[STATE], app[TASKS]
     app.cleanup_ctx.append(limits_ctx)
     app.cleanup_ctx.append(ledger_ctx)
     app.cleanup_ctx.append(reconciler_ctx)  # meters through the ledger: stops first
@@ -191,6 +193,15 @@ def create_app(
     app.router.add_get("/metrics", metrics_endpoint, name="ops.metrics")
     app.router.add_get("/openapi.json", openapi.handler(), name="ops.openapi")
     return app
+
+
+async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The app's state backend (`app[STATE]`); its task store is `app[TASKS]`."""
+    state = await open_state(app[RUNTIME].current.config.state, app[METRICS])
+    app[STATE] = state
+    app[TASKS] = state.tasks
+    yield
+    await state.close()
 
 
 async def _session_ctx(app: web.Application) -> AsyncIterator[None]:

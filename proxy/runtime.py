@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from proxy.config import Config
-from proxy.core.auth import KeyRing
+from proxy.auth import KeyRing
+from proxy.config.model import Config
 from proxy.metering import Meter
 from proxy.metrics import ANONYMOUS, OTHER, Metrics, ModelLabels
+from proxy.state.local import StateBackend
 from proxy.state.tasks import TaskStore
 from proxy.upstream.call import UpstreamRouter
 
@@ -82,4 +83,5 @@ METRICS = web.AppKey("metrics", Metrics)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 TASKS = web.AppKey("tasks", TaskStore)
 METER = web.AppKey("meter", Meter)
+STATE = web.AppKey("state", StateBackend)
 CTX = web.RequestKey("ctx", RequestContext)

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
+from proxy.auth import KeyRing
 from proxy.config import KeyConfig, sha256_hex
-from proxy.core.auth import KeyRing
 from proxy.errors import GatewayError
 from proxy.metering import PARSE_LIMIT, BodySniffer, UsageEvent, facts_from_bytes
 from proxy.metrics import Metrics

@@ -13,7 +13,10 @@ from prometheus_client import CollectorRegistry
 
 from proxy.config import LimitsConfig, UpstreamConfig
 from proxy.core.input_limits import MAX_PROMPT_CHARS, check_prompts, native_prompts
-from proxy.core.limits import (
+from proxy.core.limits import requested_images
+from proxy.errors import GatewayError
+from proxy.metrics import Metrics
+from proxy.state.limiter import (
     CONCURRENCY,
     IMAGES_DAY,
     IMAGES_MONTH,
@@ -22,12 +25,9 @@ from proxy.core.limits import (
     TASK_HOLD_SECONDS,
     LocalLimiter,
     decide,
-    requested_images,
     seconds_to_next_day,
     seconds_to_next_month,
 )
-from proxy.errors import GatewayError
-from proxy.metrics import Metrics
 from proxy.upstream.health import Breaker, Gate, UpstreamHealth, capacity
 
 

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy.config import Config, KeyConfig, LimitsConfig
-from proxy.core.limits import DAY, MONTH, has_limits, has_quota, refusal
+from proxy.config.model import Config, KeyConfig, LimitsConfig
+from proxy.core.limits import refusal
 from proxy.metering import UsageEvent, UsageListener
 from proxy.metrics import Metrics
-from proxy.runtime import CTX, METER, METRICS, RUNTIME
-from proxy.state.local import STATE
+from proxy.runtime import CTX, METER, METRICS, RUNTIME, STATE
+from proxy.state.limiter import DAY, MONTH, has_limits, has_quota
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ async def refresh_gauges(app: web.Application) -> None:
 
 
 async def limits_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Cleanup context (after `state.state_ctx`): the usage listener, and a background
+    """Cleanup context (after the state backend's): the usage listener, and a background
     refresh of the quota gauges (usage on other replicas, a new day or month, keys
     added by a reload)."""
     listener = usage_listener(app)

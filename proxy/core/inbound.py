@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.config import KeyConfig
+from proxy.config.model import KeyConfig
 from proxy.core.input_limits import check_prompts
 from proxy.errors import GatewayError, invalid_parameter, too_large
 from proxy.jsonutil import loads

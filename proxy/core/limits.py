@@ -1,97 +1,35 @@
-"""Per-key limits: what they count, how a request is admitted, and the in-process limiter.
+"""What a generation request may cost, and the refusal when a limit says no.
 
-The four limits of `keys[].limits` apply to *generation* requests (the native
-service calls, `/v1/images/generations`, `/v1/images/edits`,
-`/aliyun/v1/images/generations`), not to task polls, lists or uploads:
-throttling a poll would lose the result of a generation that is already
-billed.
-
-- `requests_per_minute`: a sliding 60-second window of admitted requests.
-- `concurrent_requests`: admitted requests still in flight.
-- `images_per_day` / `images_per_month` (UTC calendar day / month): images
-  DashScope reported (the same counts as `dashscope_proxy_images_total`),
-  plus images *reserved* by requests in flight and by async tasks not yet
-  finished. A request is refused before it reaches DashScope when the
-  images it may generate (`parameters.n`, or the model's default n) would
-  not fit in what remains. When DashScope reports fewer images than
-  reserved, the difference is free again at once.
-
-A reservation is identified by a token: the request id while the request is
-in flight, `t:<task_id>` once an async submit created a task (held until the
-task's images are metered or it ends, at most `TASK_HOLD_SECONDS`).
-
-`LocalLimiter` is the in-process implementation: exact for one process,
-per-process with several (Redis makes them shared: `redis_state`). It is
-synchronous (no await between check and update), so admission is atomic.
-Deliberately not here: persistence (`state`), Redis (`redis_state`), and the
-request plumbing (`admission`).
+Pure: `requested_images` is how many images a DashScope body may generate (its
+reservation under the image quotas: `parameters.n`, or the model's default n);
+`refusal` is the 429 for a refused admission, in both dialects, with
+`Retry-After`. The counting itself lives with the state (`proxy.state.limiter`);
+the request plumbing in `proxy.core.admission`.
 """
 
 from __future__ import annotations
 
-import calendar
-import math
-import time
-from collections import deque
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Any
 
-from proxy.config import LimitsConfig
+from proxy.config.model import LimitsConfig
 from proxy.errors import GatewayError
-
-WINDOW_SECONDS = 60.0
-# An async task's reservation lapses after this long even if nobody polls it:
-# DashScope finishes image tasks within minutes.
-TASK_HOLD_SECONDS = 3600.0
-# Refused because of reservations of requests still in flight: they settle soon.
-RESERVED_RETRY_SECONDS = 30
-DAY, MONTH = "day", "month"
-RPM, CONCURRENCY = "requests_per_minute", "concurrent_requests"
-IMAGES_DAY, IMAGES_MONTH = "images_per_day", "images_per_month"
-
-
-def day_period(ts: float) -> str:
-    """`20250131`: the UTC day a timestamp falls in."""
-    return time.strftime("%Y%m%d", time.gmtime(ts))
-
-
-def month_period(ts: float) -> str:
-    """`202501`: the UTC month a timestamp falls in."""
-    return time.strftime("%Y%m", time.gmtime(ts))
-
-
-def seconds_to_next_day(ts: float) -> int:
-    return max(1, math.ceil(86400 - ts % 86400))
-
-
-def seconds_to_next_month(ts: float) -> int:
-    t = time.gmtime(ts)
-    year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
-    return max(1, math.ceil(calendar.timegm((year, month, 1, 0, 0, 0)) - ts))
-
-
-def has_limits(limits: LimitsConfig) -> bool:
-    return any(
-        v is not None
-        for v in (
-            limits.requests_per_minute,
-            limits.concurrent_requests,
-            limits.images_per_day,
-            limits.images_per_month,
-        )
-    )
-
-
-def has_quota(limits: LimitsConfig) -> bool:
-    return limits.images_per_day is not None or limits.images_per_month is not None
-
+from proxy.state.limiter import (
+    CONCURRENCY,
+    IMAGES_DAY,
+    RPM,
+    Decision,
+)
 
 # Default `n` when a request does not say: DashScope's wan families generate 4,
 # everything else 1 (protocol reference, section 7).
 _DEFAULT_N_PREFIXES = ("wan",)
+
+
 # Interleaved wan2.6-image output: up to `max_images`, 5 by default.
 _DEFAULT_MAX_IMAGES = 5
+
+
 MAX_REQUESTED = 1000  # a larger n is DashScope's to refuse; reserve no more than this
 
 
@@ -112,22 +50,6 @@ def requested_images(model: str, parameters: Any) -> int:
     if params.get("enable_interleave") is True:
         return count("max_images", _DEFAULT_MAX_IMAGES)
     return count("n", default_n(model))
-
-
-# --------------------------------------------------------------------- decisions
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The outcome of one admission. `limit` names the limit that refused it."""
-
-    allowed: bool
-    limit: str | None = None
-    retry_after: int = 1
-    # What the limiter saw (for the remaining-quota gauge and messages).
-    used_day: int = 0
-    used_month: int = 0
-    reserved: int = 0
 
 
 def refusal(decision: Decision, limits: LimitsConfig, images: int) -> GatewayError:
@@ -170,174 +92,3 @@ def refusal(decision: Decision, limits: LimitsConfig, images: int) -> GatewayErr
         openai_code="insufficient_quota",
         retry_after=retry,
     )
-
-
-def decide(
-    limits: LimitsConfig,
-    *,
-    now: float,
-    recent: int,
-    oldest: float | None,
-    inflight: int,
-    used_day: int,
-    used_month: int,
-    reserved: int,
-    images: int,
-) -> Decision:
-    """Pure: admit or refuse, given what the limiter counts right now."""
-
-    def seen(ok: bool, limit: str | None = None, retry: int = 1) -> Decision:
-        return Decision(ok, limit, retry, used_day, used_month, reserved)
-
-    rpm = limits.requests_per_minute
-    if rpm is not None and recent >= rpm:
-        wait = (oldest + WINDOW_SECONDS - now) if oldest is not None else WINDOW_SECONDS
-        return seen(False, RPM, max(1, math.ceil(wait)))
-    if limits.concurrent_requests is not None and inflight >= limits.concurrent_requests:
-        return seen(False, CONCURRENCY, 1)
-    for cap, used, limit, reset in (
-        (limits.images_per_day, used_day, IMAGES_DAY, seconds_to_next_day),
-        (limits.images_per_month, used_month, IMAGES_MONTH, seconds_to_next_month),
-    ):
-        if cap is not None and used + reserved + images > cap:
-            # Over on what was generated alone: only the window's end helps;
-            # else requests in flight may leave room when they settle.
-            retry = reset(now) if used + images > cap else RESERVED_RETRY_SECONDS
-            return seen(False, limit, retry)
-    return seen(True)
-
-
-# ------------------------------------------------------------------- the limiter
-
-
-class Limiter(Protocol):
-    """What admission needs from a limiter (local, or Redis with a local fallback)."""
-
-    async def admit(
-        self, key: str, limits: LimitsConfig, token: str, images: int, now: float
-    ) -> Decision: ...
-
-    def release(self, key: str, token: str) -> None:
-        """The request ended: free its concurrency slot and request-scoped reservation."""
-
-    async def hold_for_task(self, key: str, token: str, task_id: str, now: float) -> None:
-        """Move a request's reservation to its task (async submit accepted)."""
-
-    async def settle_task(self, key: str, task_id: str) -> None:
-        """The task ended without images being metered: drop its reservation."""
-
-    async def record_usage(
-        self, key: str, images: int, tokens: Iterable[str], now: float
-    ) -> tuple[int, int]:
-        """Images metered: count them, drop the reservations `tokens`; (day, month) used."""
-
-    async def usage(self, key: str, now: float) -> tuple[int, int]:
-        """Images used this UTC day and month."""
-
-
-@dataclass(slots=True)
-class _KeyState:
-    recent: deque[float] = field(default_factory=deque)  # admission times, last minute
-    inflight: set[str] = field(default_factory=set)  # request tokens
-    # token -> (images, expiry); request-scoped tokens never expire (released).
-    reserved: dict[str, tuple[int, float]] = field(default_factory=dict)
-
-
-class LocalLimiter:
-    """In-process counters. `used` can be seeded (from SQLite or from Redis)."""
-
-    def __init__(self) -> None:
-        self._keys: dict[str, _KeyState] = {}
-        # (key, "d:20250131" | "m:202501") -> images
-        self.used: dict[tuple[str, str], int] = {}
-
-    def _state(self, key: str) -> _KeyState:
-        st = self._keys.get(key)
-        if st is None:
-            st = self._keys[key] = _KeyState()
-        return st
-
-    def used_now(self, key: str, now: float) -> tuple[int, int]:
-        return (
-            self.used.get((key, "d:" + day_period(now)), 0),
-            self.used.get((key, "m:" + month_period(now)), 0),
-        )
-
-    def reserved_now(self, key: str, now: float) -> int:
-        st = self._state(key)
-        expired = [t for t, (_, exp) in st.reserved.items() if exp <= now]
-        for t in expired:
-            del st.reserved[t]
-        return sum(n for n, _ in st.reserved.values())
-
-    def admit_now(
-        self, key: str, limits: LimitsConfig, token: str, images: int, now: float
-    ) -> Decision:
-        st = self._state(key)
-        while st.recent and st.recent[0] <= now - WINDOW_SECONDS:
-            st.recent.popleft()
-        used_day, used_month = self.used_now(key, now)
-        decision = decide(
-            limits,
-            now=now,
-            recent=len(st.recent),
-            oldest=st.recent[0] if st.recent else None,
-            inflight=len(st.inflight),
-            used_day=used_day,
-            used_month=used_month,
-            reserved=self.reserved_now(key, now),
-            images=images,
-        )
-        if decision.allowed:
-            if limits.requests_per_minute is not None:
-                st.recent.append(now)
-            st.inflight.add(token)
-            if images and has_quota(limits):
-                st.reserved[token] = (images, math.inf)
-        return decision
-
-    async def admit(
-        self, key: str, limits: LimitsConfig, token: str, images: int, now: float
-    ) -> Decision:
-        return self.admit_now(key, limits, token, images, now)
-
-    def release(self, key: str, token: str) -> None:
-        st = self._state(key)
-        st.inflight.discard(token)
-        st.reserved.pop(token, None)
-
-    def hold_now(self, key: str, token: str, task_id: str, now: float) -> None:
-        st = self._state(key)
-        held = st.reserved.pop(token, None)
-        if held is not None:
-            st.reserved["t:" + task_id] = (held[0], now + TASK_HOLD_SECONDS)
-
-    async def hold_for_task(self, key: str, token: str, task_id: str, now: float) -> None:
-        self.hold_now(key, token, task_id, now)
-
-    async def settle_task(self, key: str, task_id: str) -> None:
-        self._state(key).reserved.pop("t:" + task_id, None)
-
-    def add_usage(
-        self, key: str, images: int, tokens: Iterable[str], now: float
-    ) -> tuple[int, int]:
-        st = self._state(key)
-        for t in tokens:
-            st.reserved.pop(t, None)
-        for period in ("d:" + day_period(now), "m:" + month_period(now)):
-            self.used[(key, period)] = self.used.get((key, period), 0) + images
-        return self.used_now(key, now)
-
-    async def record_usage(
-        self, key: str, images: int, tokens: Iterable[str], now: float
-    ) -> tuple[int, int]:
-        return self.add_usage(key, images, tokens, now)
-
-    async def usage(self, key: str, now: float) -> tuple[int, int]:
-        return self.used_now(key, now)
-
-    def forget_old(self, now: float) -> None:
-        """Drop counters of past days and months (bounded memory)."""
-        keep = {"d:" + day_period(now), "m:" + month_period(now)}
-        for k in [k for k in self.used if k[1] not in keep]:
-            del self.used[k]

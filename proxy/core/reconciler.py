@@ -36,7 +36,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.config import TasksConfig
+from proxy.config.model import TasksConfig
 from proxy.core.settlement import Origin, settle_task
 from proxy.errors import GatewayError
 from proxy.metering import facts_from_bytes

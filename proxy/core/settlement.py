@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy.config import KeyConfig, UpstreamConfig
+from proxy.config.model import KeyConfig, UpstreamConfig
 from proxy.core.admission import task_created, task_ended
 from proxy.metering import BodyFacts
 from proxy.runtime import METER, METRICS, RUNTIME, TASKS, RequestContext, Runtime

@@ -24,7 +24,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.catalogue import SERVICE_PATHS, BodyShape, Route, resolve
-from proxy.config import UpstreamConfig
+from proxy.config.model import UpstreamConfig
 from proxy.core.admission import admit
 from proxy.core.inbound import read_native_request, uses_uploads
 from proxy.core.limits import requested_images

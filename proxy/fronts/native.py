@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 from aiohttp import web
 
 from proxy.catalogue import SERVICE_PATHS
-from proxy.config import KeyConfig, UpstreamConfig
+from proxy.config.model import KeyConfig, UpstreamConfig
 from proxy.core.admission import admit, task_ended
 from proxy.core.inbound import (
     authenticate,

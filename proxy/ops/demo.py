@@ -14,7 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy.config import parse_config
+from proxy.config.parse import parse_config
 from proxy.ops.server import install_fast_loop, serve
 from proxy.simulator import SimSettings, create_sim_app
 

@@ -39,7 +39,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy.config import Config, ConfigError, Signature, file_signature, load_config
+from proxy.config.model import Config, ConfigError
+from proxy.config.parse import Signature, file_signature, load_config
 from proxy.runtime import METRICS, RUNTIME, Runtime
 from proxy.upstream.health import UPSTREAMS
 

@@ -26,7 +26,8 @@ from collections.abc import Callable
 from aiohttp import web
 
 from proxy.app import create_app
-from proxy.config import Config, Signature
+from proxy.config.model import Config
+from proxy.config.parse import Signature
 from proxy.core.input_limits import GatewayRunner
 from proxy.ops.reload import POLL_SECONDS, install_reloader
 from proxy.runtime import RUNTIME

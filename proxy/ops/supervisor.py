@@ -49,7 +49,7 @@ from types import FrameType
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from proxy.config import Config
+from proxy.config.model import Config
 
 log = logging.getLogger("proxy.ops.supervisor")
 

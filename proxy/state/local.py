@@ -20,14 +20,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 
-from aiohttp import web
-
-from proxy.config import StateConfig
-from proxy.core.limits import Limiter, LocalLimiter, day_period, month_period
-from proxy.metrics import Metrics
-from proxy.runtime import METRICS, RUNTIME, TASKS
+from proxy.config.model import StateConfig
+from proxy.state.limiter import Limiter, LocalLimiter, day_period, month_period
 from proxy.state.tasks import COLUMNS, SqliteTaskStore, TaskRecord, TaskStore, record_of_row
 
 log = logging.getLogger(__name__)
@@ -247,24 +243,3 @@ class LocalState(StateBackend):
     async def close(self) -> None:
         await self.limiter.close()
         await self._store.close()
-
-
-STATE = web.AppKey("state", StateBackend)
-
-
-async def state_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Cleanup context: the app's state backend; its task store is `app[TASKS]`."""
-    state = await open_state(app[RUNTIME].current.config.state, app[METRICS])
-    app[STATE] = state
-    app[TASKS] = state.tasks
-    yield
-    await state.close()
-
-
-async def open_state(config: StateConfig, metrics: Metrics) -> StateBackend:
-    """The backend the config names, opened (Redis: possibly degraded, never failing)."""
-    if config.backend == "redis":
-        from proxy.state.redis import RedisState  # the `redis` extra, only when configured
-
-        return await RedisState.open(config, metrics)
-    return await LocalState.open(config)

@@ -17,7 +17,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.catalogue import is_dashscope_model
-from proxy.config import Config, UpstreamConfig
+from proxy.config.model import Config, UpstreamConfig
 from proxy.errors import GatewayError, no_upstream, upstream_timeout, upstream_unavailable
 from proxy.metrics import Metrics
 

@@ -51,7 +51,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.config import UpstreamConfig
+from proxy.config.model import UpstreamConfig
 from proxy.errors import GatewayError
 from proxy.jsonutil import loads
 from proxy.metrics import Metrics

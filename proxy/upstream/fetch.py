@@ -28,7 +28,7 @@ from fnmatch import fnmatchcase
 import aiohttp
 from yarl import URL
 
-from proxy.config import ImageFetchConfig, UpstreamConfig
+from proxy.config.model import ImageFetchConfig, UpstreamConfig
 from proxy.errors import GatewayError
 
 # DashScope serves result images directly; a short chain covers CDN hops.

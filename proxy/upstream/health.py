@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from proxy.config import UpstreamConfig
+from proxy.config.model import UpstreamConfig
 from proxy.metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.config import UpstreamConfig
+from proxy.config.model import UpstreamConfig
 from proxy.errors import is_throttling, retry_after_of
 from proxy.jsonutil import loads
 from proxy.metering import PARSE_LIMIT, BodyFacts, BodySniffer, SseSniffer, facts_from_bytes

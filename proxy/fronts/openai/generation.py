@@ -30,7 +30,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.catalogue import SERVICE_PATHS
-from proxy.config import KeyConfig, UpstreamConfig
+from proxy.config.model import KeyConfig, UpstreamConfig
 from proxy.core.settlement import Origin, meter, new_task, settle_task
 from proxy.errors import GatewayError
 from proxy.fronts.openai.errors import task_error, upstream_error

@@ -33,7 +33,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.catalogue import TABLE, Route, resolve
-from proxy.config import KeyConfig, UpstreamConfig
+from proxy.config.model import KeyConfig, UpstreamConfig
 from proxy.core.admission import admit, task_created
 from proxy.core.inbound import (
     authenticate,

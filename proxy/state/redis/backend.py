@@ -12,7 +12,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from proxy.config import StateConfig
+from proxy.config.model import StateConfig
 from proxy.metrics import Metrics
 from proxy.state.local import LocalStore, StateBackend
 from proxy.state.redis.common import (

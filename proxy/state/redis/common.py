@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from proxy.core.limits import CONCURRENCY, IMAGES_DAY, IMAGES_MONTH, RPM
 from proxy.errors import GatewayError
+from proxy.metrics import Metrics
+from proxy.state.limiter import CONCURRENCY, IMAGES_DAY, IMAGES_MONTH, RPM
+from proxy.state.local import LocalStore
 from proxy.state.tasks import SqliteTaskStore
 
 T = TypeVar("T")
@@ -48,3 +53,24 @@ def state_unavailable() -> GatewayError:
         openai_code="state_unavailable",
         retry_after=2,
     )
+
+
+class Backend(Protocol):
+    """What the limiter and the task store use of `RedisState` (which owns them)."""
+
+    redis: Redis
+    scripts: dict[str, AsyncScript]
+    spool: LocalStore  # what is kept locally while Redis is unreachable
+    metrics: Metrics
+    recovered_at: float
+
+    @property
+    def up(self) -> bool: ...
+
+    def mark_down(self, exc: BaseException) -> None: ...
+
+    def fallback(self, operation: str) -> None: ...
+
+    async def call(self, op: Callable[[], Awaitable[T]]) -> T | None: ...
+
+    def spawn(self, coro: Awaitable[None]) -> None: ...

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
-from proxy.config import LimitsConfig
-from proxy.core.limits import (
+from proxy.config.model import LimitsConfig
+from proxy.state.limiter import (
     TASK_HOLD_SECONDS,
     WINDOW_SECONDS,
     Decision,
@@ -16,10 +15,7 @@ from proxy.core.limits import (
     has_quota,
 )
 from proxy.state.local import current_periods
-from proxy.state.redis.common import DAY_TTL, LEASE_SECONDS, LIMIT_CODES, MONTH_TTL
-
-if TYPE_CHECKING:
-    from proxy.state.redis.backend import RedisState
+from proxy.state.redis.common import DAY_TTL, LEASE_SECONDS, LIMIT_CODES, MONTH_TTL, Backend
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +36,7 @@ def _ms(seconds: float) -> int:
 class RedisLimiter:
     """Limits in Redis; in-process counters (`LocalLimiter`) while Redis is down."""
 
-    def __init__(self, state: RedisState) -> None:
+    def __init__(self, state: Backend) -> None:
         self._s = state
         self.local = LocalLimiter()
         # Tokens admitted through Redis and still in flight: token -> key.

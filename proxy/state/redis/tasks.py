@@ -7,19 +7,17 @@ import math
 import time
 from collections import OrderedDict
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from proxy.state.redis.common import (
     FAILURES,
     RECONCILE_KEY,
     RECOVERY_GRACE_SECONDS,
     RETENTION_SECONDS,
+    Backend,
     state_unavailable,
 )
 from proxy.state.tasks import TERMINAL, TaskRecord
-
-if TYPE_CHECKING:
-    from proxy.state.redis.backend import RedisState
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +27,7 @@ class RedisTaskStore:
 
     _RECENT_MAX = 1024
 
-    def __init__(self, state: RedisState) -> None:
+    def __init__(self, state: Backend) -> None:
         self._s = state
         self.spooled = True  # check the spool once at startup (and after each outage)
         # Records read recently: a claim whose Redis call fails can still be spooled.
@@ -217,7 +215,7 @@ class RedisTaskStore:
         return [_record(t, rows[2 * i], bool(rows[2 * i + 1])) for i, t in enumerate(ids)]
 
     async def close(self) -> None:
-        """Closed with its `RedisState`."""
+        """Closed with its `Backend`."""
 
     async def push_spool(self) -> None:
         """Tasks recorded locally during an outage, written to Redis (then deleted here)."""

@@ -12,7 +12,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 
-from proxy.config import KeyConfig
+from proxy.config.model import KeyConfig
 from proxy.errors import GatewayError, access_denied, invalid_api_key
 
 
