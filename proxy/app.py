@@ -17,22 +17,22 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import IO
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import CollectorRegistry
 
 from proxy.config.model import Config
 from proxy.core.admission import limits_ctx
 from proxy.core.reconciler import reconciler_ctx
 from proxy.errors import (
     GatewayError,
-    dialect_for_path,
+    dialect_for,
+    from_http_status,
     internal_error,
     method_not_allowed,
     not_found,
     render_error,
     too_large,
 )
-from proxy.fronts import aliyun, native, openapi
+from proxy.fronts import aliyun, native, ops
 from proxy.fronts.openai import images as openai_images
 from proxy.metering import Meter
 from proxy.metrics import Metrics
@@ -58,8 +58,6 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
-# Routes not counted in request metrics (scrapes and probes would drown the signal).
-_OPS_ROUTES = frozenset({"ops.metrics", "ops.healthz", "ops.readyz"})
 
 
 def _http_exception_to_gateway(exc: web.HTTPException, request: web.Request) -> GatewayError:
@@ -69,7 +67,7 @@ def _http_exception_to_gateway(exc: web.HTTPException, request: web.Request) -> 
         return method_not_allowed(request.method)
     if exc.status == 413:
         return too_large(request.app[RUNTIME].current.config.server.max_body_bytes)
-    return GatewayError(exc.status, "InvalidParameter", exc.reason)
+    return from_http_status(exc.status, exc.reason)
 
 
 def new_request_id() -> str:
@@ -81,7 +79,7 @@ def new_request_id() -> str:
 @web.middleware
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     route = request.match_info.route.name or "unmatched"
-    if route in _OPS_ROUTES:
+    if route in ops.ROUTES:
         return await handler(request)
     app = request.app
     ctx = RequestContext(request_id=new_request_id(), route=route)
@@ -95,11 +93,11 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             response = await handler(request)
         except GatewayError as exc:
             ctx.error_code = ctx.error_code or exc.code
-            response = render_error(exc, dialect_for_path(request.path), ctx.request_id)
+            response = render_error(exc, dialect_for(route, request.path), ctx.request_id)
         except web.HTTPException as exc:
             mapped = _http_exception_to_gateway(exc, request)
             ctx.error_code = mapped.code
-            response = render_error(mapped, dialect_for_path(request.path), ctx.request_id)
+            response = render_error(mapped, dialect_for(route, request.path), ctx.request_id)
         except (asyncio.CancelledError, ConnectionResetError):
             status = 499  # client closed request (nginx's convention)
             raise
@@ -107,7 +105,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             log.exception("unhandled error in %s (request %s)", route, ctx.request_id)
             internal = internal_error()
             ctx.error_code = internal.code
-            response = render_error(internal, dialect_for_path(request.path), ctx.request_id)
+            response = render_error(internal, dialect_for(route, request.path), ctx.request_id)
         status = response.status
         return response
     finally:
@@ -122,36 +120,6 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         config = app[RUNTIME].current.config
         if config.server.access_log:
             app[ACCESS_LOG].write(ctx, request.method, status, seconds, config.server.log_prompts)
-
-
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    holder = request.app[RUNTIME]
-    problems = []
-    if holder.draining:
-        problems.append("draining")
-    if not holder.current.config.upstreams:
-        problems.append("no upstreams configured")
-    # Degraded still serves (e.g. Redis down: local fallback), so it stays 200.
-    degraded = request.app[STATE].problems() if STATE in request.app else []
-    degraded += [
-        f"upstream {name}: circuit open"
-        for name in request.app[UPSTREAMS].open_circuits(holder.current.config.upstreams)
-    ]
-    body = {
-        "status": ("not ready" if problems else "degraded" if degraded else "ready"),
-        "problems": problems,
-        "degraded": degraded,
-    }
-    return web.json_response(body, status=200 if not problems else 503)
-
-
-async def metrics_endpoint(request: web.Request) -> web.Response:
-    data = generate_latest(request.app[METRICS].exposition)
-    return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def create_app(
@@ -188,10 +156,7 @@ def create_app(
     native.add_routes(app)
     openai_images.add_routes(app)
     aliyun.add_routes(app)
-    app.router.add_get("/healthz", healthz, name="ops.healthz")
-    app.router.add_get("/readyz", readyz, name="ops.readyz")
-    app.router.add_get("/metrics", metrics_endpoint, name="ops.metrics")
-    app.router.add_get("/openapi.json", openapi.handler(), name="ops.openapi")
+    ops.add_routes(app)
     return app
 
 

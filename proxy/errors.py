@@ -13,6 +13,7 @@ before a response has started. Nothing here knows about sockets.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -25,8 +26,19 @@ class Dialect(enum.Enum):
     OPENAI = "openai"
 
 
-def dialect_for_path(path: str) -> Dialect:
-    """`/v1/...` and `/aliyun/...` speak OpenAI; everything else DashScope."""
+# Route names are `<front>.<what>` for the OpenAI-dialect front ends; the native
+# routes keep DashScope's endpoint names (they are metric labels).
+_OPENAI_FRONTS = ("openai.", "aliyun.")
+
+
+def dialect_for(route: str, path: str) -> Dialect:
+    """The dialect of the front end that owns `route`. A request that matched no route
+    (404, 405) is guessed from its path: `/v1/...` and `/aliyun/...` speak OpenAI,
+    everything else DashScope."""
+    if route.startswith(_OPENAI_FRONTS):
+        return Dialect.OPENAI
+    if route != "unmatched":
+        return Dialect.DASHSCOPE
     if path.startswith("/v1/") or path == "/v1" or path.startswith("/aliyun/"):
         return Dialect.OPENAI
     return Dialect.DASHSCOPE
@@ -179,6 +191,105 @@ def internal_error() -> GatewayError:
         "An internal error has occured, please try again later or contact service support.",
         openai_type="server_error",
         openai_code="internal_error",
+    )
+
+
+def prompt_too_long(length: int, limit: int) -> GatewayError:
+    return GatewayError(
+        400,
+        "InvalidParameter",
+        f"The prompt is too long: {length} characters, and the gateway accepts at most "
+        f"{limit} (DashScope's image models read at most a few thousand).",
+        openai_code="prompt_too_long",
+    )
+
+
+ONLY_ALIYUN = "only aliyun channel is supported on /aliyun/v1/images/generations"
+
+
+def only_aliyun() -> GatewayError:
+    """Seed 000's envelope for a model no configured (Aliyun) upstream serves."""
+    return GatewayError(
+        400,
+        "InvalidParameter",
+        ONLY_ALIYUN,
+        openai_type="invalid_request_error",
+        openai_code="invalid_request",
+    )
+
+
+def fetch_error(index: int, total: int, reason: str) -> GatewayError:
+    return GatewayError(
+        502,
+        "ImageFetchFailed",
+        f"Could not fetch generated image data[{index}] ({index + 1} of {total}) for "
+        f"b64_json: {reason}. DashScope generated (and billed) it; retry, or ask for "
+        "response_format=url.",
+        openai_type="server_error",
+        openai_code="image_fetch_failed",
+    )
+
+
+def state_unavailable() -> GatewayError:
+    return GatewayError(
+        503,
+        "ServiceUnavailable",
+        "Task state is temporarily unavailable (the gateway's shared state store "
+        "cannot be reached); please retry shortly.",
+        openai_type="server_error",
+        openai_code="state_unavailable",
+        retry_after=2,
+    )
+
+
+def empty_body() -> GatewayError:
+    return GatewayError(
+        400,
+        "BadRequest.EmptyInput",
+        "Required request body is missing.",
+        openai_code="invalid_request",
+    )
+
+
+def missing_model() -> GatewayError:
+    """DashScope's answer for a request without `model`."""
+    return GatewayError(
+        400,
+        "BadRequest.EmptyModel",
+        'Required parameter "model" missing from request.',
+        openai_code="missing_model",
+    )
+
+
+def cancel_refused() -> GatewayError:
+    """DashScope's answer for cancelling a task that is not PENDING (or not the caller's:
+    the same words, so an id reveals nothing)."""
+    return GatewayError(
+        400,
+        "UnsupportedOperation",
+        "Failed to cancel the task, please confirm if the task is in PENDING status.",
+    )
+
+
+def upstream_bad_answer(message: str, code: str = "upstream_bad_answer") -> GatewayError:
+    """DashScope answered something the gateway cannot use (not JSON, no task id, no image)."""
+    return GatewayError(502, "BadGateway", message, openai_type="server_error", openai_code=code)
+
+
+def from_http_status(status: int, reason: str) -> GatewayError:
+    """An error aiohttp raised itself (a status with no better mapping)."""
+    return GatewayError(status, "InvalidParameter", reason)
+
+
+def upstream_unavailable_now(retry_after: float, message: str) -> GatewayError:
+    """503 with Retry-After: every upstream is full or its circuit open; retry shortly."""
+    return GatewayError(
+        503,
+        "ServiceUnavailable",
+        message,
+        openai_type="server_error",
+        openai_code="upstream_unavailable",
+        retry_after=max(1, math.ceil(retry_after)),
     )
 
 

@@ -15,7 +15,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.fronts.openapi import load_document
+from proxy.fronts.ops import load_document
 from proxy.metrics import KNOWN_MODELS
 from tests.conftest import KEY_A, KEY_B, UPSTREAM_KEY, Gateway, GatewayFactory
 

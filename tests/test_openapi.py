@@ -12,7 +12,7 @@ from openapi_spec_validator import validate
 
 from proxy.app import create_app
 from proxy.config import parse_config
-from proxy.fronts.openapi import load_document
+from proxy.fronts.ops import load_document
 from tests.conftest import Gateway
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"

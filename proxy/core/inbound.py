@@ -20,7 +20,7 @@ from aiohttp import web
 
 from proxy.config.model import KeyConfig
 from proxy.core.input_limits import check_prompts
-from proxy.errors import GatewayError, invalid_parameter, too_large
+from proxy.errors import empty_body, invalid_parameter, missing_model, too_large
 from proxy.jsonutil import loads
 from proxy.runtime import CTX, RUNTIME, RequestContext, Runtime
 
@@ -47,12 +47,7 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 def parse_json_object(body: bytes) -> dict[str, Any]:
     """A JSON object, or 400 with a message a user can act on."""
     if not body:
-        raise GatewayError(
-            400,
-            "BadRequest.EmptyInput",
-            "Required request body is missing.",
-            openai_code="invalid_request",
-        )
+        raise empty_body()
     try:
         obj = loads(body)
     except (ValueError, RecursionError):
@@ -66,12 +61,7 @@ def require_model(obj: dict[str, Any]) -> str:
     """`model` as DashScope validates it."""
     model = obj.get("model")
     if model is None or model == "":
-        raise GatewayError(
-            400,
-            "BadRequest.EmptyModel",
-            'Required parameter "model" missing from request.',
-            openai_code="missing_model",
-        )
+        raise missing_model()
     if not isinstance(model, str) or len(model) > MAX_MODEL_LEN or not model.isprintable():
         raise invalid_parameter('Parameter "model" must be a model name string.', "invalid_model")
     return model

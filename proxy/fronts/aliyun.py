@@ -29,24 +29,11 @@ from proxy.core.admission import admit
 from proxy.core.inbound import read_native_request, uses_uploads
 from proxy.core.limits import requested_images
 from proxy.core.settlement import relay_settled
-from proxy.errors import GatewayError
+from proxy.errors import only_aliyun
 from proxy.jsonutil import dumps
 from proxy.runtime import CTX, RUNTIME
 from proxy.upstream.call import request_headers
 from proxy.upstream.failover import call_with_failover
-
-ONLY_ALIYUN = "only aliyun channel is supported on /aliyun/v1/images/generations"
-
-
-def only_aliyun() -> GatewayError:
-    """Seed 000's envelope for a model no configured (Aliyun) upstream serves."""
-    return GatewayError(
-        400,
-        "InvalidParameter",
-        ONLY_ALIYUN,
-        openai_type="invalid_request_error",
-        openai_code="invalid_request",
-    )
 
 
 def native_body(obj: dict[str, Any], route: Route) -> dict[str, Any]:

@@ -31,7 +31,14 @@ from proxy.core.inbound import (
 )
 from proxy.core.limits import requested_images
 from proxy.core.settlement import origin, relay_settled, settle_task
-from proxy.errors import GatewayError, invalid_parameter, no_upstream, upstream_unavailable
+from proxy.errors import (
+    GatewayError,
+    cancel_refused,
+    invalid_parameter,
+    missing_model,
+    no_upstream,
+    upstream_unavailable,
+)
 from proxy.jsonutil import dumps
 from proxy.metering import facts_from_bytes
 from proxy.runtime import (
@@ -160,11 +167,7 @@ async def cancel_task(request: web.Request) -> web.StreamResponse:
     if owned is None:
         # Never reaches DashScope; answered as a task that cannot be canceled,
         # which reveals nothing about whether the id exists.
-        raise GatewayError(
-            400,
-            "UnsupportedOperation",
-            "Failed to cancel the task, please confirm if the task is in PENDING status.",
-        )
+        raise cancel_refused()
     record, upstream = owned
     async with _task_call(request, upstream, task_id, cancel=True) as call:
         relayed = await relay_response(request, call.response, request.app[METRICS], upstream)
@@ -274,9 +277,7 @@ async def uploads(request: web.Request) -> web.StreamResponse:
     key = authenticate(request, rt, ctx)
     model = request.query.get("model")
     if not model:
-        raise GatewayError(
-            400, "BadRequest.EmptyModel", 'Required parameter "model" missing from request.'
-        )
+        raise missing_model()
     set_model(ctx, rt, model)
     rt.keyring.check_allowed(key, model)
     candidates = rt.router.candidates(model)

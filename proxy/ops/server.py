@@ -28,8 +28,8 @@ from aiohttp import web
 from proxy.app import create_app
 from proxy.config.model import Config
 from proxy.config.parse import Signature
-from proxy.core.input_limits import GatewayRunner
 from proxy.ops.reload import POLL_SECONDS, install_reloader
+from proxy.ops.runner import GatewayRunner
 from proxy.runtime import RUNTIME
 
 log = logging.getLogger(__name__)

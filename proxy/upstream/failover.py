@@ -52,7 +52,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.config.model import UpstreamConfig
-from proxy.errors import GatewayError
+from proxy.errors import GatewayError, upstream_unavailable_now
 from proxy.jsonutil import loads
 from proxy.metrics import Metrics
 from proxy.runtime import CTX, METRICS, SESSION, RequestContext
@@ -67,17 +67,6 @@ RETRYABLE_KINDS = frozenset({"connect", "connect_timeout"})
 _PEEK_LIMIT = 64 * 1024
 
 HeadersFor = Callable[[UpstreamConfig], CIMultiDict[str]]
-
-
-def _unavailable(retry_after: float, message: str) -> GatewayError:
-    return GatewayError(
-        503,
-        "ServiceUnavailable",
-        message,
-        openai_type="server_error",
-        openai_code="upstream_unavailable",
-        retry_after=max(1, math.ceil(retry_after)),
-    )
 
 
 # --------------------------------------------------------------------- breaker
@@ -143,7 +132,7 @@ async def call_with_failover(
     so the client sees DashScope's own answer.
     """
     if not candidates:
-        raise _unavailable(1, "No upstream serves this request.")
+        raise upstream_unavailable_now(1, "No upstream serves this request.")
     app = request.app
     walk = _Walk(
         app[UPSTREAMS],
@@ -290,12 +279,12 @@ class _Walk:
         if self.last_failure is not None:
             return self.last_failure
         if self.busy:
-            return _unavailable(
+            return upstream_unavailable_now(
                 1,
                 "Every DashScope upstream for this model is at its "
                 "concurrency limit; retry shortly.",
             )
-        return _unavailable(
+        return upstream_unavailable_now(
             self.soonest if self.soonest < math.inf else 1,
             "Every DashScope upstream for this model is unavailable right now "
             "(circuit open); retry shortly.",
@@ -328,14 +317,14 @@ async def call_pinned(
     gate = health.gate(upstream.name)
     now = time.monotonic()
     if not breaker.begin(now):
-        raise _unavailable(
+        raise upstream_unavailable_now(
             max(breaker.retry_in(now), 1.0),
             "The DashScope upstream that holds this task is temporarily "
             "unavailable; retry shortly.",
         )
     if not await gate.enter(capacity(upstream), upstream.timeouts.connect):
         breaker.abandon()
-        raise _unavailable(
+        raise upstream_unavailable_now(
             1,
             "The DashScope upstream that holds this task is at its "
             "concurrency limit; retry shortly.",

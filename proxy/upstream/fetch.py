@@ -29,7 +29,7 @@ import aiohttp
 from yarl import URL
 
 from proxy.config.model import ImageFetchConfig, UpstreamConfig
-from proxy.errors import GatewayError
+from proxy.errors import fetch_error
 
 # DashScope serves result images directly; a short chain covers CDN hops.
 MAX_REDIRECTS = 3
@@ -78,18 +78,6 @@ async def fetch_all(
             raise result
         out.append(base64.b64encode(result).decode("ascii"))
     return out
-
-
-def fetch_error(index: int, total: int, reason: str) -> GatewayError:
-    return GatewayError(
-        502,
-        "ImageFetchFailed",
-        f"Could not fetch generated image data[{index}] ({index + 1} of {total}) for "
-        f"b64_json: {reason}. DashScope generated (and billed) it; retry, or ask for "
-        "response_format=url.",
-        openai_type="server_error",
-        openai_code="image_fetch_failed",
-    )
 
 
 async def _fetch(session: aiohttp.ClientSession, raw_url: str, policy: FetchPolicy) -> bytes:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.errors import THROTTLE_RETRY_AFTER, GatewayError, is_throttling, openai_type_for
+from proxy.state.tasks import TaskRecord
 
 IMAGE_REQUEST = "invalid_image_request"  # the OpenAI `code` of the relay's parameter errors
 
@@ -116,3 +117,34 @@ def task_error(body: Any) -> GatewayError:
             openai_code="task_failed",
         )
     return upstream_error(status_for_code(code), code, message)
+
+
+def still_running(record: TaskRecord, waited: float) -> GatewayError:
+    return GatewayError(
+        504,
+        "GatewayTimeout",
+        f"DashScope has not finished task {record.task_id} within {waited:g} s. It is still "
+        f"running and will be billed; fetch its result with GET /v1/images/generations/"
+        f"{record.task_id} using the same key.",
+        openai_type="server_error",
+        openai_code="generation_timeout",
+    )
+
+
+def task_unknown(record: TaskRecord) -> GatewayError:
+    return GatewayError(
+        502,
+        "BadGateway",
+        f"DashScope no longer knows task {record.task_id}.",
+        openai_type="server_error",
+        openai_code="task_unknown",
+    )
+
+
+def task_not_found(task_id: str) -> GatewayError:
+    return GatewayError(
+        404,
+        "NotFound",
+        f"No image generation task {task_id} found for this key.",
+        openai_code="task_not_found",
+    )

@@ -32,8 +32,8 @@ from multidict import CIMultiDict
 from proxy.catalogue import SERVICE_PATHS
 from proxy.config.model import KeyConfig, UpstreamConfig
 from proxy.core.settlement import Origin, meter, new_task, settle_task
-from proxy.errors import GatewayError
-from proxy.fronts.openai.errors import task_error, upstream_error
+from proxy.errors import GatewayError, upstream_bad_answer
+from proxy.fronts.openai.errors import still_running, task_error, task_unknown, upstream_error
 from proxy.jsonutil import dumps, loads
 from proxy.metering import facts_from_json
 from proxy.runtime import METRICS, RUNTIME, TASKS, RequestContext
@@ -146,13 +146,7 @@ async def _read_answer(
         metrics.upstream_errors.labels(upstream.name, label).inc()
     elif not isinstance(parsed, dict):
         metrics.upstream_errors.labels(upstream.name, "bad_answer").inc()
-        raise GatewayError(
-            502,
-            "BadGateway",
-            "DashScope answered with a body that is not JSON.",
-            openai_type="server_error",
-            openai_code="upstream_bad_answer",
-        )
+        raise upstream_bad_answer("DashScope answered with a body that is not JSON.")
     return answer
 
 
@@ -217,13 +211,7 @@ async def submit(
         raise answer.error()
     facts = facts_from_json(answer.body)
     if not facts.task_id:
-        raise GatewayError(
-            502,
-            "BadGateway",
-            "DashScope accepted the task but sent no task_id.",
-            openai_type="server_error",
-            openai_code="upstream_bad_answer",
-        )
+        raise upstream_bad_answer("DashScope accepted the task but sent no task_id.")
     record = new_task(
         request.app,
         facts.task_id,
@@ -289,7 +277,7 @@ async def wait_for(
         step += 1
         remaining = deadline - loop.time()
         if remaining <= 0:
-            raise _still_running(record, deadline_seconds)
+            raise still_running(record, deadline_seconds)
         await asyncio.sleep(min(delay, remaining))
         answer = await poll_once(request, ctx, record, upstream)
         if answer.status in _RETRY_POLL:
@@ -300,26 +288,4 @@ async def wait_for(
         if status == "SUCCEEDED":
             return answer.body
         if status in TERMINAL:
-            raise task_error(answer.body) if status != "UNKNOWN" else _unknown(record)
-
-
-def _still_running(record: TaskRecord, waited: float) -> GatewayError:
-    return GatewayError(
-        504,
-        "GatewayTimeout",
-        f"DashScope has not finished task {record.task_id} within {waited:g} s. It is still "
-        f"running and will be billed; fetch its result with GET /v1/images/generations/"
-        f"{record.task_id} using the same key.",
-        openai_type="server_error",
-        openai_code="generation_timeout",
-    )
-
-
-def _unknown(record: TaskRecord) -> GatewayError:
-    return GatewayError(
-        502,
-        "BadGateway",
-        f"DashScope no longer knows task {record.task_id}.",
-        openai_type="server_error",
-        openai_code="task_unknown",
-    )
+            raise task_error(answer.body) if status != "UNKNOWN" else task_unknown(record)

@@ -43,9 +43,15 @@ from proxy.core.inbound import (
     valid_task_id,
 )
 from proxy.core.input_limits import check_prompt
-from proxy.errors import GatewayError, no_upstream, too_large, unknown_model, upstream_unavailable
+from proxy.errors import (
+    no_upstream,
+    too_large,
+    unknown_model,
+    upstream_bad_answer,
+    upstream_unavailable,
+)
 from proxy.fronts.openai import generation
-from proxy.fronts.openai.errors import bad_request, task_error
+from proxy.fronts.openai.errors import bad_request, task_error, task_not_found
 from proxy.fronts.openai.translate import (
     ImageRequest,
     ResultImage,
@@ -159,13 +165,7 @@ async def _result(
     """The OpenAI answer for a finished DashScope answer: every image, fetched for b64_json."""
     images: list[ResultImage] = images_of(answer)
     if not images:
-        raise GatewayError(
-            502,
-            "BadGateway",
-            "DashScope reported success but returned no image.",
-            openai_type="server_error",
-            openai_code="no_image",
-        )
+        raise upstream_bad_answer("DashScope reported success but returned no image.", "no_image")
     b64 = None
     if response_format == "b64_json":
         config = rt.config
@@ -175,15 +175,6 @@ async def _result(
 
 
 # -------------------------------------------------------------------- async tasks
-
-
-def _task_not_found(task_id: str) -> GatewayError:
-    return GatewayError(
-        404,
-        "NotFound",
-        f"No image generation task {task_id} found for this key.",
-        openai_code="task_not_found",
-    )
 
 
 async def get_task(request: web.Request) -> web.StreamResponse:
@@ -201,7 +192,7 @@ async def get_task(request: web.Request) -> web.StreamResponse:
         or record.key != key.name
         or time.time() - record.created_at > rt.config.openai.task_retention_seconds
     ):
-        raise _task_not_found(task_id)
+        raise task_not_found(task_id)
     set_model(ctx, rt, record.model)
     upstream = _task_upstream(rt, record)
     ctx.upstream = upstream.name

@@ -35,8 +35,7 @@ from proxy.catalogue import (
     prompt_problem,
     size_problem,
 )
-from proxy.errors import GatewayError
-from proxy.fronts.openai.errors import IMAGE_REQUEST, bad_request
+from proxy.fronts.openai.errors import bad_request
 
 RESPONSE_FORMATS = ("b64_json", "url")
 SEED_MAX = 2147483647
@@ -87,13 +86,7 @@ def parse_request(
     if fmt is None:
         fmt = default_format
     if fmt not in RESPONSE_FORMATS:
-        raise GatewayError(
-            400,
-            "InvalidParameter",
-            "response_format must be one of: b64_json, url",
-            openai_type="invalid_request_error",
-            openai_code=IMAGE_REQUEST,
-        )
+        raise bad_request("response_format must be one of: b64_json, url")
     model = obj.get("model")
     if model is None or model == "":
         model = default_model

@@ -10,7 +10,6 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from proxy.errors import GatewayError
 from proxy.metrics import Metrics
 from proxy.state.limiter import CONCURRENCY, IMAGES_DAY, IMAGES_MONTH, RPM
 from proxy.state.local import LocalStore
@@ -41,18 +40,6 @@ SCRIPT_NAMES = ("admit", "claim", "due", "hold", "put", "refresh", "release", "s
 def script_source(name: str) -> str:
     """The text of `<name>.lua` shipped in this package."""
     return resources.files(__package__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
-
-
-def state_unavailable() -> GatewayError:
-    return GatewayError(
-        503,
-        "ServiceUnavailable",
-        "Task state is temporarily unavailable (the gateway's shared state store "
-        "cannot be reached); please retry shortly.",
-        openai_type="server_error",
-        openai_code="state_unavailable",
-        retry_after=2,
-    )
 
 
 class Backend(Protocol):

@@ -9,13 +9,13 @@ from collections import OrderedDict
 from dataclasses import replace
 from typing import Any
 
+from proxy.errors import state_unavailable
 from proxy.state.redis.common import (
     FAILURES,
     RECONCILE_KEY,
     RECOVERY_GRACE_SECONDS,
     RETENTION_SECONDS,
     Backend,
-    state_unavailable,
 )
 from proxy.state.tasks import TERMINAL, TaskRecord
 
