@@ -1,4 +1,4 @@
-"""The gateway's benchmark: `python -m bench` (see the README, "Performance").
+"""The gateway's benchmark: `python -m bench` (see docs/performance.md).
 
 upstream.py         a fast DashScope-shaped upstream (raw asyncio, canned answers)
 reference_proxy.py  the yardstick: the smallest correct aiohttp passthrough

@@ -12,7 +12,7 @@ alias: `gpt-image-1 -> qwen-image-2.0-pro`), `mode` (`sync` | `async`:
 DashScope differs by region) and `async_only` (the OpenAI endpoint answers
 with a task object). `resolve()` applies them.
 
-Sources: protocol reference section 7 (DashScope's model pages). Dated
+Sources: DashScope's model pages. Dated
 snapshots (`qwen-image-2.0-pro-2026-03-03`) share their family's entry. A
 model not in the table is still routed (DashScope may have added it): as a
 messages-format model on the sync multimodal endpoint, with no local checks.

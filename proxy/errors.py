@@ -208,7 +208,7 @@ ONLY_ALIYUN = "only aliyun channel is supported on /aliyun/v1/images/generations
 
 
 def only_aliyun() -> GatewayError:
-    """Seed 000's envelope for a model no configured (Aliyun) upstream serves."""
+    """The hosted platform's exact envelope for a model `/aliyun/v1` cannot route to DashScope."""
     return GatewayError(
         400,
         "InvalidParameter",

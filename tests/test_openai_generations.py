@@ -74,7 +74,7 @@ def test_url_format_with_dashscope_extras(gateway: Gateway, sim: Live) -> None:
 
 def test_b64_default_n2_bytes_equal_simulator_pngs(gateway: Gateway, sim: Live) -> None:
     c = client(gateway)
-    # No response_format: the configured default (b64_json, as seed 002 says).
+    # No response_format: the configured default (b64_json, as the hosted platform does).
     b64 = c.images.generate(
         model="qwen-image-2.0-pro", prompt="two cats", n=2, extra_body={"seed": 7}
     )

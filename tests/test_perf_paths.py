@@ -1,4 +1,4 @@
-"""The fast paths behave exactly like the slow ones they replaced (README, "Performance")."""
+"""The fast paths behave exactly like the slow ones they replaced (docs/performance.md)."""
 
 from __future__ import annotations
 

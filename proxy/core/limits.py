@@ -22,7 +22,7 @@ from proxy.state.limiter import (
 )
 
 # Default `n` when a request does not say: DashScope's wan families generate 4,
-# everything else 1 (protocol reference, section 7).
+# everything else 1 (DashScope's model pages).
 _DEFAULT_N_PREFIXES = ("wan",)
 
 

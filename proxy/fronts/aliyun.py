@@ -11,7 +11,7 @@ tasks are recorded for the key, so `GET /api/v1/tasks/{task_id}` with the same
 key polls (and meters) them.
 
 A model that no configured upstream serves is refused with the hosted
-platform's exact envelope (seed 000). Other errors the gateway raises here
+platform's exact envelope. Other errors the gateway raises here
 are OpenAI-envelope too (the middleware picks the dialect by path); DashScope's
 own errors pass through unchanged, as the platform documents.
 """

@@ -43,7 +43,7 @@ from proxy.upstream.failover import call_pinned, call_with_failover
 
 # DashScope's JSON answers are a few KB; anything near this is not an answer.
 MAX_ANSWER_BYTES = 8 * 1024 * 1024
-# The 1.x SDK's `wait()` schedule (protocol reference 5.1), then 5 s.
+# The 1.x SDK's `wait()` schedule (`BaseAsyncApi.wait`), then 5 s.
 POLL_DELAYS = (1.0, 1.0, 2.0, 2.0, 2.0, 4.0, 4.0, 4.0)
 POLL_DELAY_MAX = 5.0
 # Task polls DashScope asks callers to retry (the SDK's REPEATABLE_STATUS).

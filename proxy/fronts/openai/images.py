@@ -4,7 +4,7 @@
   routing table names for the model. Sync models answer `{"created", "data",
   "usage"}`; models DashScope runs as tasks are submitted and polled by the
   gateway up to `openai.sync_wait_seconds`, so the SDK still gets `data[]`;
-  `async_only` models answer seed 002's task object at once. An `image` field
+  `async_only` models answer the hosted platform's task object at once. An `image` field
   makes it an edit.
 - `GET /v1/images/generations/{task_id}`: a task's progress and, when done, its
   `data[]`; only for the key that submitted it, for `openai.task_retention_seconds`.
@@ -76,7 +76,7 @@ from proxy.runtime import (
 from proxy.state.tasks import TaskRecord
 from proxy.upstream.fetch import FetchPolicy, fetch_all
 
-# Seed 002's example model; the OpenAI SDK may omit `model`.
+# The hosted platform's default model; the OpenAI SDK may omit `model`.
 DEFAULT_MODEL = "qwen-image-2.0"
 DEFAULT_EDIT_MODEL = "qwen-image-edit-plus"
 # Prompts kept in a task's record (echoed in the task object) are cut here.

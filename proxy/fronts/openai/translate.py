@@ -11,7 +11,7 @@
 - `images_of` / `openai_response`: a DashScope answer (sync, or a finished
   task) -> OpenAI's `{"created", "data": [...], "usage": {...}}` with every
   image, from every choice, every content item and every `results[]` entry.
-- `task_object`: the async task object of seed 002.
+- `task_object`: the hosted platform's async task object.
 
 DashScope errors -> OpenAI errors are in `openai_errors.py`. Deliberately not
 here: fetching images (`image_fetch.py`), calling DashScope
@@ -162,8 +162,8 @@ def _str(obj: Mapping[str, Any], name: str) -> str | None:
 
 
 def _int(obj: Mapping[str, Any], name: str) -> int | None:
-    """An integer, or a string of digits (seed 001 sends `"seed": "123456"`; forms send all
-    fields as strings)."""
+    """An integer, or a string of digits (the hosted platform's examples send
+    `"seed": "123456"`; forms send all fields as strings)."""
     value = obj.get(name)
     if value is None:
         return None
@@ -335,7 +335,7 @@ def _text(value: Any) -> str | None:
 
 
 def openai_usage(body: Any, images: int) -> dict[str, Any]:
-    """Seed 002's usage block, from DashScope's `usage` (tokens are 0 where it has none)."""
+    """The hosted platform's usage block, from DashScope's `usage` (tokens are 0 where it has none)."""
     usage = body.get("usage") if isinstance(body, dict) else None
     usage = usage if isinstance(usage, dict) else {}
 
@@ -381,7 +381,7 @@ TASK_STATUS = {
 def task_object(
     task_id: str, dashscope_status: str, meta: Mapping[str, Any], model: str
 ) -> dict[str, Any]:
-    """Seed 002's `image.generation.task` object."""
+    """The hosted platform's `image.generation.task` object."""
     return {
         "id": task_id,
         "task_id": task_id,
