@@ -1,9 +1,10 @@
 """Every Prometheus metric the gateway exports, built on an injected registry.
 
-Names and labels are a contract (dashboards and alerts use them; docs/metering.md lists them). Label values come only from
-closed sets: key and upstream names from the config, routes from the code, and
-models through `ModelLabels` (configured or seen succeeding upstream, else
-`other`). No label ever holds a secret, a prompt, a task id or a raw path.
+Names and labels are a contract (dashboards and alerts use them; docs/metering.md
+lists them). Label values come only from closed sets: key and upstream names from
+the config, routes from the code, and models through `ModelLabels` (configured or
+seen succeeding upstream, else `other`). No label ever holds a secret, a prompt, a
+task id or a raw path.
 
 Children are cached per label tuple so the hot path does one dict lookup
 instead of prometheus_client's label validation on every request.

@@ -335,7 +335,8 @@ def _text(value: Any) -> str | None:
 
 
 def openai_usage(body: Any, images: int) -> dict[str, Any]:
-    """The hosted platform's usage block, from DashScope's `usage` (tokens are 0 where it has none)."""
+    """The hosted platform's usage block, from DashScope's `usage` (tokens are 0 where it
+    has none)."""
     usage = body.get("usage") if isinstance(body, dict) else None
     usage = usage if isinstance(usage, dict) else {}
 
