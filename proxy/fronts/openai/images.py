@@ -52,12 +52,12 @@ from proxy.errors import (
 )
 from proxy.fronts.openai import generation
 from proxy.fronts.openai.errors import bad_request, task_error, task_not_found
+from proxy.fronts.openai.input_images import data_url
 from proxy.fronts.openai.translate import (
     ImageRequest,
     ResultImage,
     check_against,
     dashscope_body,
-    data_url,
     images_of,
     openai_response,
     openai_usage,
