@@ -13,7 +13,7 @@ import hmac
 from collections.abc import Iterable
 
 from proxy.config.model import KeyConfig
-from proxy.errors import GatewayError, access_denied, invalid_api_key
+from proxy.errors import GatewayError, access_denied, invalid_api_key, no_api_key
 
 
 class KeyRing:
@@ -36,12 +36,15 @@ class KeyRing:
         self._allowed: dict[tuple[str, str], bool] = {}
 
     def authenticate(self, authorization: str | None) -> KeyConfig:
-        """The key for an `Authorization: Bearer <key>` header, or 401 InvalidApiKey."""
-        if not authorization:
-            raise invalid_api_key()
+        """The key for an `Authorization: Bearer <key>` header; 401 `NoApiKey` when there is
+        none, 401 `InvalidApiKey` when it is not a configured key."""
+        if not authorization or not authorization.strip():
+            raise no_api_key()
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
-        if scheme.lower() != "bearer" or not token or len(token) > 512:
+        if scheme.lower() == "bearer" and not token:
+            raise no_api_key()
+        if scheme.lower() != "bearer" or len(token) > 512:
             raise invalid_api_key()
         digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
         found = self._by_digest.get(digest)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -71,6 +72,8 @@ class GatewayError(Exception):
     openai_type: str | None = None
     openai_code: str | None = None
     retry_after: int | None = None
+    allow: str | None = None  # the `Allow` header of a 405 (RFC 9110)
+    both_dialects: bool = False  # a body both SDKs read (unknown paths: dialect unknown)
 
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.message}"
@@ -91,6 +94,17 @@ class GatewayError(Exception):
 def invalid_api_key() -> GatewayError:
     return GatewayError(
         401, "InvalidApiKey", "Invalid API-key provided.", openai_code="invalid_api_key"
+    )
+
+
+def no_api_key() -> GatewayError:
+    """No bearer key at all: DashScope's own words, so the SDKs show the real cause."""
+    return GatewayError(
+        401,
+        "NoApiKey",
+        "No API-key provided.",
+        openai_type="invalid_request_error",
+        openai_code="missing_api_key",
     )
 
 
@@ -293,12 +307,75 @@ def upstream_unavailable_now(retry_after: float, message: str) -> GatewayError:
     )
 
 
+# What a path that matched no route probably meant: DashScope's native paths, and the
+# OpenAI images API's. A client that sent one with the wrong prefix (or none, or twice)
+# learns the base URL it should use.
+_NATIVE_TAILS = ("/services/aigc/", "/tasks", "/uploads")
+_OPENAI_TAILS = ("/images/generations", "/images/edits", "/models")
+
+
+def suggested_base(path: str) -> str | None:
+    """Pure: the base URL a mistyped path was probably meant for, or None.
+
+    `/v1/services/aigc/...` (the DashScope SDK pointed at `/v1`) -> `/api/v1`;
+    `/services/aigc/...` (no prefix) -> `/api/v1`; `/api/v1/images/generations` (the
+    OpenAI SDK pointed at `/api/v1`) -> `/v1`; `/v1/v1/images/...` -> `/v1`.
+    """
+    for tail in _NATIVE_TAILS:
+        i = path.find(tail)
+        if i >= 0 and path[:i] != "/api/v1":
+            return "/api/v1"
+    for tail in _OPENAI_TAILS:
+        i = path.find(tail)
+        if i >= 0 and path[:i] != "/v1":
+            return "/v1"
+    return None
+
+
+def unknown_path(path: str) -> GatewayError:
+    """404 for a path no front end serves, in a body both SDKs can read, with a hint."""
+    base = suggested_base(path)
+    hint = ""
+    if base == "/api/v1":
+        hint = (
+            " This looks like a DashScope API path: the DashScope SDK's base URL is "
+            "http(s)://<gateway>/api/v1 (dashscope.base_http_api_url)."
+        )
+    elif base == "/v1":
+        hint = (
+            " This looks like an OpenAI images API path: the OpenAI SDK's base_url is "
+            "http(s)://<gateway>/v1."
+        )
+    return GatewayError(
+        404,
+        "NotFound",
+        "No such endpoint." + hint,
+        openai_type="invalid_request_error",
+        openai_code="not_found",
+        both_dialects=True,
+    )
+
+
+def method_not_allowed_on(method: str, allowed: Iterable[str]) -> GatewayError:
+    """405 with the `Allow` header RFC 9110 requires."""
+    err = method_not_allowed(method)
+    err.allow = ", ".join(sorted(set(allowed)))
+    return err
+
+
 def render_error(err: GatewayError, dialect: Dialect, request_id: str) -> web.Response:
     """The one renderer. Always JSON; `Retry-After` on throttling."""
-    body = err.openai_body() if dialect is Dialect.OPENAI else err.dashscope_body(request_id)
+    if err.both_dialects:
+        body = {**err.dashscope_body(request_id), **err.openai_body()}
+    elif dialect is Dialect.OPENAI:
+        body = err.openai_body()
+    else:
+        body = err.dashscope_body(request_id)
     headers = {"x-request-id": request_id}
     if err.retry_after is not None:
         headers["Retry-After"] = str(err.retry_after)
+    if err.allow is not None:
+        headers["Allow"] = err.allow
     return web.Response(
         status=err.status, body=dumps(body), content_type="application/json", headers=headers
     )

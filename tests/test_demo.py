@@ -57,7 +57,8 @@ def _blocks(text: str) -> tuple[list[str], list[str]]:
     curls = [
         m.replace("\\\n", " ") for m in re.findall(r"(curl -s .*?(?:'\n|\n\n))", text, flags=re.S)
     ]
-    pys = re.findall(r"python - <<'PY'\n(.*?)\nPY", text, flags=re.S)
+    # Whole heredocs, interpreter included: they are run exactly as pasted.
+    pys = re.findall(r"^  (\S+ - <<'PY'\n.*?\nPY)$", text, flags=re.S | re.M)
     return curls, pys
 
 
@@ -73,8 +74,10 @@ def test_demo_examples_work_when_pasted(demo: tuple[str, str]) -> None:
     assert '"image_count":2' in generation.stdout.replace(" ", ""), generation.stdout
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     for snippet in pys:
+        # The interpreter is the one the demo runs on, not a bare `python` from PATH.
+        assert snippet.startswith(sys.executable + " - "), snippet
         out = subprocess.run(
-            [sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60, env=env
+            ["bash", "-c", snippet], capture_output=True, text=True, timeout=60, env=env
         )
         assert out.returncode == 0, out.stderr
         assert "http" in out.stdout, out.stdout

@@ -64,7 +64,7 @@ def test_bad_bodies(gateway: Gateway, sim: Live) -> None:
         400,
         "InvalidParameter",
     )
-    assert_ds_error(requests.post(u, json=body(), timeout=5), 401, "InvalidApiKey")
+    assert_ds_error(requests.post(u, json=body(), timeout=5), 401, "NoApiKey")
     assert_ds_error(
         requests.post(u, json=body(), headers={"Authorization": "Basic abc"}, timeout=5),
         401,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -37,7 +38,10 @@ openai:
 """
 
 
-def examples(base: str, key: str) -> str:
+def examples(base: str, key: str, python: str | None = None) -> str:
+    """The banner: pasteable commands that run as printed, with this interpreter (the
+    environment the demo was installed into), not whatever `python` is on PATH."""
+    py = shlex.quote(python or sys.executable)
     return f"""
 dashscope-proxy demo is running.
 
@@ -53,8 +57,8 @@ Try it (paste into another terminal):
     -d '{{"model":"qwen-image-2.0-pro","input":{{"messages":[{{"role":"user","content":[{{"text":"a red fox in snow"}}]}}]}},"parameters":{{"n":2,"size":"1024*1024"}}}}'
 
   # The official DashScope SDK, unchanged but for the base URL and the key
-  # (the SDK examples need: pip install dashscope openai)
-  python - <<'PY'
+  # (the SDK examples need the SDKs: {py} -m pip install dashscope openai)
+  {py} - <<'PY'
 import dashscope
 from dashscope import ImageSynthesis
 dashscope.base_http_api_url = "{base}/api/v1"
@@ -63,7 +67,7 @@ print(rsp.status_code, [r.url for r in rsp.output.results])
 PY
 
   # The OpenAI SDK
-  python - <<'PY'
+  {py} - <<'PY'
 from openai import OpenAI
 client = OpenAI(base_url="{base}/v1", api_key="{key}")
 img = client.images.generate(model="qwen-image-2.0", prompt="a paper boat", size="1024x1024", response_format="url")

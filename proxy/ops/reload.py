@@ -142,6 +142,7 @@ class Reloader:
         # The file's signature from *before* the startup config was read, so a
         # change landing while the process starts is still seen.
         self._loaded_signature = loaded_signature
+        self._failed = False  # the last reload was rejected (its metric says 0)
 
     def request(self) -> None:
         """Reload as soon as possible (called from the SIGHUP handler)."""
@@ -157,6 +158,7 @@ class Reloader:
             # Parsing is pure CPU but the read may touch a slow volume.
             config = await loop.run_in_executor(None, self._load, self.path)
         except ConfigError as exc:
+            self._failed = True
             metrics.config_reloaded(False, time.time())
             log.error(
                 "config reload (%s) rejected, still serving the previous config: "
@@ -169,11 +171,24 @@ class Reloader:
                 log.error("config reload rejected: %s: %s", self.path, problem)
             return False
         if skip_unchanged and config == holder.current.config:
+            if self._failed:
+                # The file is valid again and is what is serving (say, a bad edit was
+                # restored byte for byte): the failed-reload signal must clear, or the
+                # alert on it fires until someone sends SIGHUP.
+                self._failed = False
+                metrics.config_reloaded(True, time.time())
+                log.info(
+                    "config file %s is valid again and matches the running config: "
+                    "the earlier rejected reload is resolved",
+                    self.path,
+                )
+                return True
             log.info("config file %s changed but its content did not: nothing to reload", self.path)
             return True
         try:
             runtime = Runtime.build(config, holder.current)
         except Exception:
+            self._failed = True
             metrics.config_reloaded(False, time.time())
             log.exception(
                 "config reload (%s) rejected: the new config could not be built; "
@@ -185,6 +200,7 @@ class Reloader:
         # The swap: one assignment. Requests that already took the old
         # runtime finish on it; the next request takes this one.
         holder.current = runtime
+        self._failed = False
         if UPSTREAMS in self._app:  # new upstreams' health series exist at once
             self._app[UPSTREAMS].precreate(config.upstreams)
         metrics.config_reloaded(True, time.time())
