@@ -3,7 +3,8 @@
 dashscope-proxy --config PATH [--host H] [--port N]   serve the gateway
     (with server.workers > 1: a supervisor of N worker processes, proxy.ops.supervisor)
 dashscope-proxy demo [--port N]                       simulator + gateway, no account
-dashscope-proxy check-config PATH                     validate, list every problem
+dashscope-proxy check-config [--probe] PATH           validate, list every problem
+                                                      (--probe: test each upstream's key)
 dashscope-proxy hash-key                              stdin key -> key_sha256
 """
 
@@ -17,7 +18,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from proxy.config.model import ConfigError, sha256_hex
+from proxy.config.model import ConfigError, UpstreamConfig, sha256_hex
 from proxy.config.parse import file_signature, load_config
 
 COMMANDS = ("demo", "check-config", "hash-key", "serve")
@@ -111,6 +112,12 @@ def _tag_log_lines(tag: str) -> None:
 def _check_config(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="dashscope-proxy check-config")
     parser.add_argument("path")
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="also check every upstream's DashScope key with a call that generates and "
+        "costs nothing; exit 1 naming each upstream that fails",
+    )
     args = parser.parse_args(argv)
     try:
         config = load_config(args.path)
@@ -123,6 +130,26 @@ def _check_config(argv: Sequence[str]) -> int:
         f"{args.path}: OK ({len(config.upstreams)} upstream(s), {len(config.keys)} key(s), "
         f"{len(config.models)} model override(s), state backend {config.state.backend})"
     )
+    if args.probe:
+        return asyncio.run(_probe(config.upstreams))
+    return 0
+
+
+async def _probe(upstreams: Sequence[UpstreamConfig]) -> int:
+    from proxy.upstream.call import make_session
+    from proxy.upstream.probe import probe_all
+
+    session = make_session(upstreams)
+    try:
+        results = await probe_all(session, upstreams)
+    finally:
+        await session.close()
+    for r in results:
+        print(f"upstream {r.upstream}: {'OK' if r.ok else 'FAILED'}: {r.detail}")
+    failed = [r.upstream for r in results if not r.ok]
+    if failed:
+        print(f"{len(failed)} upstream(s) failed the probe: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

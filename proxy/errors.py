@@ -185,6 +185,20 @@ def retry_after_of(header: str | None) -> int:
     return THROTTLE_RETRY_AFTER
 
 
+def upstream_key_rejected(upstreams: Iterable[str]) -> GatewayError:
+    """DashScope refused the gateway's own key on every eligible upstream: the operator's
+    problem, so never DashScope's `InvalidApiKey` that a team would read as its own key."""
+    names = ", ".join(repr(u) for u in upstreams)
+    return GatewayError(
+        502,
+        "UpstreamAuthenticationFailed",
+        f"DashScope rejected the gateway's API key for upstream {names}. Your gateway key was "
+        "accepted; tell the gateway operator (dashscope-proxy check-config --probe).",
+        openai_type="api_error",
+        openai_code="upstream_authentication_failed",
+    )
+
+
 def unknown_model(model: str) -> GatewayError:
     """A name the gateway does not know as a DashScope model (`gpt-image-1`, `dall-e-3`),
     refused on the OpenAI front end before any upstream call."""

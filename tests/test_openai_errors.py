@@ -163,14 +163,16 @@ def test_dashscope_throttling_is_rate_limit_error(gateway: Gateway) -> None:
 
 
 def test_dashscope_rejecting_the_upstream_key(gateway: Gateway) -> None:
-    with pytest.raises(openai.AuthenticationError) as err:
+    # The operator's problem, not the caller's: a 502 naming the upstream, never
+    # DashScope's InvalidApiKey (which a team would read as its own key being wrong).
+    with pytest.raises(openai.InternalServerError) as err:
         client(gateway).images.generate(model="qwen-image-2.0", prompt="a cat [sim:error=401]")
+    assert err.value.status_code == 502
     assert envelope(err.value) == {
-        "message": "DashScope rejected the gateway's upstream credentials (InvalidApiKey: "
-        "Invalid API-key provided.). Your gateway key was accepted; tell the "
-        "gateway operator.",
-        "type": "authentication_error",
-        "code": "InvalidApiKey",
+        "message": "DashScope rejected the gateway's API key for upstream 'sim'. Your gateway "
+        "key was accepted; tell the gateway operator (dashscope-proxy check-config --probe).",
+        "type": "api_error",
+        "code": "upstream_authentication_failed",
     }
 
 

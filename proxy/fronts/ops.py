@@ -12,7 +12,10 @@ not authenticated: they reveal no key, prompt or task.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 
 import yaml
@@ -21,8 +24,9 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from proxy.jsonutil import dumps
-from proxy.runtime import METRICS, RUNTIME, STATE
+from proxy.runtime import METRICS, RUNTIME, SESSION, STATE
 from proxy.upstream.health import UPSTREAMS
+from proxy.upstream.probe import apply, probe_all
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -48,6 +52,8 @@ def openapi_handler() -> Handler:
     return serve
 
 
+log = logging.getLogger(__name__)
+
 # Route names of this front end (the middleware passes them straight through).
 ROUTES = frozenset({"ops.metrics", "ops.healthz", "ops.readyz"})
 
@@ -57,24 +63,30 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """200 while the gateway can serve; 503 when draining, with no upstream, or when
+    DashScope refused the key of every upstream. Upstreams whose key was refused are
+    listed under `problems` either way (the operator must fix them); what is degraded
+    but still serving (Redis down: local fallback; an open circuit) under `degraded`."""
     holder = request.app[RUNTIME]
-    problems = []
+    upstreams = holder.current.config.upstreams
+    health = request.app[UPSTREAMS]
+    fatal = []
     if holder.draining:
-        problems.append("draining")
-    if not holder.current.config.upstreams:
-        problems.append("no upstreams configured")
-    # Degraded still serves (e.g. Redis down: local fallback), so it stays 200.
+        fatal.append("draining")
+    if not upstreams:
+        fatal.append("no upstreams configured")
+    rejected = health.rejected_keys(upstreams)
+    if upstreams and len(rejected) == len(upstreams):
+        fatal.append("no upstream has a working DashScope key")
+    problems = fatal + [f"upstream {name}: DashScope rejected its API key" for name in rejected]
     degraded = request.app[STATE].problems() if STATE in request.app else []
-    degraded += [
-        f"upstream {name}: circuit open"
-        for name in request.app[UPSTREAMS].open_circuits(holder.current.config.upstreams)
-    ]
+    degraded += [f"upstream {name}: circuit open" for name in health.open_circuits(upstreams)]
     body = {
-        "status": ("not ready" if problems else "degraded" if degraded else "ready"),
+        "status": ("not ready" if fatal else "degraded" if problems or degraded else "ready"),
         "problems": problems,
         "degraded": degraded,
     }
-    return web.json_response(body, status=200 if not problems else 503)
+    return web.json_response(body, status=503 if fatal else 200)
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
@@ -82,7 +94,26 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def probe_keys(app: web.Application) -> None:
+    """Probe every upstream's key (at startup, and after each reload) and record it."""
+    results = await probe_all(app[SESSION], app[RUNTIME].current.config.upstreams)
+    apply(app[UPSTREAMS], results)
+    for r in results:
+        if not r.ok:
+            log.error("upstream %s: key probe failed: %s", r.upstream, r.detail)
+
+
+async def _startup_probe(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: the startup key probe runs beside serving, never delaying it."""
+    task = asyncio.create_task(probe_keys(app))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
 def add_routes(app: web.Application) -> None:
+    app.cleanup_ctx.append(_startup_probe)
     app.router.add_get("/healthz", healthz, name="ops.healthz")
     app.router.add_get("/readyz", readyz, name="ops.readyz")
     app.router.add_get("/metrics", metrics_endpoint, name="ops.metrics")

@@ -41,7 +41,8 @@ from aiohttp import web
 
 from proxy.config.model import Config, ConfigError
 from proxy.config.parse import Signature, file_signature, load_config
-from proxy.runtime import METRICS, RUNTIME, Runtime
+from proxy.fronts.ops import probe_keys
+from proxy.runtime import METRICS, RUNTIME, SESSION, Runtime
 from proxy.upstream.health import UPSTREAMS
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ class Reloader:
         # change landing while the process starts is still seen.
         self._loaded_signature = loaded_signature
         self._failed = False  # the last reload was rejected (its metric says 0)
+        self._probe: asyncio.Future[None] | None = None  # the key probe after a reload
 
     def request(self) -> None:
         """Reload as soon as possible (called from the SIGHUP handler)."""
@@ -203,6 +205,8 @@ class Reloader:
         self._failed = False
         if UPSTREAMS in self._app:  # new upstreams' health series exist at once
             self._app[UPSTREAMS].precreate(config.upstreams)
+            if SESSION in self._app:  # a changed key is known good or bad at once
+                self._probe = asyncio.ensure_future(probe_keys(self._app))
         metrics.config_reloaded(True, time.time())
         log.info("config reloaded (%s) from %s: %s", trigger, self.path, summary)
         for change in restart_required(self._startup, config):

@@ -19,6 +19,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.catalogue import is_dashscope_model
 from proxy.config.model import Config, UpstreamConfig
 from proxy.errors import GatewayError, no_upstream, upstream_timeout, upstream_unavailable
+from proxy.jsonutil import loads
 from proxy.metrics import Metrics
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus what the gateway rewrites itself.
@@ -226,3 +227,36 @@ async def call_upstream(
         raise failure from None
     metrics.upstream_timer(upstream.name, endpoint).observe(time.perf_counter() - t0)
     return resp
+
+
+# How much of an error body is read to learn its code (DashScope's are a few hundred bytes).
+PEEK_LIMIT = 64 * 1024
+
+
+async def peek_error(resp: aiohttp.ClientResponse) -> tuple[str | None, str | None]:
+    """DashScope's `code` and `message` of a small JSON error answer (None, None when it is
+    not one). aiohttp keeps what `read()` read, so relaying the answer afterwards still
+    sends the whole body."""
+    length = resp.content_length
+    if length is None or length > PEEK_LIMIT or "event-stream" in resp.content_type:
+        return None, None
+    try:
+        obj = loads(await resp.read())
+    except (ValueError, RecursionError, aiohttp.ClientError, TimeoutError):
+        return None, None
+    if not isinstance(obj, dict):
+        return None, None
+    code, message = obj.get("code"), obj.get("message")
+    return (
+        code[:64] if isinstance(code, str) and code else None,
+        message if isinstance(message, str) else None,
+    )
+
+
+def rejects_key(status: int, code: str | None, message: str | None) -> bool:
+    """Pure: does this answer say DashScope refused the gateway's own upstream key?
+    401 (`InvalidApiKey`), or 403 `AccessDenied` for the whole account ("Access denied.");
+    not a model the account has not bought, nor an endpoint's mode."""
+    if status == 401:
+        return True
+    return status == 403 and code == "AccessDenied" and (message or "").strip() == "Access denied."

@@ -52,19 +52,16 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.config.model import UpstreamConfig
-from proxy.errors import GatewayError, upstream_unavailable_now
-from proxy.jsonutil import loads
+from proxy.errors import GatewayError, upstream_key_rejected, upstream_unavailable_now
 from proxy.metrics import Metrics
 from proxy.runtime import CTX, METRICS, SESSION, RequestContext
-from proxy.upstream.call import UpstreamFailure, call_upstream
+from proxy.upstream.call import UpstreamFailure, call_upstream, peek_error, rejects_key
 from proxy.upstream.health import UPSTREAMS, UpstreamHealth, capacity
 
 log = logging.getLogger(__name__)
 
 # Failure kinds after which another upstream may be tried (see the docstring).
 RETRYABLE_KINDS = frozenset({"connect", "connect_timeout"})
-# How much of a 429 body is read to learn its code before trying elsewhere.
-_PEEK_LIMIT = 64 * 1024
 
 HeadersFor = Callable[[UpstreamConfig], CIMultiDict[str]]
 
@@ -89,25 +86,15 @@ class UpstreamCall:
     response: aiohttp.ClientResponse
 
 
+async def _peek_429(resp: aiohttp.ClientResponse) -> tuple[bool, str]:
+    """Is this 429 DashScope's `Throttling*`, and its code? A body that cannot be read as
+    a small JSON error is assumed to be: every 429 DashScope documents is `Throttling*`."""
+    code, _ = await peek_error(resp)
+    return (True, "429") if code is None else (code.startswith("Throttling"), code)
+
+
 def _counts_as_failure(status: int) -> bool:
     return status == 429 or status >= 500
-
-
-async def _peek_429(resp: aiohttp.ClientResponse) -> tuple[bool, str]:
-    """Is this 429 DashScope's `Throttling*`, and its code? Reads a small known-length body
-    (aiohttp keeps it, so a relay after this still gets it); a body of unknown length is
-    assumed to be: every 429 DashScope documents is `Throttling*`."""
-    length = resp.content_length
-    if length is None or length > _PEEK_LIMIT or "event-stream" in resp.content_type:
-        return True, "429"
-    try:
-        obj = loads(await resp.read())
-    except (ValueError, RecursionError, aiohttp.ClientError, TimeoutError):
-        return True, "429"
-    code = obj.get("code") if isinstance(obj, dict) else None
-    if not isinstance(code, str) or not code:
-        return True, "429"
-    return code.startswith("Throttling"), code[:64]
 
 
 @contextlib.asynccontextmanager
@@ -175,6 +162,7 @@ class _Walk:
     busy: list[UpstreamConfig] = field(default_factory=list)
     last_failure: UpstreamFailure | None = None
     soonest: float = math.inf  # when an open circuit may take a probe
+    rejected: list[str] = field(default_factory=list)  # upstreams that refused their key
 
     async def first(self, order: list[UpstreamConfig], *, pinned: bool) -> UpstreamCall:
         """The first upstream in `order` that takes the request, or the error to raise."""
@@ -259,6 +247,24 @@ class _Walk:
             gate.leave()
             raise
         self.health.record(u, ok=not _counts_as_failure(resp.status))
+        if resp.status in (401, 403):
+            # DashScope refusing the gateway's own key is the operator's problem, never
+            # the caller's: try the next upstream, else answer 502 naming the upstream.
+            try:
+                code, message = await peek_error(resp)
+            except BaseException:
+                resp.release()
+                gate.leave()
+                raise
+            if rejects_key(resp.status, code, message):
+                self.health.key_rejected(u.name)
+                self.metrics.upstream_errors.labels(u.name, code or str(resp.status)).inc()
+                resp.release()
+                gate.leave()
+                self.rejected.append(u.name)
+                return "key_rejected"
+        elif resp.status < 400:
+            self.health.key_accepted(u.name)
         if more and resp.status in (429, 503):
             try:
                 refused, code = (
@@ -276,6 +282,8 @@ class _Walk:
         return UpstreamCall(u, resp)
 
     def _no_answer(self) -> GatewayError:
+        if self.rejected:
+            return upstream_key_rejected(self.rejected)
         if self.last_failure is not None:
             return self.last_failure
         if self.busy:
@@ -349,6 +357,14 @@ async def call_pinned(
             breaker.abandon()
             raise
         health.record(upstream, ok=not _counts_as_failure(resp.status))
+        if resp.status in (401, 403):
+            code, message = await peek_error(resp)
+            if rejects_key(resp.status, code, message):
+                health.key_rejected(upstream.name)
+                resp.release()
+                raise upstream_key_rejected([upstream.name])
+        elif resp.status < 400:
+            health.key_accepted(upstream.name)
         try:
             yield UpstreamCall(upstream, resp)
         finally:

@@ -157,6 +157,7 @@ class UpstreamHealth:
         self.rng = rng or random.Random()  # noqa: S311 - load spreading, not security
         self._breakers: dict[str, Breaker] = {}
         self._gates: dict[str, Gate] = {}
+        self._key_rejected: set[str] = set()  # DashScope refused the upstream's own key
 
     def precreate(self, upstreams: Sequence[UpstreamConfig]) -> None:
         for u in upstreams:
@@ -176,7 +177,25 @@ class UpstreamHealth:
         return g
 
     def up(self, name: str) -> bool:
-        return self.breaker(name).closed
+        return self.breaker(name).closed and name not in self._key_rejected
+
+    def key_rejected(self, name: str) -> None:
+        """DashScope refused this upstream's key (an answer, or a probe): down until an
+        answer or a probe shows the key works again."""
+        if name not in self._key_rejected:
+            log.error("upstream %s: DashScope rejected its API key; taking it out", name)
+            self._key_rejected.add(name)
+        self.metrics.upstream_up.labels(name).set(0)
+
+    def key_accepted(self, name: str) -> None:
+        if name in self._key_rejected:
+            log.warning("upstream %s: DashScope accepts its API key again", name)
+            self._key_rejected.discard(name)
+            self.metrics.upstream_up.labels(name).set(1 if self.breaker(name).closed else 0)
+
+    def rejected_keys(self, upstreams: Sequence[UpstreamConfig]) -> list[str]:
+        """Names of configured upstreams whose key DashScope refused (for /readyz)."""
+        return [u.name for u in upstreams if u.name in self._key_rejected]
 
     def open_circuits(self, upstreams: Sequence[UpstreamConfig]) -> list[str]:
         """Names of configured upstreams whose circuit is not closed (for /readyz)."""
@@ -203,7 +222,8 @@ class UpstreamHealth:
         if ok:
             if b.success():
                 log.warning("upstream %s: circuit closed (probe succeeded)", upstream.name)
-                self.metrics.upstream_up.labels(upstream.name).set(1)
+                if upstream.name not in self._key_rejected:
+                    self.metrics.upstream_up.labels(upstream.name).set(1)
             return
         cfg = upstream.circuit_breaker
         if b.failure(cfg.failures, cfg.cooldown_seconds, now):
