@@ -198,3 +198,40 @@ def test_a_missing_key_says_so_in_both_dialects(
 )
 def test_suggested_base(path: str, base: str | None) -> None:
     assert suggested_base(path) == base
+
+
+# ------------------------------------------------------------------ the OpenAPI document
+
+
+def test_the_document_and_the_server_agree(
+    start_gateway: GatewayFactory, sim: Live, tmp_path: Path
+) -> None:
+    from proxy.fronts.ops import load_document
+
+    doc = load_document()
+    assert doc["servers"][0]["url"] == "/"  # wherever the gateway runs
+    # An empty start_time does not match the documented pattern: the server refuses it.
+    gw = start_gateway()
+    r = requests.get(gw.api + "/tasks", params={"start_time": ""}, headers=A, timeout=5)
+    assert r.status_code == 400 and r.json()["code"] == "InvalidParameter", r.text
+    r = requests.get(gw.api + "/tasks", params={"start_time": "2026"}, headers=A, timeout=5)
+    assert r.status_code == 400
+    assert requests.get(gw.api + "/tasks", headers=A, timeout=5).status_code == 200
+    # /aliyun/v1 passes DashScope's own errors through: the document allows both shapes.
+    r = requests.post(
+        gw.url + "/aliyun/v1/images/generations",
+        json=body("a cat [sim:error=inspection]"),
+        headers=A,
+        timeout=10,
+    )
+    assert r.status_code == 400 and r.json()["code"] == "DataInspectionFailed"
+    op = doc["paths"]["/aliyun/v1/images/generations"]["post"]["responses"]["400"]
+    shapes = doc["components"]["responses"][op["$ref"].rsplit("/", 1)[1]]
+    one_of = shapes["content"]["application/json"]["schema"]["oneOf"]
+    assert {"$ref": "#/components/schemas/DashScopeError"} in one_of
+    # Empty model / prompt are refused, as the document's minLength says.
+    for payload in ({"model": "", "prompt": "a cat"}, {"prompt": ""}):
+        r = requests.post(gw.url + "/v1/images/generations", json=payload, headers=A, timeout=5)
+        assert r.status_code == 400, (payload, r.text)
+    schema = doc["components"]["schemas"]["OpenAIImageRequest"]["properties"]
+    assert schema["prompt"]["minLength"] == 1 and schema["model"]["minLength"] == 1

@@ -193,9 +193,11 @@ def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) 
 
 def _time_param(request: web.Request, name: str) -> float | None:
     raw = request.query.get(name)
-    if not raw:
-        return None
+    if raw is None:
+        return None  # absent; present but empty is as malformed as any other value
     try:
+        if len(raw) != 14 or not raw.isdigit():
+            raise ValueError(raw)
         return datetime.strptime(raw, "%Y%m%d%H%M%S").replace(tzinfo=_CN_TZ).timestamp()
     except ValueError:
         raise invalid_parameter(f"{name} must be YYYYMMDDhhmmss.") from None

@@ -82,9 +82,9 @@ def parse_request(
     if fmt not in RESPONSE_FORMATS:
         raise bad_request("response_format must be one of: b64_json, url")
     model = obj.get("model")
-    if model is None or model == "":
+    if model is None:
         model = default_model
-    if not isinstance(model, str) or len(model) > 128 or not model.isprintable():
+    if not isinstance(model, str) or not model or len(model) > 128 or not model.isprintable():
         raise bad_request("model must be a model name string.")
     prompt = obj.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
