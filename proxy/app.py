@@ -27,10 +27,10 @@ from proxy.errors import (
     dialect_for,
     from_http_status,
     internal_error,
-    method_not_allowed,
-    not_found,
+    method_not_allowed_on,
     render_error,
     too_large,
+    unknown_path,
 )
 from proxy.fronts import aliyun, native, ops
 from proxy.fronts.openai import images as openai_images
@@ -62,9 +62,9 @@ ACCESS_LOG = web.AppKey("access_log", AccessLog)
 
 def _http_exception_to_gateway(exc: web.HTTPException, request: web.Request) -> GatewayError:
     if exc.status == 404:
-        return not_found("No such endpoint.")
-    if exc.status == 405:
-        return method_not_allowed(request.method)
+        return unknown_path(request.path)
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return method_not_allowed_on(request.method, exc.allowed_methods)
     if exc.status == 413:
         return too_large(request.app[RUNTIME].current.config.server.max_body_bytes)
     return from_http_status(exc.status, exc.reason)
@@ -95,9 +95,14 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             ctx.error_code = ctx.error_code or exc.code
             response = render_error(exc, dialect_for(route, request.path), ctx.request_id)
         except web.HTTPException as exc:
-            mapped = _http_exception_to_gateway(exc, request)
-            ctx.error_code = mapped.code
-            response = render_error(mapped, dialect_for(route, request.path), ctx.request_id)
+            if isinstance(exc, web.HTTPMethodNotAllowed) and request.method == "OPTIONS":
+                # RFC 9110: OPTIONS describes what the path takes, and is no error.
+                allow = ", ".join(sorted({*exc.allowed_methods, "OPTIONS"}))
+                response = web.Response(status=204, headers={"Allow": allow})
+            else:
+                mapped = _http_exception_to_gateway(exc, request)
+                ctx.error_code = mapped.code
+                response = render_error(mapped, dialect_for(route, request.path), ctx.request_id)
         except (asyncio.CancelledError, ConnectionResetError):
             status = 499  # client closed request (nginx's convention)
             raise

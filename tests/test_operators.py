@@ -235,3 +235,49 @@ def test_the_document_and_the_server_agree(
         assert r.status_code == 400, (payload, r.text)
     schema = doc["components"]["schemas"]["OpenAIImageRequest"]["properties"]
     assert schema["prompt"]["minLength"] == 1 and schema["model"]["minLength"] == 1
+
+
+# ----------------------------------------------------- wrong base URLs, methods, OPTIONS
+
+
+def test_the_dashscope_sdk_pointed_at_v1_learns_the_right_base(
+    start_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw = start_gateway()
+    monkeypatch.setattr(dashscope, "base_http_api_url", gw.url + "/v1")  # the common mistake
+    rsp = MultiModalConversation.call(
+        api_key=KEY_A,
+        model="qwen-image-2.0",
+        messages=[{"role": "user", "content": [{"text": "a cat"}]}],
+    )
+    assert rsp.status_code == 404
+    assert rsp.code == "NotFound"  # the SDK reads it (it showed code=None, message='')
+    assert "/api/v1" in rsp.message and "base_http_api_url" in rsp.message
+
+
+def test_the_openai_sdk_pointed_at_api_v1_learns_the_right_base(
+    start_gateway: GatewayFactory,
+) -> None:
+    gw = start_gateway()
+    client = openai.OpenAI(base_url=gw.url + "/api/v1", api_key=KEY_A, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as err:
+        client.images.generate(model="qwen-image-2.0", prompt="a cat")
+    assert "base_url is http(s)://<gateway>/v1" in str(err.value.message)
+    # Both shapes in one body, whichever SDK reads it.
+    r = requests.get(gw.url + "/nope", timeout=5)
+    assert r.status_code == 404
+    assert r.json()["code"] == "NotFound" and r.json()["error"]["code"] == "not_found"
+    assert r.json()["message"] == "No such endpoint."  # no hint for a path that means nothing
+
+
+def test_405_names_the_methods_and_options_answers(start_gateway: GatewayFactory) -> None:
+    gw = start_gateway()
+    r = requests.get(gw.url + MM, headers=A, timeout=5)
+    assert r.status_code == 405 and r.headers["Allow"] == "POST"
+    r = requests.delete(gw.url + "/v1/images/generations", headers=A, timeout=5)
+    assert r.status_code == 405 and r.headers["Allow"] == "POST"
+    assert r.json()["error"]["code"] == "method_not_allowed"
+    r = requests.options(gw.url + MM, timeout=5)
+    assert r.status_code == 204 and r.headers["Allow"] == "OPTIONS, POST"
+    r = requests.options(gw.api + "/tasks/abc", timeout=5)
+    assert r.status_code == 204 and "GET" in r.headers["Allow"]
