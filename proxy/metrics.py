@@ -22,8 +22,17 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from proxy import __version__
 
 # Image generation takes seconds to minutes; the tail needs buckets up to 10 min.
 REQUEST_BUCKETS = (
@@ -130,6 +139,18 @@ class Metrics:
         if multiprocess_dir is not None:
             self.exposition = CollectorRegistry(auto_describe=True)
             MultiProcessCollector(self.exposition, path=multiprocess_dir)  # type: ignore[no-untyped-call]
+        # Standard process metrics (RSS, open descriptors, CPU: the capacity docs size
+        # by descriptors) on what /metrics serves. With several workers they describe
+        # the worker that answered the scrape.
+        ProcessCollector(registry=self.exposition)
+        self.build_info = Gauge(
+            "dashscope_proxy_build_info",
+            "Always 1; the version of the gateway serving, as a label.",
+            ["version"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        self.build_info.labels(__version__).set(1)
         self.requests = Counter(
             "dashscope_proxy_requests_total",
             "Requests answered by the gateway.",

@@ -281,3 +281,18 @@ def test_405_names_the_methods_and_options_answers(start_gateway: GatewayFactory
     assert r.status_code == 204 and r.headers["Allow"] == "OPTIONS, POST"
     r = requests.options(gw.api + "/tasks/abc", timeout=5)
     assert r.status_code == 204 and "GET" in r.headers["Allow"]
+
+
+def test_metrics_carry_process_figures_and_the_version(start_gateway: GatewayFactory) -> None:
+    from proxy import __version__
+
+    gw = start_gateway()
+    text = requests.get(gw.url + "/metrics", timeout=5).text
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert values["process_resident_memory_bytes"] > 10_000_000
+    assert values["process_open_fds"] >= 5
+    assert values[f'dashscope_proxy_build_info{{version="{__version__}"}}'] == 1
