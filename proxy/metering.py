@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,12 +134,18 @@ def facts_from_json(obj: Any) -> BodyFacts:
     return BodyFacts(count, task_id, status, finished, anomaly)
 
 
-def facts_from_bytes(body: bytes) -> BodyFacts:
-    """Pure: parse if it is JSON, else nothing to count."""
+def parse_facts(body: bytes) -> BodyFacts | None:
+    """Pure: the facts of a JSON body; None when it is not JSON (nothing can be counted,
+    though DashScope may have generated what it describes)."""
     try:
         return facts_from_json(loads(body))
     except (ValueError, RecursionError):
-        return BodyFacts()
+        return None
+
+
+def facts_from_bytes(body: bytes) -> BodyFacts:
+    """Pure: parse if it is JSON, else nothing to count."""
+    return parse_facts(body) or BodyFacts()
 
 
 class BodySniffer:
@@ -207,6 +213,11 @@ class BodySniffer:
             if found:
                 self._task_id = found.group(1).decode()
 
+    @property
+    def invalid(self) -> bool:
+        """A body small enough to parse that is not JSON. (A scanned one cannot tell.)"""
+        return self._buf is not None and parse_facts(bytes(self._buf)) is None
+
     def facts(self) -> BodyFacts:
         if self._buf is not None:
             return facts_from_bytes(bytes(self._buf))
@@ -225,12 +236,14 @@ class SseSniffer:
 
     MAX_EVENT = 4 * 1024 * 1024
 
-    __slots__ = ("_pending", "error", "last")
+    __slots__ = ("_pending", "error", "invalid", "last")
 
     def __init__(self) -> None:
         self._pending = bytearray()
         self.last = BodyFacts()
         self.error = False
+        # The last event's data was not JSON: the final answer cannot be counted.
+        self.invalid = False
 
     def feed(self, chunk: bytes) -> None:
         self._pending += chunk.replace(b"\r\n", b"\n")
@@ -259,7 +272,9 @@ class SseSniffer:
             self.error = True
             self.last = BodyFacts()
             return
-        self.last = facts_from_bytes(b"\n".join(data))
+        parsed = parse_facts(b"\n".join(data))
+        self.invalid = parsed is None
+        self.last = parsed or BodyFacts()
 
     def facts(self) -> BodyFacts:
         """Facts of the final event; nothing if the stream ended on an error."""
@@ -281,7 +296,24 @@ class UsageEvent:
     timestamp: float
 
 
+@dataclass(frozen=True, slots=True)
+class UnmeteredEvent:
+    """An answer that could carry images but was never received whole: DashScope may
+    have generated (and billed) images that no count shows. `reason` is one of
+    `proxy.metrics.UNMETERED_REASONS`."""
+
+    key: str
+    model: str | None
+    route: str
+    upstream: str | None
+    request_id: str
+    task_id: str | None
+    reason: str
+    timestamp: float
+
+
 UsageListener = Callable[[UsageEvent], Awaitable[None] | None]
+UnmeteredListener = Callable[[UnmeteredEvent], Awaitable[None] | None]
 
 
 class Meter:
@@ -290,6 +322,30 @@ class Meter:
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
         self.listeners: list[UsageListener] = []
+        # Separate from `listeners`: quotas have no count to charge for these.
+        self.unmetered_listeners: list[UnmeteredListener] = []
+
+    async def unmetered(
+        self,
+        *,
+        key: str,
+        model: str | None,
+        route: str,
+        upstream: str | None,
+        request_id: str,
+        reason: str,
+        task_id: str | None = None,
+    ) -> None:
+        """Record an answer nothing could count: the metric, a warning, the listeners."""
+        self._metrics.unmetered_answers.labels(reason).inc()
+        event = UnmeteredEvent(key, model, route, upstream, request_id, task_id, reason, time.time())
+        log.warning(
+            "metering: an answer was never received whole (%s): DashScope may have generated "
+            "images no count shows: %s",
+            reason,
+            event,
+        )
+        await _notify(self.unmetered_listeners, event, request_id)
 
     async def record(
         self,
@@ -321,12 +377,18 @@ class Meter:
         event = UsageEvent(
             key, model, model_label, images, route, upstream, request_id, task_id, time.time()
         )
-        for listener in self.listeners:
-            try:
-                result = listener(event)
-                if result is not None:
-                    await result
-            except Exception:
-                # A broken ledger must not fail the request; the metric is
-                # already counted and the failure is loud in the log.
-                log.exception("usage listener failed for request %s", request_id)
+        await _notify(self.listeners, event, request_id)
+
+
+async def _notify(
+    listeners: Sequence[Callable[[Any], Awaitable[None] | None]], event: object, request_id: str
+) -> None:
+    for listener in list(listeners):
+        try:
+            result = listener(event)
+            if result is not None:
+                await result
+        except Exception:
+            # A broken ledger must not fail the request; the metric is
+            # already counted and the failure is loud in the log.
+            log.exception("usage listener failed for request %s", request_id)

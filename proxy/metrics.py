@@ -88,6 +88,10 @@ KNOWN_MODELS = (
 
 # Why an answer's image count had to be inferred (`metering_anomalies{reason}`).
 ANOMALY_REASONS = ("no_count_field", "invalid_count_field")
+# Why an answer that could carry images was never received whole, so nothing could
+# count them (`unmetered_answers{reason}`). A process killed mid-request (SIGKILL, OOM)
+# is the one such case no process lives to count.
+UNMETERED_REASONS = ("read_timeout", "truncated", "invalid_json", "drain_cut")
 # How a background reconciler poll ended (`reconciler_polls{outcome}`).
 RECONCILE_OUTCOMES = ("running", "succeeded", "ended", "unknown", "error")
 
@@ -275,6 +279,17 @@ class Metrics:
         )
         for reason in ANOMALY_REASONS:
             self.metering_anomalies.labels(reason)
+        self.unmetered_answers = Counter(
+            "dashscope_proxy_unmetered_answers_total",
+            "Generation answers and task polls that could carry images but were never "
+            "received whole, so no count shows what DashScope may have generated, by "
+            "reason: read_timeout | truncated | invalid_json | drain_cut.",
+            ["reason"],
+            registry=registry,
+        )
+        # At 0 from the start: increase() and the alert see the first one.
+        for reason in UNMETERED_REASONS:
+            self.unmetered_answers.labels(reason)
         self.reconciler_polls = Counter(
             "dashscope_proxy_reconciler_polls_total",
             "Task polls the gateway made by itself (tasks nobody polled), by upstream and "

@@ -40,9 +40,19 @@ class ServerConfig:
     # aiohttp's run_app defaults to 128, which drops connections under a burst
     # of thousands of long image requests.
     backlog: int = 4096
-    # Seconds in-flight requests get to finish after SIGTERM (keep it below
-    # the pod's terminationGracePeriodSeconds).
+    # Seconds in-flight requests get to finish after SIGTERM; the whole drain
+    # (waiting, then cutting what still runs) fits in it. Keep it, plus
+    # final_scrape_seconds, below the pod's terminationGracePeriodSeconds.
     shutdown_grace_seconds: float = 30.0
+    # A second listener for /metrics, /healthz and /readyz only. It stays open
+    # through the drain, which closes the API port at once, so the images of
+    # requests that finish during the drain still reach a scrape. None = those
+    # endpoints are served on `port` only (and close with it at SIGTERM).
+    metrics_port: int | None = None
+    # After the drain, how long the metrics listener waits for one more scrape
+    # when something was counted since the last one (it stops at the first
+    # scrape). Set it to the scrape interval to never miss the last counts.
+    final_scrape_seconds: float = 5.0
     # Worker processes sharing the port (SO_REUSEPORT); 1 = single process.
     workers: int = 1
     # One JSON line per request on stdout.

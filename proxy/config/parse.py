@@ -49,13 +49,23 @@ _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 def _parse_server(s: Section) -> ServerConfig:
     d = ServerConfig()
     usage_log = s.text("usage_log")
+    port = s.integer("port", d.port, 0, 65535)
+    workers = s.integer("workers", d.workers, 1, 256)
+    metrics_port = s.integer("metrics_port", None, 0, 65535)
+    if metrics_port is not None and metrics_port == port and port != 0:
+        s.p.add(s.loc("metrics_port"), f"must differ from port ({port})")
+    if metrics_port == 0 and workers > 1:
+        # Each worker would bind its own random port: Prometheus could not find them.
+        s.p.add(s.loc("metrics_port"), "must be a fixed port (not 0) with workers > 1")
     return ServerConfig(
         host=s.text("host", d.host),
-        port=s.integer("port", d.port, 0, 65535),
+        port=port,
         max_body_bytes=s.integer("max_body_bytes", d.max_body_bytes, 1024),
         backlog=s.integer("backlog", d.backlog, 1),
         shutdown_grace_seconds=s.number("shutdown_grace_seconds", d.shutdown_grace_seconds),
-        workers=s.integer("workers", d.workers, 1, 256),
+        metrics_port=metrics_port,
+        final_scrape_seconds=s.number("final_scrape_seconds", d.final_scrape_seconds),
+        workers=workers,
         access_log=s.flag("access_log", d.access_log),
         log_prompts=s.flag("log_prompts", d.log_prompts),
         usage_log=usage_log,

@@ -8,6 +8,13 @@ is appended:
      "images": 2, "route": "multimodal-generation", "upstream": "intl",
      "request_id": "...", "task_id": null}
 
+An answer that could carry images but was never received whole (read timeout,
+truncated or invalid body, cut at the end of a drain) gets a line too, with
+`"images": null` and a `"reason"` (as `dashscope_proxy_unmetered_answers_total`):
+DashScope may have billed images that no count shows, so a reader summing
+`images` must skip null, and a null line with a `task_id` is settled by a later
+line of the same task if a later poll counted it.
+
 Durability policy, and why:
 - The file is opened `O_APPEND` and never truncated, so a restart continues it.
   Each line is written whole within a single `write()` (lines metered at the
@@ -50,7 +57,7 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy.jsonutil import dumps
-from proxy.metering import UsageEvent
+from proxy.metering import UnmeteredEvent, UsageEvent
 from proxy.metrics import Metrics
 from proxy.ops.accesslog import rfc3339
 from proxy.runtime import METER, METRICS, RUNTIME
@@ -62,23 +69,22 @@ FSYNC_SECONDS = 1.0
 FILE_MODE = 0o640
 
 
-def ledger_line(event: UsageEvent) -> bytes:
-    """Pure: the JSONL line for one metered event."""
-    return (
-        dumps(
-            {
-                "ts": rfc3339(event.timestamp),
-                "key": event.key,
-                "model": event.model[:128],
-                "images": event.images,
-                "route": event.route,
-                "upstream": event.upstream,
-                "request_id": event.request_id,
-                "task_id": event.task_id,
-            }
-        )
-        + b"\n"
-    )
+def ledger_line(event: UsageEvent | UnmeteredEvent) -> bytes:
+    """Pure: the JSONL line for one metered event, or for an answer nothing could count
+    (`"images": null` and its `"reason"`)."""
+    line: dict[str, object] = {
+        "ts": rfc3339(event.timestamp),
+        "key": event.key,
+        "model": event.model[:128] if event.model is not None else None,
+        "images": event.images if isinstance(event, UsageEvent) else None,
+        "route": event.route,
+        "upstream": event.upstream,
+        "request_id": event.request_id,
+        "task_id": event.task_id,
+    }
+    if isinstance(event, UnmeteredEvent):
+        line["reason"] = event.reason
+    return dumps(line) + b"\n"
 
 
 class UsageLedger:
@@ -155,7 +161,7 @@ class UsageLedger:
         await self._run(self._open)
         self._flusher = asyncio.create_task(self._flush_loop(), name="usage-ledger-fsync")
 
-    async def __call__(self, event: UsageEvent) -> None:
+    async def __call__(self, event: UsageEvent | UnmeteredEvent) -> None:
         line = ledger_line(event)
         try:
             # Shielded: once submitted the line is written even if the request
@@ -250,9 +256,11 @@ async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
         raise OSError(exc.errno, f"usage ledger {path}: {exc.strerror or exc}") from None
     meter = app[METER]
     meter.listeners.append(ledger)
+    meter.unmetered_listeners.append(ledger)
     log.info("usage ledger: appending to %s", path)
     try:
         yield
     finally:
         meter.listeners.remove(ledger)
+        meter.unmetered_listeners.remove(ledger)
         await ledger.close()
