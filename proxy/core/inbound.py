@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
@@ -70,8 +70,7 @@ def require_model(obj: dict[str, Any]) -> str:
 # ------------------------------------------------------------------ the opening
 
 
-@dataclass(frozen=True, slots=True)
-class Opening:
+class Opening(NamedTuple):
     """What every handler starts from: its context, the config it runs on, its key."""
 
     ctx: RequestContext
@@ -116,12 +115,11 @@ class NativeRequest:
     model: str
 
 
-async def read_native_request(
-    request: web.Request, ctx: RequestContext, rt: Runtime
-) -> NativeRequest:
-    """What `/api/v1/services/...` and `/aliyun/v1` both do first: key, bounded body,
-    JSON object, model, allowlist, prompt limits (and the prompt for the log, if on)."""
-    key = authenticate(request, rt, ctx)
+async def read_native_request(request: web.Request, opening: Opening) -> NativeRequest:
+    """What `/api/v1/services/...` and `/aliyun/v1` both do after the opening: bounded
+    body, JSON object, model, allowlist, prompt limits (and the prompt for the log, if
+    on)."""
+    ctx, rt, key = opening
     raw = await read_body(request, rt.config.server.max_body_bytes)
     body = parse_json_object(raw)
     model = require_model(body)

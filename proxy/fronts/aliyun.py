@@ -26,12 +26,11 @@ from multidict import CIMultiDict
 from proxy.catalogue import SERVICE_PATHS, BodyShape, Route, resolve
 from proxy.config.model import UpstreamConfig
 from proxy.core.admission import admit
-from proxy.core.inbound import read_native_request, uses_uploads
+from proxy.core.inbound import open_request, read_native_request, uses_uploads
 from proxy.core.limits import requested_images
 from proxy.core.settlement import relay_settled
 from proxy.errors import only_aliyun
 from proxy.jsonutil import dumps
-from proxy.runtime import CTX, RUNTIME
 from proxy.upstream.call import request_headers
 from proxy.upstream.failover import call_with_failover
 
@@ -71,9 +70,8 @@ def native_body(obj: dict[str, Any], route: Route) -> dict[str, Any]:
 
 
 async def generations(request: web.Request) -> web.StreamResponse:
-    ctx = request[CTX]
-    rt = request.app[RUNTIME].current
-    req = await read_native_request(request, ctx, rt)
+    ctx, rt, _ = opening = open_request(request)
+    req = await read_native_request(request, opening)
     route = resolve(req.model, rt.config.models)
     candidates = rt.router.candidates(route.target)
     if not candidates or not rt.router.knows(req.model):

@@ -23,7 +23,7 @@ from proxy.catalogue import SERVICE_PATHS
 from proxy.config.model import KeyConfig, UpstreamConfig
 from proxy.core.admission import admit, task_ended
 from proxy.core.inbound import (
-    authenticate,
+    open_request,
     read_native_request,
     set_model,
     uses_uploads,
@@ -44,7 +44,6 @@ from proxy.metering import facts_from_bytes
 from proxy.runtime import (
     CTX,
     METRICS,
-    RUNTIME,
     TASKS,
     RequestContext,
     Runtime,
@@ -61,9 +60,8 @@ _CN_TZ = timezone(timedelta(hours=8))  # DashScope's list times are Beijing time
 
 async def service_call(request: web.Request, service: str) -> web.StreamResponse:
     """POST /api/v1/services/aigc/...: sync, SSE and async submits alike."""
-    ctx = request[CTX]
-    rt = request.app[RUNTIME].current
-    req = await read_native_request(request, ctx, rt)
+    ctx, rt, _ = opening = open_request(request)
+    req = await read_native_request(request, opening)
     candidates = rt.router.candidates(req.model)
     if not candidates:
         raise no_upstream(req.model)
@@ -147,9 +145,7 @@ async def poll_task(
 
 
 async def get_task(request: web.Request) -> web.StreamResponse:
-    ctx = request[CTX]
-    rt = request.app[RUNTIME].current
-    key = authenticate(request, rt, ctx)
+    ctx, rt, key = open_request(request)
     task_id = valid_task_id(request)
     owned = await _owned(request, ctx, rt, key, task_id)
     if owned is None:
@@ -159,9 +155,7 @@ async def get_task(request: web.Request) -> web.StreamResponse:
 
 
 async def cancel_task(request: web.Request) -> web.StreamResponse:
-    ctx = request[CTX]
-    rt = request.app[RUNTIME].current
-    key = authenticate(request, rt, ctx)
+    ctx, rt, key = open_request(request)
     task_id = valid_task_id(request)
     owned = await _owned(request, ctx, rt, key, task_id)
     if owned is None:
@@ -210,9 +204,7 @@ async def list_tasks(request: web.Request) -> web.StreamResponse:
     (DashScope's own list covers the whole account, i.e. every team); statuses
     of unfinished tasks on the page are refreshed from the upstream that owns them.
     """
-    ctx = request[CTX]
-    rt = request.app[RUNTIME].current
-    key = authenticate(request, rt, ctx)
+    ctx, rt, key = open_request(request)
     page_no = _int_param(request, "page_no", 1, 1, 1_000_000)
     page_size = _int_param(request, "page_size", 10, 1, 100)
     status = request.query.get("status") or None
@@ -274,9 +266,7 @@ async def _refresh(request: web.Request, rt: Runtime, record: TaskRecord) -> Tas
 
 async def uploads(request: web.Request) -> web.StreamResponse:
     """GET /api/v1/uploads?action=getPolicy&model=M: the SDK's upload policy for local files."""
-    ctx = request[CTX]
-    rt = request.app[RUNTIME].current
-    key = authenticate(request, rt, ctx)
+    ctx, rt, key = open_request(request)
     model = request.query.get("model")
     if not model:
         raise missing_model()

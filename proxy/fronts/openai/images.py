@@ -36,7 +36,7 @@ from proxy.catalogue import TABLE, Route, resolve
 from proxy.config.model import KeyConfig, UpstreamConfig
 from proxy.core.admission import admit, task_created
 from proxy.core.inbound import (
-    authenticate,
+    open_request,
     parse_json_object,
     read_body,
     set_model,
@@ -66,8 +66,6 @@ from proxy.fronts.openai.translate import (
 )
 from proxy.jsonutil import dumps, loads
 from proxy.runtime import (
-    CTX,
-    RUNTIME,
     SESSION,
     TASKS,
     RequestContext,
@@ -95,9 +93,7 @@ def _json(body: object, status: int = 200) -> web.Response:
 
 async def generations(request: web.Request) -> web.StreamResponse:
     """POST /v1/images/generations."""
-    ctx = request[CTX]
-    rt = request.app[RUNTIME].current
-    key = authenticate(request, rt, ctx)
+    ctx, rt, key = open_request(request)
     obj = parse_json_object(await read_body(request, rt.config.server.max_body_bytes))
     req = parse_request(
         obj, default_model=DEFAULT_MODEL, default_format=rt.config.openai.default_response_format
@@ -179,9 +175,7 @@ async def _result(
 
 async def get_task(request: web.Request) -> web.StreamResponse:
     """GET /v1/images/generations/{task_id}: progress, then the result `data[]`."""
-    ctx = request[CTX]
-    rt = request.app[RUNTIME].current
-    key = authenticate(request, rt, ctx)
+    ctx, rt, key = open_request(request)
     task_id = valid_task_id(request)
     record = await request.app[TASKS].get(task_id)
     meta = _read_meta(record)
@@ -245,9 +239,7 @@ def _task_upstream(rt: Runtime, record: TaskRecord) -> UpstreamConfig:
 
 async def edits(request: web.Request) -> web.StreamResponse:
     """POST /v1/images/edits: multipart/form-data exactly as the OpenAI SDK sends it."""
-    ctx = request[CTX]
-    rt = request.app[RUNTIME].current
-    key = authenticate(request, rt, ctx)
+    ctx, rt, key = open_request(request)
     fields, images = await _read_form(request, rt.config.server.max_body_bytes)
     if not images:
         raise bad_request(
@@ -335,9 +327,7 @@ async def list_models(request: web.Request) -> web.StreamResponse:
     serves the DashScope model it resolves to: the routing table's models and
     the config's `models:` names (aliases included).
     """
-    ctx = request[CTX]
-    rt = request.app[RUNTIME].current
-    key = authenticate(request, rt, ctx)
+    ctx, rt, key = open_request(request)
     names = sorted(set(TABLE) | set(rt.config.models))
     data = []
     for name in names:
