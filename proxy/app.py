@@ -4,17 +4,24 @@ The middleware is the only place that renders errors (in the caller's
 dialect, and only before a response has started), counts requests, tracks
 in-flight requests and writes the access line. Shared resources are created
 in cleanup contexts and closed after `yield`, in reverse order.
+
+`Activity` is what the drain (proxy.ops.server) waits on: the requests in
+flight, and whether a scrape of /metrics has seen every count since.
+`create_metrics_app` is the metrics listener's app (`server.metrics_port`),
+which serves only the operations endpoints and outlives the API listener.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import os
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import IO
+from typing import IO, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -53,11 +60,97 @@ from proxy.runtime import (
 from proxy.state.backends import open_state
 from proxy.upstream.call import make_session
 from proxy.upstream.health import UPSTREAMS, UpstreamHealth
+from proxy.upstream.relay import ABORTED, ANSWER, AWAITED, answer_lost, lost_reason
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
+
+
+class Activity:
+    """Requests in flight (their tasks, so a drain can cut them) and when counts last
+    changed versus when /metrics was last scraped (monotonic seconds)."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._scrape = asyncio.Event()
+        self.changed_at = -math.inf
+        self.scraped_at = -math.inf
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    def begin(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        self._idle.clear()
+
+    def end(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        self.changed()  # its request counter, and any images it metered
+        if not self._tasks:
+            self._idle.set()
+
+    def changed(self, *_: object) -> None:
+        """Something a scrape shows changed (a `Meter` listener too: reconciler counts)."""
+        self.changed_at = time.monotonic()
+
+    def scraped(self) -> None:
+        self.scraped_at = time.monotonic()
+        self._scrape.set()
+
+    async def idle(self, seconds: float) -> bool:
+        """Wait up to `seconds` for no request to be in flight; whether none is."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), max(seconds, 0.0))
+        return not self._tasks
+
+    async def cut(self, seconds: float) -> int:
+        """Cancel every request still in flight and wait (up to `seconds`) for their
+        handlers to record what they lose; how many were cut."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=seconds)
+        return len(tasks)
+
+    def unscraped(self) -> bool:
+        """Has anything changed since the last scrape began?"""
+        return self.changed_at > self.scraped_at
+
+    async def scrape_after(self, moment: float, seconds: float) -> bool:
+        """Wait up to `seconds` for a scrape that begins after `moment`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while self.scraped_at <= moment:
+            self._scrape.clear()
+            try:
+                await asyncio.wait_for(self._scrape.wait(), deadline - loop.time())
+            except TimeoutError:
+                return self.scraped_at > moment
+        return True
+
+
+ACTIVITY = web.AppKey("activity", Activity)
+
+
+def _client_gone(request: web.Request) -> bool:
+    """The client closed its connection before its answer was written (499), as opposed
+    to the gateway closing it because DashScope failed mid-relay."""
+    if request.get(ABORTED):
+        return False
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _awaiting_dashscope(request: web.Request, ctx: RequestContext) -> bool:
+    """Was a DashScope answer outstanding (sent, not yet received whole)?"""
+    state = request.get(ANSWER)
+    return state == AWAITED or (state is None and ctx.upstream is not None)
 
 
 def _http_exception_to_gateway(exc: web.HTTPException, request: web.Request) -> GatewayError:
@@ -79,20 +172,31 @@ def new_request_id() -> str:
 @web.middleware
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     route = request.match_info.route.name or "unmatched"
-    if route in ops.ROUTES:
-        return await handler(request)
     app = request.app
+    if route in ops.ROUTES:
+        if route == "ops.metrics":
+            app[ACTIVITY].scraped()
+        return await handler(request)
     ctx = RequestContext(request_id=new_request_id(), route=route)
     request[CTX] = ctx
     metrics = app[METRICS]
     gauge = metrics.inflight_gauge(route)
     gauge.inc()
+    activity = app[ACTIVITY]
+    task = asyncio.current_task()
+    if task is not None:
+        activity.begin(task)
     status = 500
     try:
         try:
             response = await handler(request)
         except GatewayError as exc:
             ctx.error_code = ctx.error_code or exc.code
+            reason = lost_reason(exc)
+            if reason is not None:
+                # Failed after it was sent (no answer, or none whole): DashScope may
+                # have generated images. Once per request (the relay may have already).
+                await answer_lost(request, reason)
             response = render_error(exc, dialect_for(route, request.path), ctx.request_id)
         except web.HTTPException as exc:
             if isinstance(exc, web.HTTPMethodNotAllowed) and request.method == "OPTIONS":
@@ -103,7 +207,13 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
                 mapped = _http_exception_to_gateway(exc, request)
                 ctx.error_code = mapped.code
                 response = render_error(mapped, dialect_for(route, request.path), ctx.request_id)
-        except (asyncio.CancelledError, ConnectionResetError):
+        except asyncio.CancelledError:
+            status = 499  # the connection closes without an answer
+            if app[RUNTIME].draining and _awaiting_dashscope(request, ctx):
+                # Cut at the end of the drain while DashScope was answering.
+                await answer_lost(request, "drain_cut")
+            raise
+        except ConnectionResetError:
             status = 499  # client closed request (nginx's convention)
             raise
         except Exception:
@@ -111,9 +221,13 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             internal = internal_error()
             ctx.error_code = internal.code
             response = render_error(internal, dialect_for(route, request.path), ctx.request_id)
-        status = response.status
+        # A client that went away while DashScope answered: the handler ran on (the
+        # images are counted), but the client got nothing.
+        status = 499 if _client_gone(request) else response.status
         return response
     finally:
+        if task is not None:
+            activity.end(task)
         gauge.dec()
         for cleanup in ctx.cleanups:  # limits: the concurrency slot, the reservation
             try:
@@ -150,6 +264,9 @@ def create_app(
     metrics.config_loaded(time.time())
     app[METRICS] = metrics
     app[METER] = Meter(metrics)
+    activity = app[ACTIVITY] = Activity()
+    app[METER].listeners.append(activity.changed)
+    app[METER].unmetered_listeners.append(activity.changed)
     app[ACCESS_LOG] = AccessLog(access_stream if access_stream is not None else sys.stdout.buffer)
     app.cleanup_ctx.append(_session_ctx)
     app[UPSTREAMS] = UpstreamHealth(metrics)
@@ -179,3 +296,26 @@ async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SESSION] = session
     yield
     await session.close()
+
+
+def create_metrics_app(app: web.Application) -> web.Application:
+    """The app of the metrics listener (`server.metrics_port`): `/metrics`, `/healthz` and
+    `/readyz` on `app`'s services, nothing else. Built once `app` has started (its state
+    backend exists); it is not closed with the API listener, so scrapes go on through the
+    drain."""
+    activity = app[ACTIVITY]
+
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        activity.scraped()
+        return await ops.metrics_endpoint(request)
+
+    ops_app = web.Application()
+    ops_app[RUNTIME] = app[RUNTIME]
+    ops_app[METRICS] = app[METRICS]
+    ops_app[UPSTREAMS] = app[UPSTREAMS]
+    if STATE in app:
+        ops_app[STATE] = app[STATE]
+    ops_app.router.add_get("/healthz", ops.healthz, name="ops.healthz")
+    ops_app.router.add_get("/readyz", ops.readyz, name="ops.readyz")
+    ops_app.router.add_get("/metrics", metrics, name="ops.metrics")
+    return ops_app

@@ -13,7 +13,9 @@ window for the few fields metering needs, so a 6 MiB body costs a chunk of
 memory, not 6 MiB. `SseSniffer` keeps only the last complete event.
 
 `Meter` is the one place a count is recorded: the metric, and any listeners
-(usage ledger, quotas) the app registers.
+(usage ledger, quotas) the app registers. `Meter.unmetered` records what could
+not be counted (an answer never received whole: `UnmeteredEvent`), for the
+metric and the ledger only, since quotas have no number to charge.
 """
 
 from __future__ import annotations
@@ -338,7 +340,9 @@ class Meter:
     ) -> None:
         """Record an answer nothing could count: the metric, a warning, the listeners."""
         self._metrics.unmetered_answers.labels(reason).inc()
-        event = UnmeteredEvent(key, model, route, upstream, request_id, task_id, reason, time.time())
+        event = UnmeteredEvent(
+            key, model, route, upstream, request_id, task_id, reason, time.time()
+        )
         log.warning(
             "metering: an answer was never received whole (%s): DashScope may have generated "
             "images no count shows: %s",

@@ -8,7 +8,8 @@ Fields (fixed; absent values are `null`):
     key                   the caller's configured key *name* (`anonymous` if unknown)
     model                 the model asked for (at most 128 characters)
     route                 the route name (a closed set, as in the metrics)
-    method, status        HTTP method and the status the client got (499: client went away)
+    method, status        HTTP method and the status the client got (499: the client went
+                          away, or the drain cut the request: no answer was written)
     upstream              the upstream's configured name
     error_code            DashScope error code (ours or the upstream's)
     images                images metered by this request

@@ -9,12 +9,14 @@ the connection's addresses, with no shared accept lock and no proxying hop.
 What the supervisor does, and nothing else:
 - reserves the port first (a bound, non-listening `SO_REUSEPORT` socket), so
   an address in use fails at once and `port: 0` resolves to one port for all;
+  `server.metrics_port` likewise (the workers share it the same way);
 - creates a per-run directory for prometheus_client's multiprocess mode and
   hands it to the workers (`PROMETHEUS_MULTIPROC_DIR`): `/metrics` on any
   worker then sums every worker, and a dead worker's counters keep counting
   (see proxy.metrics); the directory is removed when the supervisor exits;
 - forwards SIGHUP (config reload) and SIGTERM/SIGINT (drain) to every worker,
-  waits for them to drain (`server.shutdown_grace_seconds` plus a margin),
+  waits for them to drain (`server.shutdown_grace_seconds`, plus
+  `server.final_scrape_seconds` with a metrics listener, plus a margin),
   and exits 0 when all exited 0; a worker still running then is killed and
   the exit code is 1;
 - restarts a worker that exits on its own (with backoff), and gives up with
@@ -226,9 +228,28 @@ class Supervisor:
         try:
             reserved = reserve_port(self._host, self._port)
         except OSError as exc:
-            log.error("cannot listen on %s:%d: %s", self._host, self._port, exc.strerror or exc)
+            log.error(
+                "cannot listen on %s:%d: %s (change it with --port / server.port)",
+                self._host,
+                self._port,
+                exc.strerror or exc,
+            )
             return 1
         self._port = reserved.getsockname()[1]
+        metrics_port = self._config.server.metrics_port
+        metrics_reserved: socket.socket | None = None
+        if metrics_port is not None:
+            try:
+                metrics_reserved = reserve_port(self._host, metrics_port)
+            except OSError as exc:
+                reserved.close()
+                log.error(
+                    "cannot listen on %s:%d: %s (change it with server.metrics_port)",
+                    self._host,
+                    metrics_port,
+                    exc.strerror or exc,
+                )
+                return 1
         self._metrics_dir = tempfile.mkdtemp(prefix="dashscope-proxy-metrics-")
         previous = {
             sig: signal.signal(sig, self._on_stop) for sig in (signal.SIGTERM, signal.SIGINT)
@@ -254,6 +275,8 @@ class Supervisor:
                     w.proc.kill()
                     w.proc.wait()
             reserved.close()
+            if metrics_reserved is not None:
+                metrics_reserved.close()
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
         log.info("supervisor: all workers stopped, exit code %d", self._exit_code)
         return self._exit_code
@@ -270,7 +293,11 @@ class Supervisor:
                 self._signal_all(signal.SIGHUP)
             if self._stop_signal is not None and not forwarded:
                 forwarded = True
-                deadline = now + self._config.server.shutdown_grace_seconds + DRAIN_MARGIN_SECONDS
+                server = self._config.server
+                # A worker's drain is its grace, then (with a metrics listener) the
+                # final-scrape window; the margin covers closing up.
+                final = server.final_scrape_seconds if server.metrics_port is not None else 0.0
+                deadline = now + server.shutdown_grace_seconds + final + DRAIN_MARGIN_SECONDS
                 log.info(
                     "%s: draining all workers (up to %gs)",
                     signal.Signals(self._stop_signal).name,

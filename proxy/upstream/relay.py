@@ -12,6 +12,14 @@ If the client goes away mid-relay we keep reading the upstream body to its end
 generated and the count must not be lost. If DashScope fails mid-relay after
 the response has started, the client connection is closed so the client sees a
 truncated body rather than a "complete" corrupt one.
+
+What cannot be counted is counted as such (`answer_lost`): a 2xx generation
+answer or task poll that never arrives whole (read timeout, truncated, not
+JSON, cut at the end of a drain) may hold images DashScope bills, so it grows
+`dashscope_proxy_unmetered_answers_total{reason}` and writes a ledger line with
+`"images": null`. Answers with an error status never do: DashScope refused them.
+The request's `ANSWER` state says where it stands with DashScope, so the
+middleware (a failure before any answer, a drain cut) records it once.
 """
 
 from __future__ import annotations
@@ -25,12 +33,15 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.catalogue import SERVICE_PATHS
 from proxy.config.model import UpstreamConfig
 from proxy.errors import is_throttling, retry_after_of
 from proxy.jsonutil import loads
-from proxy.metering import PARSE_LIMIT, BodyFacts, BodySniffer, SseSniffer, facts_from_bytes
+from proxy.metering import PARSE_LIMIT, BodyFacts, BodySniffer, SseSniffer, parse_facts
 from proxy.metrics import Metrics
-from proxy.upstream.call import map_client_error, response_headers
+from proxy.runtime import CTX, METER, TASKS
+from proxy.state.tasks import TERMINAL
+from proxy.upstream.call import UpstreamFailure, map_client_error, response_headers
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +50,65 @@ log = logging.getLogger(__name__)
 CHUNK = 64 * 1024
 
 _CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError, BrokenPipeError)
+
+# Routes whose answers can carry generated images: generations on every front end,
+# and task polls. Cancels, lists and upload policies never do.
+IMAGE_ROUTES = frozenset(
+    {*SERVICE_PATHS, "aliyun.generations", "openai.generations", "openai.edits"}
+    | {"tasks.get", "openai.tasks.get"}
+)
+# Transport failures once the request was sent -> why its answer went uncounted.
+# `connect` / `connect_timeout` are absent: nothing reached DashScope.
+LOST_REASONS = {
+    "timeout": "read_timeout",  # timeouts.read (or .total) ran out
+    "truncated": "truncated",
+    "disconnected": "truncated",
+    "transport": "truncated",
+}
+# Where a request stands with DashScope: an answer awaited, received whole (and
+# settled), or lost (already counted as unmetered). The native path leaves it unset
+# until the relay has the whole answer; the middleware then goes by `ctx.upstream`
+# (set once a call is made).
+AWAITED, RECEIVED, LOST = "awaited", "received", "lost"
+ANSWER = web.RequestKey("upstream_answer", str)
+# The gateway itself closed the client connection (DashScope failed mid-relay):
+# not a client that went away, so not a 499.
+ABORTED = web.RequestKey("aborted_by_gateway", bool)
+
+
+def lost_reason(failure: BaseException) -> str | None:
+    """Pure: the unmetered reason of a transport failure, None if nothing was sent."""
+    return LOST_REASONS.get(failure.kind) if isinstance(failure, UpstreamFailure) else None
+
+
+async def answer_lost(request: web.Request, reason: str, task_id: str | None = None) -> None:
+    """Count, once per request, an answer that could carry images but never arrived whole.
+
+    Only on routes that can carry images; a poll of a task already known final is not
+    counted (its images, if any, were counted when it ended). Never raises: this runs
+    on paths that are already failing.
+    """
+    ctx = request.get(CTX)
+    if ctx is None or request.get(ANSWER) == LOST or ctx.route not in IMAGE_ROUTES:
+        return
+    request[ANSWER] = LOST
+    task_id = task_id or request.match_info.get("task_id")
+    try:
+        if task_id:
+            record = await request.app[TASKS].get(task_id)
+            if record is not None and record.status in TERMINAL:
+                return
+        await request.app[METER].unmetered(
+            key=ctx.key,
+            model=ctx.model,
+            route=ctx.route,
+            upstream=ctx.upstream,
+            request_id=ctx.request_id,
+            task_id=task_id,
+            reason=reason,
+        )
+    except Exception:
+        log.exception("recording an unmetered answer (request %s) failed", ctx.request_id)
 
 
 @dataclass(slots=True)
@@ -96,6 +166,8 @@ async def relay_response(
             except (aiohttp.ClientError, TimeoutError) as exc:
                 failure = map_client_error(exc)
                 metrics.upstream_errors.labels(upstream.name, failure.kind).inc()
+                if 200 <= resp.status < 300:
+                    await answer_lost(request, lost_reason(failure) or "truncated")
                 raise failure from None
             code = _error_code(resp.status, body)
             status, reason = resp.status, resp.reason
@@ -106,11 +178,16 @@ async def relay_response(
                     # status it came with, so every client backs off the same way.
                     status, reason = 429, "Too Many Requests"
                     headers["Retry-After"] = str(retry_after_of(resp.headers.get("Retry-After")))
-            facts = facts_from_bytes(body) if resp.status == 200 else BodyFacts()
+            parsed = parse_facts(body) if resp.status == 200 else BodyFacts()
             out = web.Response(status=status, reason=reason, body=body, headers=headers)
-            relayed = Relayed(out, status, facts, code, True, upstream_rid)
+            relayed = Relayed(out, status, parsed or BodyFacts(), code, True, upstream_rid)
             if settle is not None:
                 await _settle_safely(settle, relayed, upstream)
+            if parsed is None:
+                # Relayed unchanged all the same: the client may make more of it.
+                await answer_lost(request, "invalid_json")
+            else:
+                request[ANSWER] = RECEIVED
             return relayed
         return await _stream(
             request,
@@ -153,6 +230,7 @@ async def _stream(
     except _CLIENT_GONE:
         client_alive = False
     complete = False
+    failure: UpstreamFailure | None = None
     # With a Content-Length the client has the whole answer once its last byte is
     # written, before `write_eof`: hold each chunk back until the next arrives, so the
     # last one is written only after settling (a client that read the answer can rely
@@ -183,8 +261,7 @@ async def _stream(
             upstream.name,
             failure.kind,
         )
-        _abort(request)
-        client_alive = False
+        client_alive = False  # closed below, once what is lost is on record
     code = _error_code(resp.status, bytes(err_head) if err_head is not None else None)
     if sse and isinstance(sniffer, SseSniffer) and sniffer.error:
         code = code or "stream_error"
@@ -194,7 +271,16 @@ async def _stream(
     relayed = Relayed(out, resp.status, facts, code, complete, upstream_rid)
     if settle is not None:
         await _settle_safely(settle, relayed, upstream)
-    if client_alive:
+    if 200 <= resp.status < 300 and facts.image_count is None:
+        if failure is not None:
+            await answer_lost(request, lost_reason(failure) or "truncated")
+        elif sniffer.invalid:
+            await answer_lost(request, "invalid_json")
+    if request.get(ANSWER) != LOST:
+        request[ANSWER] = RECEIVED
+    if failure is not None:
+        _abort(request)
+    elif client_alive:
         with contextlib.suppress(*_CLIENT_GONE):
             if held and complete:
                 await out.write(held)
@@ -216,6 +302,7 @@ async def _settle_safely(settle: Settle, relayed: Relayed, upstream: UpstreamCon
 
 
 def _abort(request: web.Request) -> None:
+    request[ABORTED] = True
     transport = request.transport
     if transport is not None:
         transport.close()

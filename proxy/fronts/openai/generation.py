@@ -14,8 +14,11 @@ the client's behalf and reads small JSON answers whole:
   until the task ends or the caller's deadline passes.
 
 Upstream errors come back as `GatewayError`s in the OpenAI envelope
-(`openai_translate.upstream_error`). Deliberately not here: request and
-response translation, image fetching, HTTP handlers.
+(`openai_translate.upstream_error`). An answer that could carry images but is
+never read whole (a read timeout, a truncated body, a 200 that is not JSON) is
+counted as unmetered (`relay.answer_lost`, with the task id of a poll) before
+the error is raised. Deliberately not here: request and response translation,
+image fetching, HTTP handlers.
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ from proxy.jsonutil import dumps, loads
 from proxy.metering import facts_from_json
 from proxy.runtime import METRICS, RUNTIME, TASKS, RequestContext
 from proxy.state.tasks import TERMINAL, TaskRecord
-from proxy.upstream.call import map_client_error
+from proxy.upstream.call import UpstreamFailure, map_client_error
 from proxy.upstream.failover import call_pinned, call_with_failover
+from proxy.upstream.relay import ANSWER, AWAITED, RECEIVED, answer_lost, lost_reason
 
 # DashScope's JSON answers are a few KB; anything near this is not an answer.
 MAX_ANSWER_BYTES = 8 * 1024 * 1024
@@ -104,15 +108,31 @@ async def _call(
         headers["Content-Type"] = "application/json"
         return headers
 
-    async with call_with_failover(
-        request, candidates, endpoint, "POST", path, headers_for, body
-    ) as call:
-        return call.upstream, await _read_answer(request, call.upstream, call.response)
+    request[ANSWER] = AWAITED
+    try:
+        async with call_with_failover(
+            request, candidates, endpoint, "POST", path, headers_for, body
+        ) as call:
+            return call.upstream, await _read_answer(request, call.upstream, call.response)
+    except UpstreamFailure as failure:
+        await _lost(request, failure)
+        raise
+
+
+async def _lost(request: web.Request, failure: UpstreamFailure, task_id: str | None = None) -> None:
+    """A call that failed after it was sent (no-op otherwise): DashScope may have run it."""
+    reason = lost_reason(failure)
+    if reason is not None:
+        await answer_lost(request, reason, task_id)
 
 
 async def _read_answer(
-    request: web.Request, upstream: UpstreamConfig, resp: aiohttp.ClientResponse
+    request: web.Request,
+    upstream: UpstreamConfig,
+    resp: aiohttp.ClientResponse,
+    task_id: str | None = None,
 ) -> Answer:
+    """The answer read whole; a 2xx that cannot be is counted as unmetered, then raised."""
     metrics = request.app[METRICS]
     try:
         if resp.content_length is not None and resp.content_length > MAX_ANSWER_BYTES:
@@ -127,6 +147,8 @@ async def _read_answer(
     except (aiohttp.ClientError, TimeoutError) as exc:
         failure = map_client_error(exc)
         metrics.upstream_errors.labels(upstream.name, failure.kind).inc()
+        if 200 <= resp.status < 300:
+            await _lost(request, failure, task_id)
         raise failure from None
     finally:
         resp.release()
@@ -146,6 +168,8 @@ async def _read_answer(
         metrics.upstream_errors.labels(upstream.name, label).inc()
     elif not isinstance(parsed, dict):
         metrics.upstream_errors.labels(upstream.name, "bad_answer").inc()
+        # Not JSON (or too large to read): whatever it says was generated is lost.
+        await answer_lost(request, "invalid_json", task_id)
         raise upstream_bad_answer("DashScope answered with a body that is not JSON.")
     return answer
 
@@ -188,6 +212,7 @@ async def call_sync(
             task_id=facts.task_id,
             anomaly=facts.anomaly,
         )
+    request[ANSWER] = RECEIVED
     return answer.body
 
 
@@ -223,6 +248,7 @@ async def submit(
         meta,
     )
     await request.app[TASKS].put(record)
+    request[ANSWER] = RECEIVED  # the task is recorded: its polls (or the reconciler) count it
     _seen_succeeding(request, ctx, model)
     return record
 
@@ -239,11 +265,16 @@ async def poll_once(
 ) -> Answer:
     """GET the task once; meter it if this is the first poll that shows it SUCCEEDED."""
     headers = dashscope_headers(request.headers, upstream.api_key, async_=False)
-    # Pinned: the task exists only on the upstream that created it.
-    async with call_pinned(
-        request.app, upstream, "tasks.get", "GET", f"/tasks/{record.task_id}", headers, None
-    ) as call:
-        answer = await _read_answer(request, upstream, call.response)
+    request[ANSWER] = AWAITED
+    try:
+        # Pinned: the task exists only on the upstream that created it.
+        async with call_pinned(
+            request.app, upstream, "tasks.get", "GET", f"/tasks/{record.task_id}", headers, None
+        ) as call:
+            answer = await _read_answer(request, upstream, call.response, record.task_id)
+    except UpstreamFailure as failure:
+        await _lost(request, failure, record.task_id)
+        raise
     if answer.status == 200:
         await settle_task(
             request.app,
@@ -252,6 +283,7 @@ async def poll_once(
             answer.status,
             facts_from_json(answer.body),
         )
+    request[ANSWER] = RECEIVED
     return answer
 
 
