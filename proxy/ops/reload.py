@@ -61,7 +61,16 @@ def restart_required(startup: Config, new: Config) -> list[str]:
     """
     out: list[str] = []
     old_s, new_s = startup.server, new.server
-    for name in ("host", "port", "backlog", "workers", "shutdown_grace_seconds", "usage_log"):
+    for name in (
+        "host",
+        "port",
+        "backlog",
+        "workers",
+        "shutdown_grace_seconds",
+        "metrics_port",
+        "final_scrape_seconds",
+        "usage_log",
+    ):
         before, after = getattr(old_s, name), getattr(new_s, name)
         if before != after:
             out.append(f"server.{name}: {before!r} -> {after!r}")
