@@ -148,6 +148,11 @@ class StateConfig:
     backend: str = "local"
     path: str = "./dashscope-proxy-state.db"
     url: str | None = None
+    # Managed Redis: the password apart from the URL (any characters, from a Secret via
+    # ${VAR}; overrides one in the URL), and the CA that signed a `rediss://` server's
+    # certificate when it is not a public one.
+    password: str | None = None
+    tls_ca_file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

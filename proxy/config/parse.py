@@ -190,7 +190,18 @@ def _parse_state(s: Section) -> StateConfig:
         s.p.add(s.loc("url"), "is required with backend: redis")
     if url and not url.startswith(("redis://", "rediss://", "unix://")):
         s.p.add(s.loc("url"), "must be a redis:// , rediss:// or unix:// URL")
-    return StateConfig(backend=backend, path=s.text("path", d.path), url=url)
+    ca = s.text("tls_ca_file")
+    if ca and url and not url.startswith("rediss://"):
+        s.p.add(s.loc("tls_ca_file"), "needs a rediss:// url (TLS)")
+    if ca and not Path(ca).is_file():
+        s.p.add(s.loc("tls_ca_file"), f"no such file: {ca}")
+    return StateConfig(
+        backend=backend,
+        path=s.text("path", d.path),
+        url=url,
+        password=s.text("password"),
+        tls_ca_file=ca,
+    )
 
 
 def _parse_tasks(s: Section) -> TasksConfig:
@@ -288,7 +299,7 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
             p.add(f"keys[{i}]", "a client key must not equal an upstream api_key")
 
     models = _parse_models(root.section("models", set(root.data.get("models") or {})), p)
-    state = _parse_state(root.section("state", {"backend", "path", "url"}))
+    state = _parse_state(root.section("state", set(StateConfig.__dataclass_fields__)))
     openai = _parse_openai(
         root.section(
             "openai",

@@ -81,11 +81,11 @@ def restart_required(startup: Config, new: Config) -> list[str]:
             f"server.max_body_bytes: raised {old_s.max_body_bytes} -> "
             f"{new_s.max_body_bytes} (lowering applies at once)"
         )
-    for name in ("backend", "path", "url"):
+    for name in ("backend", "path", "url", "password", "tls_ca_file"):
         before, after = getattr(startup.state, name), getattr(new.state, name)
         if before != after:
             # The URL may carry a password: name the field, not the value.
-            shown = "changed" if name == "url" else f"{before!r} -> {after!r}"
+            shown = "changed" if name in ("url", "password") else f"{before!r} -> {after!r}"
             out.append(f"state.{name}: {shown}")
     # The ClientSession lives as long as the app, so in-flight requests keep
     # their connections and new upstreams simply work. Its connector's per-host

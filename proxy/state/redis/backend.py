@@ -69,6 +69,7 @@ class RedisState(StateBackend):
             socket_connect_timeout=SOCKET_TIMEOUT,
             retry=Retry(NoBackoff(), 0),
             decode_responses=True,
+            **managed_redis_options(config),
         )
         client = Redis(connection_pool=pool)
         spool = LocalStore(config.path)
@@ -177,3 +178,16 @@ class RedisState(StateBackend):
 
 
 # ----------------------------------------------------------------------- limits
+
+
+def managed_redis_options(config: StateConfig) -> dict[str, str]:
+    """Pure: connection options for managed Redis: `state.password` (used when the URL
+    carries none; any characters, so a Secret needs no URL-encoding) and, for a
+    `rediss://` URL, `state.tls_ca_file` (the CA of a private certificate; without it the
+    system's trusted CAs verify the server)."""
+    options: dict[str, str] = {}
+    if config.password:
+        options["password"] = config.password
+    if config.tls_ca_file and (config.url or "").startswith("rediss://"):
+        options["ssl_ca_certs"] = config.tls_ca_file
+    return options
