@@ -28,6 +28,9 @@ def sha256_hex(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
+DEFAULT_USAGE_LOG = "./dashscope-proxy-usage.jsonl"
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     """How the gateway listens and what it accepts."""
@@ -59,8 +62,10 @@ class ServerConfig:
     access_log: bool = True
     # Whether access-log lines may hold the prompt (truncated). Off by default.
     log_prompts: bool = False
-    # Append-only JSONL ledger of metered images, for chargeback. None = off.
-    usage_log: str | None = None
+    # Append-only JSONL ledger of metered images, for chargeback: on by default, because
+    # finance needs it and turning it on later cannot recover what was not written.
+    # None (`usage_log: null`) = off.
+    usage_log: str | None = DEFAULT_USAGE_LOG
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +122,9 @@ class LimitsConfig:
     concurrent_requests: int | None = None
     images_per_day: int | None = None
     images_per_month: int | None = None
+    # In `pricing.currency`, per UTC day / month.
+    spend_per_day: float | None = None
+    spend_per_month: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +204,37 @@ class OpenAIConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PriceTier:
+    """The price of an image of at most `max_pixels` (width x height)."""
+
+    max_pixels: int
+    per_image: float
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """The price of one generated image of models matching `pattern` (a glob).
+
+    DashScope prices some models by output resolution (qwen-image-3.0-pro: 1K vs 2K), so
+    `tiers` (in increasing `max_pixels`) are tried first against the delivered image's
+    size; `per_image` applies above the last tier and when the size is unknown.
+    """
+
+    pattern: str
+    per_image: float
+    tiers: tuple[PriceTier, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PricingConfig:
+    """`pricing:` what each delivered image costs. No built-in prices: DashScope's differ by
+    region and change, so an unlisted model is unpriced (counted, cost unknown)."""
+
+    currency: str = "USD"  # a label; amounts are plain numbers
+    models: tuple[ModelPrice, ...] = ()  # first matching pattern wins
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole, validated gateway configuration."""
 
@@ -206,6 +245,7 @@ class Config:
     state: StateConfig = StateConfig()
     openai: OpenAIConfig = OpenAIConfig()
     tasks: TasksConfig = TasksConfig()
+    pricing: PricingConfig = PricingConfig()
 
     def upstreams_for(self, model: str) -> tuple[UpstreamConfig, ...]:
         """Upstreams serving `model`, in config order."""

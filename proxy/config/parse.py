@@ -22,6 +22,7 @@ import yaml
 
 from proxy.catalogue import override_problem
 from proxy.config.model import (
+    DEFAULT_USAGE_LOG,
     CircuitBreakerConfig,
     Config,
     ConfigError,
@@ -37,6 +38,7 @@ from proxy.config.model import (
     UpstreamConfig,
     sha256_hex,
 )
+from proxy.config.pricing import parse_pricing
 from proxy.config.sections import Problems, Section, interpolate
 
 # libyaml's safe loader when PyYAML has it: ~10x faster on a config with a
@@ -48,7 +50,7 @@ _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 def _parse_server(s: Section) -> ServerConfig:
     d = ServerConfig()
-    usage_log = s.text("usage_log")
+    usage_log = s.text_or_off("usage_log", DEFAULT_USAGE_LOG)
     port = s.integer("port", d.port, 0, 65535)
     workers = s.integer("workers", d.workers, 1, 256)
     metrics_port = s.integer("metrics_port", None, 0, 65535)
@@ -144,13 +146,15 @@ def _parse_key(s: Section) -> KeyConfig:
         s.p.add(s.loc("key_sha256"), "must be 64 hex characters (see `dashscope-proxy hash-key`)")
     lim = s.section(
         "limits",
-        {"requests_per_minute", "concurrent_requests", "images_per_day", "images_per_month"},
+        set(LimitsConfig.__dataclass_fields__),
     )
     limits = LimitsConfig(
         requests_per_minute=lim.integer("requests_per_minute", None, 1),
         concurrent_requests=lim.integer("concurrent_requests", None, 1),
         images_per_day=lim.integer("images_per_day", None, 0),
         images_per_month=lim.integer("images_per_month", None, 0),
+        spend_per_day=lim.optional_number("spend_per_day"),
+        spend_per_month=lim.optional_number("spend_per_month"),
     )
     key_sha = sha256_hex(secret) if secret else (digest or "").lower()
     return KeyConfig(
@@ -255,7 +259,10 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
         raise ConfigError([f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
     raw = interpolate(raw, "", environ, p)
     root = Section(
-        raw, "", p, {"server", "upstreams", "keys", "models", "state", "openai", "tasks"}
+        raw,
+        "",
+        p,
+        {"server", "upstreams", "keys", "models", "state", "openai", "tasks", "pricing"},
     )
 
     server = _parse_server(root.section("server", set(ServerConfig.__dataclass_fields__)))
@@ -312,6 +319,7 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
         )
     )
     tasks = _parse_tasks(root.section("tasks", set(TasksConfig.__dataclass_fields__)))
+    pricing = parse_pricing(root.section("pricing", {"currency", "models"}))
     if p.items:
         raise ConfigError(p.items)
     return Config(
@@ -322,6 +330,7 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
         models=models,
         state=state,
         openai=openai,
+        pricing=pricing,
     )
 
 

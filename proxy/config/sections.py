@@ -82,6 +82,19 @@ class Section:
             return default
         return self._get(key, default, lambda v: isinstance(v, str), "a string")
 
+    def text_or_off(self, key: str, default: str) -> str | None:
+        """A string that `null` turns off: absent = `default`, `null` = None. (Elsewhere
+        null means "the default"; here the default is on, so null must be able to say off.)"""
+        if key not in self.data:
+            return default
+        if self.data[key] is None:
+            return None
+        value = self.text(key, default)
+        if value == "":
+            self.p.add(self.loc(key), "must be a path, or null to turn it off")
+            return default
+        return str(value)
+
     def flag(self, key: str, default: bool) -> bool:
         return bool(self._get(key, default, lambda v: isinstance(v, bool), "true or false"))
 
@@ -102,6 +115,14 @@ class Section:
             return isinstance(v, int | float) and not isinstance(v, bool) and v >= minimum
 
         return float(self._get(key, default, ok, f"a number >= {minimum:g}"))
+
+    def optional_number(self, key: str, minimum: float = 0.0) -> float | None:
+        """A number >= `minimum`, or None when absent or null (an unset limit)."""
+        if self.data.get(key) is None:
+            return None
+        before = len(self.p.items)
+        value = self.number(key, minimum, minimum)
+        return None if len(self.p.items) > before else value
 
     def globs(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
         v = self.data.get(key)
