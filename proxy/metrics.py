@@ -35,26 +35,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from proxy import __version__
 
 # Image generation takes seconds to minutes; the tail needs buckets up to 10 min.
-REQUEST_BUCKETS = (
-    0.005,
-    0.025,
-    0.1,
-    0.25,
-    0.5,
-    1,
-    2.5,
-    5,
-    10,
-    20,
-    30,
-    45,
-    60,
-    90,
-    120,
-    180,
-    300,
-    600,
-)
+_SUB_MINUTE = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45)
+REQUEST_BUCKETS = (*_SUB_MINUTE, 60, 90, 120, 180, 300, 600)
 
 OTHER = "other"
 ANONYMOUS = "anonymous"
@@ -167,6 +149,13 @@ class Metrics:
             ["key", "model"],
             registry=registry,
         )
+        self.cost = Counter(
+            "dashscope_proxy_cost_total",
+            "What the images cost under the config's pricing (in `currency`), by key and model; "
+            "unpriced images are not in it.",
+            ["key", "model", "currency"],
+            registry=registry,
+        )
         self.request_duration = Histogram(
             "dashscope_proxy_request_duration_seconds",
             "Time from request received to response finished.",
@@ -225,6 +214,7 @@ class Metrics:
         self._req_children: dict[tuple[str, str, str, str], Counter] = {}
         self._dur_children: dict[tuple[str, str], Histogram] = {}
         self._img_children: dict[tuple[str, str], Counter] = {}
+        self._cost_children: dict[tuple[str, str, str], Counter] = {}
         self._inflight_children: dict[str, Gauge] = {}
         self._upstream_children: dict[tuple[str, str], Histogram] = {}
         # Resilience (proxy.upstream.failover, proxy.core.limits, proxy.state.local). Every label
@@ -340,6 +330,22 @@ class Metrics:
         if c is None:
             c = self._img_children[(key, model)] = self.images.labels(key, model)
         return c
+
+    def cost_counter(self, key: str, model: str, currency: str) -> Counter:
+        k = (key, model, currency)
+        c = self._cost_children.get(k)
+        if c is None:
+            c = self._cost_children[k] = self.cost.labels(*k)
+        return c
+
+    def precreate_cost(
+        self, key_names: Iterable[str], models: Iterable[str], currency: str
+    ) -> None:
+        """Cost series of configured keys and priced models exist at 0 (as `precreate`)."""
+        wanted = list(models)
+        for key in key_names:
+            for model in wanted:
+                self.cost_counter(key, model, currency)
 
     def inflight_gauge(self, route: str) -> Gauge:
         g = self._inflight_children.get(route)

@@ -24,9 +24,13 @@ KEY_B = "gw-team-b-secret-0002"
 
 
 def gateway_yaml(sim_url: str, state_path: Path, extra: str = "") -> str:
+    # The usage log is on by default (./dashscope-proxy-usage.jsonl): kept next to the
+    # state file so no test writes into the checkout. Before `port` on purpose: tests
+    # that add their own `usage_log` after `port: 0` override it (the last key wins).
     return f"""
 server:
   host: 127.0.0.1
+  usage_log: {state_path.with_name("usage-default.jsonl")}
   port: 0
 upstreams:
   - name: sim

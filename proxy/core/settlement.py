@@ -30,6 +30,7 @@ from aiohttp import web
 
 from proxy.config.model import KeyConfig, UpstreamConfig
 from proxy.core.admission import task_created, task_ended
+from proxy.core.pricing import cost_of
 from proxy.metering import BodyFacts
 from proxy.runtime import METER, METRICS, RUNTIME, TASKS, RequestContext, Runtime
 from proxy.state.tasks import TERMINAL, TaskRecord
@@ -58,22 +59,33 @@ async def meter(
     images: int,
     task_id: str | None = None,
     anomaly: str | None = None,
+    width: int | None = None,
+    height: int | None = None,
 ) -> None:
-    """Count `images` of `key` on `model` (the name the client asked for)."""
+    """Count `images` of `key` on `model` (the name the client asked for), priced at the
+    delivered `width` x `height` under the price table current now (a reload that changes
+    a price applies from the next image metered)."""
     if images <= 0:
         return
     if origin.ctx is not None:
         origin.ctx.images += images
+    rt = app[RUNTIME].current
+    pricing = rt.config.pricing
+    cost = cost_of(pricing, model, images, width, height)
     await app[METER].record(
         key=key,
         model=model,
-        model_label=app[RUNTIME].current.models.label(model),
+        model_label=rt.models.label(model),
         images=images,
         route=origin.route,
         upstream=upstream,
         request_id=origin.request_id,
         task_id=task_id,
         anomaly=anomaly,
+        width=width,
+        height=height,
+        cost=cost,
+        currency=pricing.currency if cost is not None else None,
     )
 
 
@@ -131,6 +143,8 @@ async def settle_answer(
                 upstream=upstream,
                 images=facts.image_count,
                 anomaly=facts.anomaly,
+                width=facts.width,
+                height=facts.height,
             )
         return None
     # An async submit (PENDING), or a sync_call answering the final task shape:
@@ -155,6 +169,8 @@ async def settle_answer(
                 images=facts.image_count,
                 task_id=facts.task_id,
                 anomaly=facts.anomaly,
+                width=facts.width,
+                height=facts.height,
             )
         return None
     if facts.image_count and finished and await store.claim_metering(facts.task_id):

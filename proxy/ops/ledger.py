@@ -1,12 +1,17 @@
 """The usage ledger: an append-only JSONL file with one line per metered event, for chargeback.
 
-Enabled by `server.usage_log: PATH`. A `Meter` listener: every time the gateway
-records images (the same moment `dashscope_proxy_images_total` grows) one line
-is appended:
+On by default (`server.usage_log`, default `./dashscope-proxy-usage.jsonl`; `null`
+turns it off). A `Meter` listener: every time the gateway records images (the same
+moment `dashscope_proxy_images_total` grows) one line is appended:
 
-    {"ts": "2026-11-22T02:50:46.123Z", "key": "team-a", "model": "qwen-image-2.0",
-     "images": 2, "route": "multimodal-generation", "upstream": "intl",
-     "request_id": "...", "task_id": null}
+    {"ts": "2026-11-22T02:50:46.123Z", "key": "team-a", "model": "qwen-image-3.0-pro",
+     "images": 2, "cost": 0.08, "currency": "USD", "width": 1024, "height": 1024,
+     "route": "multimodal-generation", "upstream": "intl", "request_id": "...",
+     "task_id": null}
+
+`cost` is what the images cost under `pricing:` when they were metered (null for a
+model with no price, with `currency` null too); `width`/`height` the delivered size
+DashScope reported (null when it did not). `dashscope-proxy usage` sums these lines.
 
 An answer that could carry images but was never received whole (read timeout,
 truncated or invalid body, cut at the end of a drain) gets a line too, with
@@ -30,8 +35,13 @@ Durability policy, and why:
   newline when the file is next opened, so consumers can skip the one line
   that does not parse and read on.
 - Rotation: rename the file at any time; the next write notices (as Python's
-  `WatchedFileHandler` does) and starts a new file at the configured path.
-  `copytruncate` also works, because of `O_APPEND`.
+  `WatchedFileHandler` does: the inode changed) and starts a new file at the
+  configured path. Every config reload (SIGHUP included) reopens the file too, at
+  once. `copytruncate` also works, because of `O_APPEND`.
+- A reload can turn the ledger on, off, or move it: `LedgerFollower` notices the
+  new runtime (at the next line, or within a second) and opens the new path before
+  closing the old one. If the new path cannot be opened, lines keep going to the old
+  file (nothing is lost) and the error is logged and counted.
 
 All file operations run on one dedicated thread, so a slow disk never stalls
 the event loop and lines keep their order. If a line cannot be written it is
@@ -39,7 +49,7 @@ logged at ERROR level in full (it holds no secret: key and upstream *names*)
 and counted in `dashscope_proxy_usage_log_errors_total`; the image metric has
 already counted it.
 
-Deliberately not here: reading or summing the ledger (any JSONL tool does).
+Deliberately not here: reading or summing the ledger (`proxy.ops.usage_report`).
 """
 
 from __future__ import annotations
@@ -60,11 +70,13 @@ from proxy.jsonutil import dumps
 from proxy.metering import UnmeteredEvent, UsageEvent
 from proxy.metrics import Metrics
 from proxy.ops.accesslog import rfc3339
-from proxy.runtime import METER, METRICS, RUNTIME
+from proxy.runtime import METER, METRICS, RUNTIME, Runtime
 
 log = logging.getLogger(__name__)
 
 FSYNC_SECONDS = 1.0
+# How often the follower looks for a reload with nothing metered (turning off, moving).
+FOLLOW_SECONDS = 1.0
 # Owner read/write, group read (a log shipper in the group may read it).
 FILE_MODE = 0o640
 
@@ -77,12 +89,19 @@ def ledger_line(event: UsageEvent | UnmeteredEvent) -> bytes:
         "key": event.key,
         "model": event.model[:128] if event.model is not None else None,
         "images": event.images if isinstance(event, UsageEvent) else None,
+        "cost": None,
+        "currency": None,
+        "width": None,
+        "height": None,
         "route": event.route,
         "upstream": event.upstream,
         "request_id": event.request_id,
         "task_id": event.task_id,
     }
-    if isinstance(event, UnmeteredEvent):
+    if isinstance(event, UsageEvent):
+        line["cost"], line["currency"] = event.cost, event.currency
+        line["width"], line["height"] = event.width, event.height
+    else:
         line["reason"] = event.reason
     return dumps(line) + b"\n"
 
@@ -103,6 +122,7 @@ class UsageLedger:
         # Lines waiting for the thread, and the task writing them (see _submit).
         self._queue: list[tuple[bytes, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
+        self._closed = False
 
     # -- everything below `_` runs on the ledger thread --------------------------------
 
@@ -139,6 +159,10 @@ class UsageLedger:
             self._close()
             self._open()
 
+    def _reopen(self) -> None:
+        self._close()
+        self._open()
+
     def _append_batch(self, data: bytes) -> int:
         """Append queued lines with one write(); how many bytes landed (short on a full disk)."""
         self._reopen_if_rotated()
@@ -160,6 +184,11 @@ class UsageLedger:
     async def open(self) -> None:
         await self._run(self._open)
         self._flusher = asyncio.create_task(self._flush_loop(), name="usage-ledger-fsync")
+
+    async def reopen(self) -> None:
+        """Close and open the path again (after a reload: logrotate's `create` + SIGHUP),
+        in order with the lines being written."""
+        await self._run(self._reopen)
 
     async def __call__(self, event: UsageEvent | UnmeteredEvent) -> None:
         line = ledger_line(event)
@@ -186,6 +215,9 @@ class UsageLedger:
         per second; at low rates a batch is one line, as before.
         """
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            fut.set_exception(OSError(f"usage ledger {self.path} is closed"))
+            return fut
         self._queue.append((line, fut))
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_queued(), name="usage-ledger-write")
@@ -227,6 +259,7 @@ class UsageLedger:
                 log.error("usage ledger %s: fsync failed (%s)", self.path, exc.strerror or exc)
 
     async def close(self) -> None:
+        self._closed = True
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -238,29 +271,115 @@ class UsageLedger:
         self._executor.shutdown(wait=True)
 
 
-async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Cleanup context: open the ledger if configured, listen to the Meter, close at the end.
+class LedgerFollower:
+    """The `Meter` listener: each line goes to the ledger of the current config.
 
-    The path is fixed at startup (a reload that changes it logs a warning).
-    Opening fails loudly: an operator who asked for a ledger must not run without one.
+    A reload swaps the runtime; the first line after it (or the background check,
+    within a second) makes the follower reopen the same path, open a new one, or
+    close the ledger, as `server.usage_log` now says.
+    """
+
+    def __init__(self, app: web.Application, ledger: UsageLedger | None) -> None:
+        self._app = app
+        self.ledger = ledger
+        self._seen: Runtime = app[RUNTIME].current
+        self._lock = asyncio.Lock()
+
+    async def __call__(self, event: UsageEvent | UnmeteredEvent) -> None:
+        if self._app[RUNTIME].current is not self._seen:
+            await self.follow()
+        # No await between reading the ledger and queueing the line on it: a ledger
+        # being replaced is closed only after the lines queued on it are written.
+        ledger = self.ledger
+        if ledger is not None:
+            await ledger(event)
+
+    async def follow(self) -> None:
+        """Apply the current config's `server.usage_log` if a reload changed the runtime."""
+        async with self._lock:
+            runtime = self._app[RUNTIME].current
+            if runtime is self._seen:
+                return
+            self._seen = runtime
+            path = runtime.config.server.usage_log
+            old = self.ledger
+            if old is None and not path:
+                return  # still off
+            if old is not None and old.path == path:
+                try:
+                    await old.reopen()
+                except OSError as exc:
+                    self._failed(path, exc)
+                return
+            new = None
+            if path:
+                new = UsageLedger(path, self._app[METRICS])
+                try:
+                    await new.open()
+                except OSError as exc:
+                    await new.close()
+                    self._failed(path, exc)
+                    return  # keep the old ledger (if any): nothing is lost
+            self.ledger = new
+            log.info("usage ledger: %s", f"appending to {path}" if path else "off")
+            if old is not None:
+                await old.close()
+
+    def _failed(self, path: str | None, exc: OSError) -> None:
+        self._app[METRICS].usage_log_errors.inc()
+        kept = f"lines still go to {self.ledger.path}" if self.ledger else "no lines are written"
+        log.error(
+            "usage ledger %s: cannot open after the reload (%s); %s until a reload fixes it "
+            "(the image metric still counts)",
+            path,
+            exc.strerror or exc,
+            kept,
+        )
+
+    async def close(self) -> None:
+        if self.ledger is not None:
+            await self.ledger.close()
+            self.ledger = None
+
+
+async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: open the configured ledger, listen to the Meter, follow reloads,
+    close at the end.
+
+    Opening at startup fails loudly: an operator who asked for a ledger (or kept the
+    default) must not run without one. After a reload a failure is logged and counted
+    instead, because the gateway is already serving.
     """
     path = app[RUNTIME].current.config.server.usage_log
-    if not path:
-        yield
-        return
-    ledger = UsageLedger(path, app[METRICS])
-    try:
-        await ledger.open()
-    except OSError as exc:
-        await ledger.close()
-        raise OSError(exc.errno, f"usage ledger {path}: {exc.strerror or exc}") from None
+    ledger = None
+    if path:
+        ledger = UsageLedger(path, app[METRICS])
+        try:
+            await ledger.open()
+        except OSError as exc:
+            await ledger.close()
+            raise OSError(exc.errno, f"usage ledger {path}: {exc.strerror or exc}") from None
+        log.info("usage ledger: appending to %s", path)
+    follower = LedgerFollower(app, ledger)
     meter = app[METER]
-    meter.listeners.append(ledger)
-    meter.unmetered_listeners.append(ledger)
-    log.info("usage ledger: appending to %s", path)
+    meter.listeners.append(follower)
+    meter.unmetered_listeners.append(follower)
+
+    async def follow_forever() -> None:
+        while True:
+            await asyncio.sleep(FOLLOW_SECONDS)
+            try:
+                await follower.follow()
+            except Exception:
+                log.exception("usage ledger: following a reload failed")
+
+    task = asyncio.create_task(follow_forever(), name="usage-ledger-follow")
     try:
         yield
     finally:
-        meter.listeners.remove(ledger)
-        meter.unmetered_listeners.remove(ledger)
-        await ledger.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        meter.listeners.remove(follower)
+        meter.unmetered_listeners.remove(follower)
+        await follower.close()

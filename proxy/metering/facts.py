@@ -1,36 +1,27 @@
-"""Image counting: what DashScope says it generated, found in bodies we relay.
+"""What metering reads in DashScope's answers: image counts, task ids, delivered sizes.
 
 An image counts when DashScope reports it: `usage.image_count` (or
 `usage.output_image_count`, the qwen-image-3.0 family) of a sync JSON response,
 of the final SSE event, or of the first poll that shows a task SUCCEEDED (once
 per task: `TaskStore.claim_metering` decides). A successful answer that reports
 neither but holds images is counted by the images it holds, as an anomaly.
-Never the requested `n`, never a failed request.
+Never the requested `n`, never a failed request. The delivered size
+(`usage.width`/`height`, `output_width`/`output_height`, or `size`) is read too,
+because a price can depend on it; never the size the client asked for.
 
 The scanners here are pure and bounded: `BodySniffer` keeps a JSON body whole
 only while it is small (the usual case: a few KB) and otherwise scans a rolling
 window for the few fields metering needs, so a 6 MiB body costs a chunk of
 memory, not 6 MiB. `SseSniffer` keeps only the last complete event.
-
-`Meter` is the one place a count is recorded: the metric, and any listeners
-(usage ledger, quotas) the app registers. `Meter.unmetered` records what could
-not be counted (an answer never received whole: `UnmeteredEvent`), for the
-metric and the ledger only, since quotas have no number to charge.
 """
 
 from __future__ import annotations
 
-import logging
 import re
-import time
-from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from proxy.jsonutil import loads
-from proxy.metrics import Metrics
-
-log = logging.getLogger(__name__)
 
 # Bodies up to this size are parsed as JSON; larger ones are scanned.
 PARSE_LIMIT = 256 * 1024
@@ -42,6 +33,11 @@ _OUTPUT_IMAGE_COUNT = re.compile(rb'"output_image_count"\s*:\s*(\d{1,9})')
 _HELD_IMAGE = re.compile(rb'"(?:image|url)"\s*:\s*"')
 _TASK_STATUS = re.compile(rb'"task_status"\s*:\s*"([A-Z]{1,16})"')
 _TASK_ID = re.compile(rb'"task_id"\s*:\s*"([A-Za-z0-9_.:-]{1,128})"')
+# The delivered size, what a price tier is chosen by: `usage.width`/`height` (qwen-image),
+# `output_width`/`output_height` (qwen-image-3.0), or `size` "W*H" (wan2.6).
+_SIZE_FIELD = re.compile(rb'"(width|height|output_width|output_height)"\s*:\s*(\d{1,6})\b')
+_SIZE_TEXT = re.compile(rb'"size"\s*:\s*"(\d{1,6}\s*[*xX]\s*\d{1,6})"')
+_SIZE_STR = re.compile(r"^\s*(\d{1,6})\s*[*xX]\s*(\d{1,6})\s*$")
 
 # Why a count was inferred (the `reason` of `dashscope_proxy_metering_anomalies_total`).
 NO_COUNT_FIELD = "no_count_field"  # neither image_count nor output_image_count
@@ -54,7 +50,9 @@ class BodyFacts:
 
     `image_count` is DashScope's own count (`usage.image_count`, else
     `usage.output_image_count`); when a successful answer reports neither but holds
-    images, it is the images held and `anomaly` says why.
+    images, it is the images held and `anomaly` says why. `width`/`height` are the
+    delivered images' size as `usage` reports it (None when it does not): prices can
+    depend on it, never on the size the client asked for.
     """
 
     image_count: int | None = None
@@ -62,6 +60,31 @@ class BodyFacts:
     task_status: str | None = None
     finished: bool = False
     anomaly: str | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+def _dimension(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 1_000_000:
+        return value
+    return None
+
+
+def size_of(usage: object) -> tuple[int | None, int | None]:
+    """Pure: the delivered size `usage` reports: `width`/`height`, else
+    `output_width`/`output_height`, else `size` ("W*H"); (None, None) when none."""
+    if not isinstance(usage, dict):
+        return None, None
+    for w_name, h_name in (("width", "height"), ("output_width", "output_height")):
+        w, h = _dimension(usage.get(w_name)), _dimension(usage.get(h_name))
+        if w is not None and h is not None:
+            return w, h
+    size = usage.get("size")
+    if isinstance(size, str):
+        m = _SIZE_STR.match(size)
+        if m:
+            return _dimension(int(m.group(1))), _dimension(int(m.group(2)))
+    return None, None
 
 
 def _count(value: object) -> int | None:
@@ -132,8 +155,10 @@ def facts_from_json(obj: Any) -> BodyFacts:
             finished = finished or choices[-1].get("finish_reason") == "stop"
     # A sync answer is a success when it has output; a task only once SUCCEEDED.
     success = isinstance(output, dict) and status in (None, "SUCCEEDED")
-    count, anomaly = count_of(obj.get("usage"), output, success=success)
-    return BodyFacts(count, task_id, status, finished, anomaly)
+    usage = obj.get("usage")
+    count, anomaly = count_of(usage, output, success=success)
+    width, height = size_of(usage)
+    return BodyFacts(count, task_id, status, finished, anomaly, width, height)
 
 
 def parse_facts(body: bytes) -> BodyFacts | None:
@@ -157,6 +182,7 @@ class BodySniffer:
         "_buf",
         "_count",
         "_held",
+        "_sizes",
         "_output_count",
         "_overflow",
         "_status",
@@ -171,6 +197,8 @@ class BodySniffer:
         self._count: int | None = None
         self._output_count: int | None = None
         self._held = 0
+        # The last value seen of each `size_of` field, as a `usage` would hold it.
+        self._sizes: dict[str, int | str] = {}
         self._status: str | None = None
         self._task_id: str | None = None
 
@@ -208,6 +236,10 @@ class BodySniffer:
             # in the previous tail, or wholly in the chunk, is counted by its own scan.
             if not seam or m.start() < seam < m.end():
                 self._held += 1
+        for m in _SIZE_FIELD.finditer(window):
+            self._sizes[m.group(1).decode()] = int(m.group(2))
+        for m in _SIZE_TEXT.finditer(window):
+            self._sizes["size"] = m.group(1).decode()
         for m in _TASK_STATUS.finditer(window):
             self._status = m.group(1).decode()
         if self._task_id is None:
@@ -227,7 +259,10 @@ class BodySniffer:
         anomaly = None
         if count is None and self._held and self._status in (None, "SUCCEEDED"):
             count, anomaly = self._held, NO_COUNT_FIELD
-        return BodyFacts(count, self._task_id, self._status, anomaly=anomaly)
+        width, height = size_of(self._sizes)
+        return BodyFacts(
+            count, self._task_id, self._status, anomaly=anomaly, width=width, height=height
+        )
 
 
 class SseSniffer:
@@ -281,118 +316,3 @@ class SseSniffer:
     def facts(self) -> BodyFacts:
         """Facts of the final event; nothing if the stream ended on an error."""
         return BodyFacts() if self.error else self.last
-
-
-@dataclass(frozen=True, slots=True)
-class UsageEvent:
-    """One metered outcome: `images` generated for `key` on `model`."""
-
-    key: str
-    model: str
-    model_label: str
-    images: int
-    route: str
-    upstream: str
-    request_id: str
-    task_id: str | None
-    timestamp: float
-
-
-@dataclass(frozen=True, slots=True)
-class UnmeteredEvent:
-    """An answer that could carry images but was never received whole: DashScope may
-    have generated (and billed) images that no count shows. `reason` is one of
-    `proxy.metrics.UNMETERED_REASONS`."""
-
-    key: str
-    model: str | None
-    route: str
-    upstream: str | None
-    request_id: str
-    task_id: str | None
-    reason: str
-    timestamp: float
-
-
-UsageListener = Callable[[UsageEvent], Awaitable[None] | None]
-UnmeteredListener = Callable[[UnmeteredEvent], Awaitable[None] | None]
-
-
-class Meter:
-    """Records image counts: the metric first (never lost), then listeners."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-        self.listeners: list[UsageListener] = []
-        # Separate from `listeners`: quotas have no count to charge for these.
-        self.unmetered_listeners: list[UnmeteredListener] = []
-
-    async def unmetered(
-        self,
-        *,
-        key: str,
-        model: str | None,
-        route: str,
-        upstream: str | None,
-        request_id: str,
-        reason: str,
-        task_id: str | None = None,
-    ) -> None:
-        """Record an answer nothing could count: the metric, a warning, the listeners."""
-        self._metrics.unmetered_answers.labels(reason).inc()
-        event = UnmeteredEvent(
-            key, model, route, upstream, request_id, task_id, reason, time.time()
-        )
-        log.warning(
-            "metering: an answer was never received whole (%s): DashScope may have generated "
-            "images no count shows: %s",
-            reason,
-            event,
-        )
-        await _notify(self.unmetered_listeners, event, request_id)
-
-    async def record(
-        self,
-        *,
-        key: str,
-        model: str,
-        model_label: str,
-        images: int,
-        route: str,
-        upstream: str,
-        request_id: str,
-        task_id: str | None = None,
-        anomaly: str | None = None,
-    ) -> None:
-        if images <= 0:
-            return
-        self._metrics.image_counter(key, model_label).inc(images)
-        if anomaly is not None:
-            self._metrics.metering_anomalies.labels(anomaly).inc()
-            log.warning(
-                "metering: %s answer for request %s (task %s) reported no valid image count "
-                "(%s); counted the %d image(s) it holds",
-                model,
-                request_id,
-                task_id or "-",
-                anomaly,
-                images,
-            )
-        event = UsageEvent(
-            key, model, model_label, images, route, upstream, request_id, task_id, time.time()
-        )
-        await _notify(self.listeners, event, request_id)
-
-
-async def _notify(
-    listeners: Sequence[Callable[[Any], Awaitable[None] | None]], event: object, request_id: str
-) -> None:
-    for listener in list(listeners):
-        try:
-            result = listener(event)
-            if result is not None:
-                await result
-        except Exception:
-            # A broken ledger must not fail the request; the metric is
-            # already counted and the failure is loud in the log.
-            log.exception("usage listener failed for request %s", request_id)
