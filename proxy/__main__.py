@@ -6,6 +6,8 @@ dashscope-proxy demo [--port N]                       simulator + gateway, no ac
 dashscope-proxy check-config [--probe] PATH           validate, list every problem
                                                       (--probe: test each upstream's key)
 dashscope-proxy hash-key                              stdin key -> key_sha256
+dashscope-proxy usage [--since D] [--until D] [--by key,model,day] [--format F] [FILE ...]
+                                                      images and cost from the usage log
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from collections.abc import Sequence
 from proxy.config.model import ConfigError, UpstreamConfig, sha256_hex
 from proxy.config.parse import file_signature, load_config
 
-COMMANDS = ("demo", "check-config", "hash-key", "serve")
+COMMANDS = ("demo", "check-config", "hash-key", "usage", "serve")
 
 
 def _serve(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="dashscope-proxy",
         description="DashScope image-generation gateway.",
-        epilog="Other commands: demo, check-config PATH, hash-key.",
+        epilog="Other commands: demo, check-config PATH, hash-key, usage.",
     )
     parser.add_argument(
         "--config",
@@ -192,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check_config(rest)
         if cmd == "hash-key":
             return _hash_key(rest)
+        if cmd == "usage":
+            from proxy.ops.usage_report import main as usage_report
+
+            return usage_report(rest, os.environ)
         return _serve(rest)
     return _serve(args)
 

@@ -351,6 +351,34 @@ def file_signature(path: str | os.PathLike[str]) -> Signature | None:
     return (real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def usage_log_setting(path: str | os.PathLike[str], environ: Mapping[str, str]) -> str | None:
+    """Only `server.usage_log` of a config file (default when absent, None when `null`).
+
+    For `dashscope-proxy usage`, which finance may run without the secrets the rest of
+    the file interpolates (`${DASHSCOPE_API_KEY}`): only this value's `${VAR}`s must be set.
+    """
+    try:
+        raw = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_YAML_LOADER)  # noqa: S506
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read ({exc.strerror or exc})"]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "yaml"
+        raise ConfigError([f"{path}: {where}: not valid YAML"]) from None
+    p = Problems()
+    server = raw.get("server") if isinstance(raw, dict) else None
+    data = (
+        {"usage_log": server["usage_log"]}
+        if isinstance(server, dict) and "usage_log" in server
+        else {}
+    )
+    section = Section(interpolate(data, "server", environ, p), "server", p, {"usage_log"})
+    value = section.text_or_off("usage_log", DEFAULT_USAGE_LOG)
+    if p.items:
+        raise ConfigError(p.items)
+    return value
+
+
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
     """Read and parse a config file; `environ` defaults to the process environment."""
     try:

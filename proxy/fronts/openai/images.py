@@ -50,7 +50,7 @@ from proxy.errors import (
     upstream_bad_answer,
     upstream_unavailable,
 )
-from proxy.fronts.openai import generation
+from proxy.fronts.openai import generation, usage
 from proxy.fronts.openai.errors import bad_request, task_error, task_not_found
 from proxy.fronts.openai.input_images import data_url
 from proxy.fronts.openai.translate import (
@@ -353,3 +353,4 @@ def add_routes(app: web.Application, prefix: str = "/v1") -> None:
     r.add_get(prefix + "/images/generations/{task_id}", get_task, name="openai.tasks.get")
     r.add_post(prefix + "/images/edits", edits, name="openai.edits")
     r.add_get(prefix + "/models", list_models, name="openai.models")
+    usage.add_routes(app, prefix)  # GET /v1/usage
