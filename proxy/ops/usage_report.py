@@ -151,8 +151,9 @@ def read(report: Report, path: Path) -> None:
     groups = report.groups
     for number, raw in enumerate(open_lines(path), 1):
         report.lines += 1
-        if raw[:7] == _TS_PREFIX and _DAY.match(raw[7:17]):
-            # The ledger writes `ts` first: lines outside the dates need no parsing.
+        if raw[:7] == _TS_PREFIX and raw[30:32] == b'Z"' and _DAY.match(raw[7:17]):
+            # The ledger writes `ts` first, in UTC (`...T02:58:51.858Z`): lines outside
+            # the dates need no parsing.
             day_b = raw[7:17]
             if (since and day_b < since) or (until and day_b >= until):
                 continue
