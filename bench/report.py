@@ -6,8 +6,18 @@ from typing import Any
 
 from .core import Metric, ScenarioResult
 
-# `proxied request` and `expected` are the reconciler row's same-run references.
-COLUMNS = ("direct", "reference", "nginx", "workers=1", "proxied request", "expected", "gateway")
+# `proxied request` and `expected` are the reconciler row's same-run references;
+# `idle interpreter` the usage row's (the report's RSS before it reads anything).
+COLUMNS = (
+    "direct",
+    "reference",
+    "nginx",
+    "workers=1",
+    "proxied request",
+    "expected",
+    "idle interpreter",
+    "gateway",
+)
 
 
 def _num(v: float) -> str:

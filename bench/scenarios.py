@@ -25,6 +25,7 @@ from .core import (
 )
 from .procs import Proc
 from .reconcile import reconciler
+from .usage_report import usage_report
 
 Scenario = Callable[[Bench], ScenarioResult]
 
@@ -416,4 +417,5 @@ SCENARIOS: dict[str, Scenario] = {
     "soak": soak,
     "workers": workers,
     "reconciler": reconciler,
+    "usage": usage_report,
 }
