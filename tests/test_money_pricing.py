@@ -167,7 +167,12 @@ def test_no_pricing_means_every_image_unpriced(
     assert gw.images("team-a", PRO) == 2
     (line,) = ledger(tmp_path)
     assert (line["cost"], line["currency"], line["width"]) == (None, None, 2048)
-    assert not [s for s in gw.registry.collect() if s.name == "dashscope_proxy_cost" and s.samples]
+    # Only the series every key has from the start (model `other`), still at 0.
+    samples = [s for f in gw.registry.collect() for s in f.samples if s.name == COST]
+    assert {(s.labels["key"], s.labels["model"], s.value) for s in samples} == {
+        ("team-a", "other", 0.0),
+        ("team-b", "other", 0.0),
+    }
 
 
 def test_price_rules_are_pure_and_exact() -> None:

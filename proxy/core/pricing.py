@@ -195,12 +195,13 @@ SPEND = web.AppKey("spend", SpendBook)
 
 
 def priced_models(runtime: Runtime) -> list[str]:
-    """Label values of the priced models a dashboard should see at 0 from the start:
-    patterns that name one model (no glob characters)."""
+    """Label values a dashboard should see at 0 from the start, for every key: the priced
+    patterns that name one model (no glob characters), and `other`, so every configured
+    key has a cost series (at 0) before its first priced image, even with no `pricing:`."""
     names = [
         p.pattern for p in runtime.config.pricing.models if not any(c in p.pattern for c in "*?[")
     ]
-    return sorted({runtime.models.label(n) for n in names})
+    return sorted({runtime.models.label(n) for n in names} | {OTHER})
 
 
 def precreate(app: web.Application, runtime: Runtime) -> None:
