@@ -15,9 +15,11 @@ from typing import Any
 
 import dashscope
 import httpx
+import jsonschema
 import openai
 import pytest
 import requests
+import yaml
 from dashscope import MultiModalConversation
 
 from tests.conftest import KEY_A, KEY_B, UPSTREAM_KEY, GatewayFactory
@@ -61,12 +63,26 @@ def generate(key: str, model: str, size: str, n: int) -> None:
     assert rsp.status_code == 200, rsp
 
 
+def documented_schema() -> dict[str, Any]:
+    """The 200 answer's schema in proxy/openapi.yaml, with its period schema inlined."""
+    doc = yaml.safe_load(
+        (Path(__file__).resolve().parent.parent / "proxy/openapi.yaml").read_text()
+    )
+    schema: dict[str, Any] = doc["paths"]["/v1/usage"]["get"]["responses"]["200"]["content"][
+        "application/json"
+    ]["schema"]
+    period = doc["components"]["schemas"]["UsagePeriod"]
+    schema["properties"]["day"] = schema["properties"]["month"] = period
+    return schema
+
+
 def usage_of(base_url: str, key: str) -> dict[str, Any]:
     client = openai.OpenAI(base_url=base_url + "/v1", api_key=key, max_retries=0)
     raw = client.get("/usage", cast_to=httpx.Response)
     assert raw.status_code == 200
     assert raw.headers["content-type"].startswith("application/json")
     body: dict[str, Any] = raw.json()
+    jsonschema.validate(body, documented_schema())  # what the OpenAPI document promises
     return body
 
 
