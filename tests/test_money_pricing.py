@@ -252,3 +252,18 @@ keys: [{{name: t, key: abcdefghij, limits: {{spend_per_day: -2}}}}]
         parse_config(text, {})
     assert any(p.startswith(problem) for p in err.value.problems), err.value.problems
     assert "keys[0].limits.spend_per_day: must be a number >= 0, got -2" in err.value.problems
+
+
+def test_the_shipped_pricing_example_is_valid_and_names_every_model_it_leaves_out() -> None:
+    from proxy.metrics import KNOWN_MODELS
+
+    root = Path(__file__).resolve().parent.parent / "config"
+    example = (root / "pricing.example.yaml").read_text()
+    env = {"DASHSCOPE_API_KEY": "sk-x", "TEAM_A_KEY": "team-a-secret", "DASHSCOPE_API_KEY_CN": "y"}
+    config = parse_config((root / "example.yaml").read_text() + "\n" + example, env)
+    # No source the gateway was built from states a price: none is shipped as one ...
+    assert config.pricing.models == () and config.pricing.currency == "USD"
+    # ... and every DashScope image model it knows is listed as left out.
+    left_out = example.split("Models left out because no price is known")[1].split("\n\n")[0]
+    missing = [m for m in KNOWN_MODELS if f" {m}," not in left_out and f" {m}." not in left_out]
+    assert missing == []
