@@ -20,6 +20,17 @@ upstream's own connection and concurrency cap (`failover.call_pinned`), so
 polls never count against a key's rate limit and are counted on their own in
 `dashscope_proxy_reconciler_polls_total{upstream,outcome}`.
 
+Pending claims: a process killed between winning a task's metering claim and
+marking it counted leaves the claim pending (`proxy.state.Claim`). At startup
+and every `FINISH_SECONDS` this process finishes the pending claims whose
+owner is gone -- provably (a process of this host that no longer runs, checked
+once the claim is `MIN_PENDING_SECONDS` old) or presumably (older than
+`tasks.pending_claim_seconds`, default 30) -- through `settlement.finish_claim`,
+whether or not the reconciler polls (`tasks.reconcile: false`). The owner may
+have died after writing its usage-log line but before marking the claim done:
+when the claim names this process's ledger and host, the ledger's tail is read
+first and such a claim is marked done without counting it again.
+
 Deliberately not here: what a poll answer means for counts (`settlement`) and
 where the schedule is kept (`tasks.TaskStore.due` / `reschedule`).
 """
@@ -37,10 +48,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.config.model import TasksConfig
-from proxy.core.settlement import Origin, settle_task
+from proxy.core.settlement import COUNTING, Origin, finish_claim, settle_task
 from proxy.errors import GatewayError
+from proxy.jsonutil import loads
 from proxy.metering import facts_from_bytes
 from proxy.runtime import METRICS, RUNTIME, TASKS
+from proxy.state import Claim, owner_gone, owner_id, same_host
 from proxy.state.tasks import TERMINAL, TaskRecord
 from proxy.upstream.failover import call_pinned
 
@@ -54,6 +67,12 @@ LEASE_SECONDS = 120.0
 # DashScope's task answers are a few KB.
 MAX_ANSWER_BYTES = 1024 * 1024
 IDLE_SECONDS = 1.0  # how often an idle reconciler looks for due tasks
+FINISH_SECONDS = 2.0  # how often pending claims are looked at
+# A live owner marks its claim done milliseconds after making it: one pending this long
+# whose owner is provably gone is never one still being counted.
+MIN_PENDING_SECONDS = 5.0
+PENDING_CLAIM_SECONDS = 30.0  # `tasks.pending_claim_seconds` until the config has it
+LEDGER_SCAN_BYTES = 64 * 1024 * 1024  # at most this much of the ledger's tail is read
 
 
 def next_interval(age: float, config: TasksConfig) -> float:
@@ -190,6 +209,77 @@ def _headers(api_key: str) -> CIMultiDict[str]:
     return headers
 
 
+async def finish_pending(app: web.Application) -> int:
+    """Finish the claims left pending by owners that are gone; how many were finished."""
+    rt = app[RUNTIME].current
+    stale = float(getattr(rt.config.tasks, "pending_claim_seconds", PENDING_CLAIM_SECONDS))
+    ledger = rt.config.server.usage_log
+    me = owner_id()
+    now = time.time()
+    due: list[tuple[str, Claim]] = []
+    for task_id, claim in await app[TASKS].pending_claims(now - MIN_PENDING_SECONDS, 500):
+        if claim.owner == me and task_id in COUNTING:
+            continue  # being counted right now
+        if claim.owner == me or owner_gone(claim.owner) or now - claim.at >= stale:
+            due.append((task_id, claim))
+    if not due:
+        return 0
+    # Which of them did their owner write to this ledger before dying?
+    mine = {t for t, c in due if ledger and c.ledger == ledger and same_host(c.owner)}
+    written: set[str] = set()
+    if ledger and mine:
+        since = min(c.at for _, c in due) - 60.0
+        written = await asyncio.to_thread(ledger_has, ledger, mine, since)
+    finished = 0
+    for task_id, claim in due:
+        finished += await finish_claim(app, task_id, claim, written=task_id in written)
+    return finished
+
+
+def ledger_has(path: str, task_ids: set[str], since: float) -> set[str]:
+    """Which of `task_ids` have a line in the usage ledger at `path`: read backwards from
+    its end until lines older than `since` (or `LEDGER_SCAN_BYTES`). Torn lines are
+    skipped, as the ledger's readers should."""
+    cutoff = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since))
+    found: set[str] = set()
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below; a missing ledger holds nothing
+    except OSError:
+        return found
+    with f:
+        pos = end = f.seek(0, 2)
+        head = b""
+        while pos > 0 and end - pos < LEDGER_SCAN_BYTES and found != task_ids:
+            size = min(65536, pos)
+            pos -= size
+            f.seek(pos)
+            lines = (f.read(size) + head).split(b"\n")
+            head = lines.pop(0) if pos > 0 else b""
+            oldest = ""
+            for raw in reversed(lines):
+                try:
+                    line = loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(line, dict):
+                    if line.get("task_id") in task_ids:
+                        found.add(str(line["task_id"]))
+                    oldest = str(line.get("ts", oldest))
+            if oldest and oldest[:19] < cutoff:
+                break
+    return found
+
+
+async def finish_pending_forever(app: web.Application) -> None:
+    """At startup, then every `FINISH_SECONDS`: `finish_pending`."""
+    while True:
+        try:
+            await finish_pending(app)
+        except Exception:
+            log.exception("reconciler: finishing pending metering claims failed; retrying")
+        await asyncio.sleep(FINISH_SECONDS)
+
+
 RECONCILER = web.AppKey("reconciler", Reconciler)
 
 
@@ -197,9 +287,14 @@ async def reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context (after the state and limits contexts): the background poller."""
     reconciler = Reconciler(app)
     app[RECONCILER] = reconciler
-    task = asyncio.create_task(reconciler.run())
+    tasks = [
+        asyncio.create_task(reconciler.run()),
+        asyncio.create_task(finish_pending_forever(app)),
+    ]
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     await reconciler.stop()

@@ -12,7 +12,12 @@ saw it first:
   metered through the task's once-only claim);
 - `settle_task`: a task poll answer -- the task's last status is remembered,
   a reservation is freed when it ended without images, and the first
-  SUCCEEDED is metered exactly once (`TaskStore.claim_metering`).
+  SUCCEEDED is metered exactly once (`TaskStore.claim_metering`);
+- `count_once`: the once-per-task claim and its count. The claim is written
+  pending with what counting needs (`proxy.state.Claim`) and marked done once
+  `meter` has returned, so a process killed in between leaves a claim that
+  `finish_claim` counts later (`core.reconciler` finds them), instead of a
+  task claimed but never counted.
 
 Nothing here reads a request: the facts come from the caller, so a poll the
 gateway makes by itself (no client, no request) settles exactly like a
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aiohttp import web
 
@@ -33,11 +38,16 @@ from proxy.core.admission import task_created, task_ended
 from proxy.core.pricing import cost_of
 from proxy.metering import BodyFacts
 from proxy.runtime import METER, METRICS, RUNTIME, TASKS, RequestContext, Runtime
+from proxy.state import Claim, owner_id
 from proxy.state.tasks import TERMINAL, TaskRecord
 from proxy.upstream.failover import UpstreamCall
 from proxy.upstream.relay import Relayed, relay_response
 
 log = logging.getLogger(__name__)
+
+# Tasks whose claim this process holds and is counting right now: never finished by
+# `core.reconciler` meanwhile, however old the claim looks.
+COUNTING: set[str] = set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,16 +183,9 @@ async def settle_answer(
                 height=facts.height,
             )
         return None
-    if facts.image_count and finished and await store.claim_metering(facts.task_id):
-        await meter(
-            app,
-            origin,
-            key=key,
-            model=model,
-            upstream=upstream,
-            images=facts.image_count,
-            task_id=facts.task_id,
-            anomaly=facts.anomaly,
+    if facts.image_count and finished:
+        await count_once(
+            app, origin, facts.task_id, key=key, model=model, upstream=upstream, facts=facts
         )
     return record
 
@@ -195,30 +198,124 @@ async def settle_task(
     call counted its images."""
     if status != 200 or not facts.task_status:
         return False
-    store = app[TASKS]
+    counted = False
+    if facts.task_status == "SUCCEEDED" and facts.image_count:
+        # Claimed before the status is stored: a task is never final and unclaimed.
+        counted = await count_once(
+            app,
+            origin,
+            record.task_id,
+            key=record.key,
+            model=record.model,
+            upstream=record.upstream,
+            facts=facts,
+        )
     if facts.task_status != record.status:
-        await store.set_status(record.task_id, facts.task_status)
+        await app[TASKS].set_status(record.task_id, facts.task_status)
         if facts.task_status in TERMINAL and not (
             facts.task_status == "SUCCEEDED" and facts.image_count
         ):
             await task_ended(app, record.key, record.task_id)
-    if (
-        facts.task_status == "SUCCEEDED"
-        and facts.image_count
-        and await store.claim_metering(record.task_id)
-    ):
-        await meter(
-            app,
-            origin,
-            key=record.key,
-            model=record.model,
-            upstream=record.upstream,
-            images=facts.image_count,
-            task_id=record.task_id,
-            anomaly=facts.anomaly,
+    return counted
+
+
+async def count_once(
+    app: web.Application,
+    origin: Origin,
+    task_id: str,
+    *,
+    key: str,
+    model: str,
+    upstream: str,
+    facts: BodyFacts,
+) -> bool:
+    """Claim `task_id` and count the images `facts` report: once for every replica, poll
+    and restart. True if this call counted them."""
+    claim = Claim(
+        key=key,
+        model=model,
+        upstream=upstream,
+        images=facts.image_count or 0,
+        route=origin.route,
+        request_id=origin.request_id,
+        owner=owner_id(),
+        at=time.time(),
+        anomaly=facts.anomaly,
+        ledger=app[RUNTIME].current.config.server.usage_log,
+        width=facts.width,
+        height=facts.height,
+    )
+    if not await app[TASKS].claim_metering(task_id, claim):
+        return False
+    COUNTING.add(task_id)
+    try:
+        await _meter_claim(app, origin, task_id, claim)
+        await _done(app, task_id, claim)
+    finally:
+        COUNTING.discard(task_id)
+    return True
+
+
+async def finish_claim(app: web.Application, task_id: str, claim: Claim, *, written: bool) -> bool:
+    """Finish a claim its owner left pending (it died, or could not mark it done): take it
+    over, count its images unless its ledger line was `written` before the owner died,
+    mark it done. The take-over is a compare-and-set, so of several processes finishing
+    the same claim exactly one does. True if this call finished it."""
+    ledger = app[RUNTIME].current.config.server.usage_log
+    mine = replace(claim, owner=owner_id(), at=time.time(), ledger=ledger)
+    if not await app[TASKS].take_over(task_id, claim, mine):
+        return False
+    COUNTING.add(task_id)
+    try:
+        if not written:
+            await _meter_claim(app, Origin(claim.route, claim.request_id), task_id, claim)
+        await _done(app, task_id, mine)
+    finally:
+        COUNTING.discard(task_id)
+    finished = getattr(app[METRICS], "metering_claims_finished", None)  # once it exists
+    if finished is not None:
+        finished.labels("already_in_ledger" if written else "counted").inc()
+    log.warning(
+        "task %s: finished the metering claim %s left pending (%d image(s), %s)",
+        task_id,
+        claim.owner,
+        claim.images,
+        "already in the usage log" if written else "counted now",
+    )
+    return True
+
+
+async def _meter_claim(app: web.Application, origin: Origin, task_id: str, claim: Claim) -> None:
+    await meter(
+        app,
+        origin,
+        key=claim.key,
+        model=claim.model,
+        upstream=claim.upstream,
+        images=claim.images,
+        task_id=task_id,
+        anomaly=claim.anomaly,
+        width=claim.width,
+        height=claim.height,
+    )
+
+
+async def _done(app: web.Application, task_id: str, claim: Claim) -> None:
+    try:
+        done = await app[TASKS].finish_metering(task_id, claim)
+    except Exception:
+        # Counted, but still pending in the store: the reconciler finishes it (and
+        # finds its ledger line, if there is a ledger).
+        log.exception("marking the metering claim of task %s done failed", task_id)
+        return
+    if not done:
+        # Taken over meanwhile: this process stalled longer than
+        # `tasks.pending_claim_seconds` between claiming and counting.
+        log.warning(
+            "task %s: its metering claim was finished by another process while this one "
+            "counted it: its images may be counted twice",
+            task_id,
         )
-        return True
-    return False
 
 
 # --------------------------------------------------- settling a relayed answer

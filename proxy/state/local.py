@@ -21,8 +21,10 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from proxy.config.model import StateConfig
+from proxy.state import Claim, owner_gone
 from proxy.state.limiter import Limiter, LocalLimiter, day_period, month_period
 from proxy.state.tasks import COLUMNS, SqliteTaskStore, TaskRecord, TaskStore, record_of_row
 
@@ -39,10 +41,12 @@ CREATE TABLE IF NOT EXISTS usage (
 
 
 class LocalStore(SqliteTaskStore):
-    """The SQLite task store plus a per-key image usage table.
+    """The SQLite task store plus metering claims and a per-key image usage table.
 
     With the local backend the usage table holds the totals; with Redis it is
-    the outage spool: usage not yet added to Redis (drained on recovery).
+    the outage spool: usage not yet added to Redis (drained on recovery), and
+    tasks recorded or claimed during the outage, handed to Redis row by row
+    (`hand_over`, then `drop_handed`) so no claim made meanwhile is lost.
     """
 
     def _open(self) -> None:
@@ -107,29 +111,125 @@ class LocalStore(SqliteTaskStore):
 
         await self._run(op)
 
-    async def all_tasks(self, limit: int) -> list[TaskRecord]:
-        """Up to `limit` task records, oldest first (the outage spool, handed to Redis)."""
+    # ------------------------------------------------------------ metering claims
 
-        def op() -> list[TaskRecord]:
-            rows = (
-                self._db()
-                .execute(
-                    f"SELECT {COLUMNS} FROM tasks ORDER BY created_at LIMIT ?",  # noqa: S608
-                    (limit,),
+    async def claim_state(self, task_id: str, claim: Claim | None) -> str:
+        """Claim `task_id` here: WON, LOST (claimed before), HANDED (being written to
+        Redis by a spool push: claim it there) or ABSENT (no such row)."""
+        text = None if claim is None else claim.encode()
+        at = None if claim is None else claim.at
+
+        def op() -> str:
+            db = self._db()
+            for _ in range(2):
+                cur = db.execute(
+                    "UPDATE tasks SET metered = ?, claim = ?, claimed_at = ? "
+                    "WHERE task_id = ? AND metered = 0 AND handed IS NULL",
+                    (1 if claim is None else 2, text, at, task_id),
                 )
-                .fetchall()
-            )
-            return [record_of_row(r) for r in rows]
+                if cur.rowcount == 1:
+                    return WON
+                sql = "SELECT metered, handed FROM tasks WHERE task_id = ?"
+                row = db.execute(sql, (task_id,)).fetchone()
+                if row is None or row[0] or not owner_gone(str(row[1])):
+                    break
+                # Its pusher died mid-handover: the row is this file's again.
+                sql = "UPDATE tasks SET handed = NULL WHERE task_id = ? AND handed = ?"
+                db.execute(sql, (task_id, row[1]))
+            return ABSENT if row is None else LOST if row[0] else HANDED
 
         return await self._run(op)
 
-    async def delete_tasks(self, task_ids: Iterable[str]) -> None:
-        ids = [(t,) for t in task_ids]
+    async def claim_metering(self, task_id: str, claim: Claim | None = None) -> bool:
+        return await self.claim_state(task_id, claim) == WON
 
-        def op() -> None:
-            self._db().executemany("DELETE FROM tasks WHERE task_id = ?", ids)
+    async def finish_metering(self, task_id: str, claim: Claim) -> bool:
+        return await self._update(
+            "UPDATE tasks SET metered = 1 WHERE task_id = ? AND metered = 2 AND claim = ?",
+            (task_id, claim.encode()),
+        )
 
-        await self._run(op)
+    async def take_over(self, task_id: str, old: Claim, new: Claim) -> bool:
+        return await self._update(
+            "UPDATE tasks SET claim = ?, claimed_at = ? "
+            "WHERE task_id = ? AND metered = 2 AND claim = ? AND handed IS NULL",
+            (new.encode(), new.at, task_id, old.encode()),
+        )
+
+    async def _update(self, sql: str, args: tuple[object, ...]) -> bool:
+        return await self._run(lambda: self._db().execute(sql, args).rowcount == 1)
+
+    async def pending_claims(self, before: float, limit: int) -> list[tuple[str, Claim]]:
+        def op() -> list[tuple[str, str]]:
+            sql = (
+                "SELECT task_id, claim FROM tasks WHERE metered = 2 AND claimed_at <= ? "
+                "ORDER BY claimed_at LIMIT ?"
+            )
+            return [(str(t), str(c)) for t, c in self._db().execute(sql, (before, limit))]
+
+        found = [(t, Claim.decode(c)) for t, c in await self._run(op)]
+        return [(t, c) for t, c in found if c is not None]
+
+    # ------------------------------------------------- the outage spool's handover
+
+    async def hand_over(self, owner: str, limit: int) -> list[SpoolRow]:
+        """Up to `limit` rows marked as being written to Redis by `owner`, as they are
+        now. From here on no claim is won on them in this file (`claim_state` says
+        HANDED), so the claims they carry are final: one statement, atomic for every
+        process sharing the file. Rows left handed by a dead pusher are taken too."""
+
+        def op() -> list[SpoolRow]:
+            db = self._db()
+            handers = db.execute("SELECT DISTINCT handed FROM tasks WHERE handed IS NOT NULL")
+            stale = [str(h) for (h,) in handers if h == owner or owner_gone(str(h))]
+            cond = "handed IS NULL"
+            if stale:
+                cond += f" OR handed IN ({','.join('?' * len(stale))})"
+            sql = (
+                f"UPDATE tasks SET handed = ? WHERE task_id IN (SELECT task_id FROM tasks "  # noqa: S608
+                f"WHERE {cond} ORDER BY created_at LIMIT ?) RETURNING {_SPOOL_COLUMNS}"
+            )
+            return [_spool_row(r) for r in db.execute(sql, (owner, *stale, limit)).fetchall()]
+
+        return await self._run(op)
+
+    async def release_handed(self, owner: str, task_ids: list[str]) -> None:
+        """The push failed: the rows are this file's again."""
+        marks = ",".join("?" * len(task_ids))
+        sql = f"UPDATE tasks SET handed = NULL WHERE handed = ? AND task_id IN ({marks})"  # noqa: S608
+        await self._run(lambda: self._db().execute(sql, (owner, *task_ids)))
+
+    async def drop_handed(self, owner: str, task_ids: list[str]) -> list[SpoolRow]:
+        """The rows are in Redis: delete them, returned as they were at the end (a
+        status or a finished claim may have changed meanwhile)."""
+        marks = ",".join("?" * len(task_ids))
+        sql = (
+            f"DELETE FROM tasks WHERE handed = ? AND task_id IN ({marks}) "  # noqa: S608
+            f"RETURNING {_SPOOL_COLUMNS}"
+        )
+        rows = await self._run(lambda: self._db().execute(sql, (owner, *task_ids)).fetchall())
+        return [_spool_row(r) for r in rows]
+
+
+WON, LOST, HANDED, ABSENT = "won", "lost", "handed", "absent"
+_SPOOL_COLUMNS = f"{COLUMNS}, metered, claim"
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolRow:
+    """A spooled task as handed to Redis: its record, the raw `metered` column (0
+    unclaimed, 1 counted here, 2 pending here, 3 claimed elsewhere) and its claim."""
+
+    record: TaskRecord
+    metered: int
+    claim: str | None
+
+
+def _spool_row(row: tuple[object, ...]) -> SpoolRow:
+    claim = row[-1]
+    return SpoolRow(
+        record_of_row(row[:-2]), int(str(row[-2])), None if claim is None else str(claim)
+    )
 
 
 def current_periods(now: float) -> tuple[str, str]:

@@ -5,10 +5,14 @@ submitting key may see it, and a task is metered once. The gateway therefore
 records every task id it sees created, with its key, model and upstream.
 
 `TaskStore` is the interface; `SqliteTaskStore` is the embedded default (one
-file on local disk, survives restarts). A shared backend for several replicas
-implements the same protocol: every operation is a single-key read or write,
-and `claim_metering` is one atomic compare-and-set, so it maps onto Redis
-(`SET NX`) as directly as onto SQL (`UPDATE ... WHERE metered = 0`).
+file on local disk, survives restarts; its metering claims are in
+`state.local.LocalStore`). A shared backend for several replicas implements
+the same protocol: every operation is a single-key read or write, and
+`claim_metering` is one atomic compare-and-set, so it maps onto Redis
+(`SET NX`) as directly as onto SQL (`UPDATE ... WHERE metered = 0`). A claim
+is pending until `finish_metering` (see `proxy.state.Claim`), and
+`pending_claims` / `take_over` let another process finish it if its owner
+died in between.
 
 SQLite calls run on one dedicated thread that owns the connection: they never
 block the event loop, and there is no connection sharing across threads.
@@ -21,9 +25,11 @@ import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
+
+from proxy.state import Claim
 
 T = TypeVar("T")
 
@@ -58,8 +64,19 @@ class TaskStore(Protocol):
     async def set_status(self, task_id: str, status: str) -> None:
         """Remember the last status a poll showed."""
 
-    async def claim_metering(self, task_id: str) -> bool:
-        """True exactly once per task, for the caller that must count its images."""
+    async def claim_metering(self, task_id: str, claim: Claim | None = None) -> bool:
+        """True exactly once per task, for the caller that must count its images. With
+        `claim` the claim stays pending until `finish_metering`; without, it is done."""
+
+    async def finish_metering(self, task_id: str, claim: Claim) -> bool:
+        """Pending `claim` -> done, once its images are counted (compare-and-set)."""
+
+    async def take_over(self, task_id: str, old: Claim, new: Claim) -> bool:
+        """Pending `old` -> pending `new` (compare-and-set): of several processes
+        finishing a dead owner's claim, exactly one wins."""
+
+    async def pending_claims(self, before: float, limit: int) -> list[tuple[str, Claim]]:
+        """Up to `limit` claims still pending that were made before `before`."""
 
     async def due(self, now: float, limit: int, lease: float) -> list[TaskRecord]:
         """Up to `limit` unfinished tasks whose background poll is due at `now`, oldest
@@ -99,15 +116,29 @@ CREATE TABLE IF NOT EXISTS tasks (
     status     TEXT NOT NULL,
     metered    INTEGER NOT NULL DEFAULT 0,
     meta       TEXT,
-    next_check REAL
+    next_check REAL,
+    claim      TEXT,   -- the metering claim's `Claim.encode()`, pending and done
+    claimed_at REAL,
+    handed     TEXT    -- the outage spool: the process writing this row to Redis now
 );
 CREATE INDEX IF NOT EXISTS tasks_by_key ON tasks (key, created_at);
 """
-# Files written before the reconciler existed have no next_check column.
-_MIGRATIONS = (("next_check", "ALTER TABLE tasks ADD COLUMN next_check REAL"),)
-_OPEN_INDEX = (
+# `metered`: 0 unclaimed, 1 counted (by this file's processes), 2 claimed and pending
+# (`claim` says what to count), 3 claimed elsewhere (a copy of a Redis record).
+# Older files lack the columns after meta.
+_MIGRATIONS = tuple(
+    (column, f"ALTER TABLE tasks ADD COLUMN {column} {kind}")
+    for column, kind in (
+        ("next_check", "REAL"),
+        ("claim", "TEXT"),
+        ("claimed_at", "REAL"),
+        ("handed", "TEXT"),
+    )
+)
+_INDEXES = (
     "CREATE INDEX IF NOT EXISTS tasks_open ON tasks (next_check) "
-    "WHERE status NOT IN ('SUCCEEDED', 'FAILED', 'CANCELED', 'UNKNOWN')"
+    "WHERE status NOT IN ('SUCCEEDED', 'FAILED', 'CANCELED', 'UNKNOWN')",
+    "CREATE INDEX IF NOT EXISTS tasks_pending ON tasks (claimed_at) WHERE metered = 2",
 )
 COLUMNS = "task_id, key, model, upstream, route, created_at, status, metered, meta, next_check"
 _NOT_FINAL = "status NOT IN ('SUCCEEDED', 'FAILED', 'CANCELED', 'UNKNOWN')"
@@ -141,8 +172,13 @@ class SqliteTaskStore:
         have = {str(r[1]) for r in conn.execute("PRAGMA table_info(tasks)")}
         for column, ddl in _MIGRATIONS:
             if column not in have:
-                conn.execute(ddl)
-        conn.execute(_OPEN_INDEX)
+                try:
+                    conn.execute(ddl)
+                except sqlite3.OperationalError as exc:  # a sibling worker added it first
+                    if "duplicate column" not in str(exc):
+                        raise
+        for index in _INDEXES:
+            conn.execute(index)
         self._conn = conn
 
     async def _run(self, fn: Callable[[], T]) -> T:
@@ -153,9 +189,11 @@ class SqliteTaskStore:
             raise RuntimeError("task store is not open")
         return self._conn
 
-    async def put(self, record: TaskRecord) -> None:
+    async def put(self, record: TaskRecord, metered: int | None = None) -> None:
+        """Record `record` (`metered`: the column's value, default its `metered` flag)."""
         self._puts += 1
         purge = self._puts % 1000 == 0
+        flag = int(record.metered) if metered is None else metered
 
         def op() -> None:
             db = self._db()
@@ -169,7 +207,7 @@ class SqliteTaskStore:
                     record.route,
                     record.created_at,
                     record.status,
-                    int(record.metered),
+                    flag,
                     record.meta,
                     record.next_check,
                 ),
@@ -201,15 +239,6 @@ class SqliteTaskStore:
             )
 
         await self._run(op)
-
-    async def claim_metering(self, task_id: str) -> bool:
-        def op() -> bool:
-            cur = self._db().execute(
-                "UPDATE tasks SET metered = 1 WHERE task_id = ? AND metered = 0", (task_id,)
-            )
-            return cur.rowcount == 1
-
-        return await self._run(op)
 
     async def due(self, now: float, limit: int, lease: float) -> list[TaskRecord]:
         def op() -> list[TaskRecord]:
@@ -320,7 +349,3 @@ def record_of_row(row: tuple[object, ...]) -> TaskRecord:
         None if meta is None else str(meta),
         None if next_check is None else float(next_check),  # type: ignore[arg-type]
     )
-
-
-def with_status(record: TaskRecord, status: str) -> TaskRecord:
-    return replace(record, status=status)

@@ -7,29 +7,40 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from proxy.config.model import StateConfig
 from proxy.metrics import Metrics
-from proxy.state.local import LocalStore, StateBackend
+from proxy.state import Claim, owner_id
+from proxy.state.local import LocalStore, SpoolRow, StateBackend
 from proxy.state.redis.common import (
     FAILURES,
     PING_SECONDS,
     POOL_SIZE,
     POOL_WAIT,
+    RECONCILE_KEY,
     REFRESH_SECONDS,
+    RETENTION_SECONDS,
     SCRIPT_NAMES,
     SOCKET_TIMEOUT,
     T,
+    claim_keys,
+    claim_of,
+    claim_value,
     script_source,
 )
 from proxy.state.redis.limits import RedisLimiter
-from proxy.state.redis.tasks import RedisTaskStore
+from proxy.state.redis.tasks import RedisTaskStore, put_call
+from proxy.state.tasks import TERMINAL
 
 log = logging.getLogger(__name__)
+
+PUSH_BATCH = 200  # spooled rows handed to Redis per pipeline
 
 
 class RedisState(StateBackend):
@@ -47,6 +58,7 @@ class RedisState(StateBackend):
         self._up = True
         self._down_since: float | None = None
         self.recovered_at = 0.0
+        self.recovering = False
         self._background: set[asyncio.Task[None]] = set()
         self._closing = False
         self._reconciled = asyncio.Event()
@@ -59,15 +71,21 @@ class RedisState(StateBackend):
     @classmethod
     async def open(cls, config: StateConfig, metrics: Metrics) -> RedisState:
         assert config.url is not None  # config validation requires it
-        # No retries inside redis-py: a failed call falls back at once (the
-        # monitor reconnects), instead of stalling requests for its backoff.
+        # One immediate retry, on a fresh connection, of a call that fails to connect or
+        # loses its connection: after a clean Redis restart every pooled connection is
+        # dead, and each would otherwise fail once and mark Redis down (a restart is not
+        # a partition). Nothing else is retried: a timeout has already taken
+        # SOCKET_TIMEOUT, and a second failure falls back at once (the monitor
+        # reconnects) instead of stalling requests for a backoff. A repeated call is
+        # harmless: a claim or compare-and-set that did happen answers as if it just
+        # did; only quota usage (INCRBY) may then be added twice.
         pool = BlockingConnectionPool.from_url(
             config.url,
             max_connections=POOL_SIZE,
             timeout=POOL_WAIT,
             socket_timeout=SOCKET_TIMEOUT,
             socket_connect_timeout=SOCKET_TIMEOUT,
-            retry=Retry(NoBackoff(), 0),
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             decode_responses=True,
             **managed_redis_options(config),
         )
@@ -130,7 +148,11 @@ class RedisState(StateBackend):
             try:
                 await self.redis.ping()
                 if not self._up or self.spool_pending:
-                    await self.reconcile()
+                    self.recovering = not self._up
+                    try:
+                        await self.reconcile()
+                    finally:
+                        self.recovering = False
             except FAILURES as exc:
                 self.mark_down(exc)
             except Exception:
@@ -138,11 +160,12 @@ class RedisState(StateBackend):
 
     @property
     def spool_pending(self) -> bool:
-        return self.redis_tasks.spooled or self.redis_limiter.spooled
+        tasks = self.redis_tasks
+        return tasks.spooled or bool(tasks.unfinished) or self.redis_limiter.spooled
 
     async def reconcile(self) -> None:
         """Write what was kept locally to Redis, then use Redis again. Raises on failure."""
-        await self.redis_tasks.push_spool()
+        await self.push_tasks()
         await self.redis_limiter.push_spool()
         if not self._up:
             outage = time.time() - (self._down_since or time.time())
@@ -152,6 +175,103 @@ class RedisState(StateBackend):
             self.recovered_at = time.monotonic()
             self.metrics.state_backend_up.set(1)
         # Rows spooled while we pushed are picked up on the next monitor tick.
+
+    # ------------------------------------------------------------- the handover
+
+    async def push_tasks(self) -> None:
+        """Tasks recorded or claimed here during an outage, handed to Redis.
+
+        Batch by batch: the rows are marked handed in the spool (from then on no claim
+        is won on them locally; a claim waits, then is made in Redis), written to Redis
+        with the claims they carry (one script per row: a claim made here and the task
+        become visible to other replicas together), then deleted here. What changed on
+        a handed row meanwhile (its status, a pending claim marked done) is forwarded.
+        """
+        tasks = self.redis_tasks
+        me = owner_id()
+        pushed = 0
+        while tasks.spooled:
+            writes = tasks.spool_writes
+            rows = await self.spool.hand_over(me, PUSH_BATCH)
+            if not rows:
+                if writes == tasks.spool_writes:  # nothing spooled meanwhile
+                    tasks.spooled = False
+                break
+            ids = [row.record.task_id for row in rows]
+            try:
+                results = await self._adopt(rows)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await self.spool.release_handed(me, ids)
+                raise
+            after = {r.record.task_id: r for r in await self.spool.drop_handed(me, ids)}
+            for row, result in zip(rows, results, strict=True):
+                await self._handed(row, after.get(row.record.task_id), result)
+            pushed += len(rows)
+        for task_id, claim in list(tasks.unfinished.items()):
+            if not await self._finish(task_id, claim):
+                log.warning(
+                    "task %s was metered by this replica while redis was unreachable, and "
+                    "its claim finished by another process meanwhile: its images may be "
+                    "counted twice",
+                    task_id,
+                )
+            del tasks.unfinished[task_id]
+        if pushed:
+            log.warning("redis: wrote %d task(s) recorded locally during the outage", pushed)
+
+    async def _adopt(self, rows: list[SpoolRow]) -> list[Any]:
+        script = self.scripts["adopt"]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for row in rows:
+                keys, args = adopt_call(row)
+                await script(keys=keys, args=args, client=pipe)
+            return list(await pipe.execute())
+
+    async def _handed(self, row: SpoolRow, after: SpoolRow | None, result: list[Any]) -> None:
+        task_id = row.record.task_id
+        ours = Claim.decode(row.claim)
+        other = Claim.decode(claim_of(str(result[1]))[1]) if int(result[0]) == 0 else None
+        if other is not None and ours is not None and other.owner == ours.owner:
+            # This process's own claim, made in Redis as it went away (the reply lost):
+            # never counted, so the one counted here replaces it.
+            pending = row.metered == 2 and (after is None or after.metered == 2)
+            value = claim_value(row.claim, pending=pending)
+            at = repr(ours.at) if pending else ""
+            args: list[str | int] = [str(result[1]), value, RETENTION_SECONDS, task_id, at]
+            await self.scripts["cas"](keys=claim_keys(task_id), args=args)
+            result = [1]
+        if int(result[0]) == 0 and row.claim is not None:
+            # Counted here during the outage, and claimed in Redis by another replica
+            # first (only in a partition: this replica read the task just before losing
+            # Redis, the other counted it meanwhile). A claim copied from Redis never
+            # gets here: it is not `row.claim`.
+            log.warning(
+                "task %s was metered by this replica during the redis outage and by %s "
+                "too: its images are counted twice",
+                task_id,
+                "another replica" if other is None else other.owner,
+            )
+            doubles = getattr(self.metrics, "metering_doubles", None)
+            if doubles is not None:
+                doubles.inc()
+        if after is None:
+            return
+        if after.record.status != row.record.status:
+            final = "1" if after.record.status in TERMINAL else "0"
+            await self.scripts["set_status"](
+                keys=[f"dsp:task:{task_id}", RECONCILE_KEY],
+                args=[after.record.status, final, task_id],
+            )
+        if row.metered == 2 and after.metered == 1 and ours is not None and int(result[0]):
+            await self._finish(task_id, ours)  # counted while being handed over
+        self.redis_tasks.remember(after.record)
+
+    async def _finish(self, task_id: str, claim: Claim) -> bool:
+        text = claim.encode()
+        pending, done = claim_value(text, pending=True), claim_value(text, pending=False)
+        args: list[str | int] = [pending, done, RETENTION_SECONDS, task_id, ""]
+        return int(await self.scripts["cas"](keys=claim_keys(task_id), args=args)) == 1
 
     async def _refresh_leases(self) -> None:
         while not self._closing:
@@ -191,3 +311,18 @@ def managed_redis_options(config: StateConfig) -> dict[str, str]:
     if config.tls_ca_file and (config.url or "").startswith("rediss://"):
         options["ssl_ca_certs"] = config.tls_ca_file
     return options
+
+
+def adopt_call(row: SpoolRow) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of the `adopt` script for a spooled row: its claim goes along only if
+    it was made here (`metered` 1 or 2), pending or done as it is now."""
+    rec = row.record
+    keys, args = put_call(rec)
+    value = ""
+    at = ""
+    if row.metered in (1, 2):
+        value = claim_value(row.claim, pending=row.metered == 2)
+        claim = Claim.decode(row.claim) if row.metered == 2 else None
+        at = "" if claim is None else repr(claim.at)
+    final = "1" if rec.status in TERMINAL or row.metered else "0"
+    return [*keys, *claim_keys(rec.task_id)], [*args[:4], rec.status, final, value, at, *args[4:]]

@@ -32,9 +32,40 @@ MONTH_TTL = 40 * 86400
 FAILURES = (RedisError, OSError, TimeoutError)
 LIMIT_CODES = {1: RPM, 2: CONCURRENCY, 3: IMAGES_DAY, 4: IMAGES_MONTH}
 RECONCILE_KEY = "dsp:reconcile"  # sorted set: task id -> when the reconciler polls it next
+PENDING_KEY = "dsp:pending"  # sorted set: task id -> when its still pending claim was made
 
 # The Lua scripts, one file each beside this module (KEYS and ARGV documented there).
-SCRIPT_NAMES = ("admit", "claim", "due", "hold", "put", "refresh", "release", "set_status", "usage")
+SCRIPT_NAMES = (
+    "adopt",
+    "admit",
+    "cas",
+    "claim",
+    "due",
+    "hold",
+    "put",
+    "refresh",
+    "release",
+    "set_status",
+    "usage",
+)
+
+
+def claim_keys(task_id: str) -> list[str]:
+    """The claim of `task_id` and the set of pending claims."""
+    return [f"dsp:metered:{task_id}", PENDING_KEY]
+
+
+def claim_value(text: str | None, *, pending: bool) -> str:
+    """`dsp:metered:<id>`: `p` + the claim while pending, `d` + the claim once counted
+    (`d` alone: counted, no details). Older gateways wrote `1`: counted, owner unknown."""
+    return ("p" if pending else "d") + (text or "")
+
+
+def claim_of(value: str | None) -> tuple[bool, str | None]:
+    """(pending, the claim's text) of a `dsp:metered:<id>` value."""
+    if not value or value[0] not in "pd":
+        return False, None
+    return value[0] == "p", value[1:] or None
 
 
 def script_source(name: str) -> str:
@@ -50,6 +81,9 @@ class Backend(Protocol):
     spool: LocalStore  # what is kept locally while Redis is unreachable
     metrics: Metrics
     recovered_at: float
+    # Redis answered again and the spool is being written back: Redis is the authority
+    # for tasks already handed over, though the replica still counts as down.
+    recovering: bool
 
     @property
     def up(self) -> bool: ...

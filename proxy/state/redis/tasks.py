@@ -1,25 +1,45 @@
-"""Task ownership, metering claims and the reconciler's schedule on Redis."""
+"""Task ownership, metering claims and the reconciler's schedule on Redis.
+
+A task recorded during an outage lives in the local spool until it is handed to
+Redis (`RedisState.push_tasks`); until then the spool row is where its claim is
+won, afterwards Redis. A claim that finds the row being handed over waits for
+the handover and is then made in Redis, so the two never both win.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from proxy.errors import state_unavailable
+from proxy.state import Claim
+from proxy.state.local import HANDED, LOST, WON
 from proxy.state.redis.common import (
     FAILURES,
+    PENDING_KEY,
     RECONCILE_KEY,
     RECOVERY_GRACE_SECONDS,
     RETENTION_SECONDS,
     Backend,
+    claim_keys,
+    claim_of,
+    claim_value,
 )
 from proxy.state.tasks import TERMINAL, TaskRecord
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+# A claim on a row being handed to Redis waits for the handover, this long at most (a
+# push writes one batch in a single pipeline, bounded by the socket timeout).
+HANDOVER_WAIT_SECONDS = 5.0
+HANDOVER_POLL_SECONDS = 0.02
 
 
 class RedisTaskStore:
@@ -30,10 +50,13 @@ class RedisTaskStore:
     def __init__(self, state: Backend) -> None:
         self._s = state
         self.spooled = True  # check the spool once at startup (and after each outage)
+        self.spool_writes = 0  # rows added to the spool, ever: a push ends only when none came
         # Records read recently: a claim whose Redis call fails can still be spooled.
         self._recent: OrderedDict[str, TaskRecord] = OrderedDict()
+        # Claims counted while Redis was unreachable, marked done on recovery.
+        self.unfinished: dict[str, Claim] = {}
 
-    def _remember(self, record: TaskRecord) -> None:
+    def remember(self, record: TaskRecord) -> None:
         self._recent[record.task_id] = record
         self._recent.move_to_end(record.task_id)
         while len(self._recent) > self._RECENT_MAX:
@@ -41,14 +64,28 @@ class RedisTaskStore:
 
     async def put(self, record: TaskRecord) -> None:
         script = self._s.scripts["put"]
-        keys, args = _put_call(record)
+        keys, args = put_call(record)
         done = await self._s.call(lambda: script(keys=keys, args=args))
         if done is None:
             self._s.fallback("tasks")
-            await self._s.spool.put(record)
-            self.spooled = True
+            await self._spool(record)
         else:
-            self._remember(record)
+            self.remember(record)
+
+    async def _spool(self, record: TaskRecord, metered: int | None = None) -> None:
+        await self._s.spool.put(record, metered)
+        self.spool_writes += 1
+        self.spooled = True
+
+    async def _direct(self, op: Callable[[], Awaitable[R]]) -> R | None:
+        """`op` on Redis when it is up or being recovered; None when it is not or fails."""
+        if not (self._s.up or self._s.recovering):
+            return None
+        try:
+            return await op()
+        except FAILURES as exc:
+            self._s.mark_down(exc)
+            return None
 
     async def _read(self, task_id: str) -> TaskRecord | None:
         async with self._s.redis.pipeline(transaction=False) as pipe:
@@ -67,12 +104,14 @@ class RedisTaskStore:
                 if record is None and self.spooled:
                     record = await self._s.spool.get(task_id)
                 if record is not None:
-                    self._remember(record)
+                    self.remember(record)
                 elif time.monotonic() - self._s.recovered_at < RECOVERY_GRACE_SECONDS:
                     raise state_unavailable()  # maybe not written back by its replica yet
                 return record
         self._s.fallback("tasks")
         record = await self._s.spool.get(task_id)
+        if record is None and self._s.recovering:  # handed over a moment ago, maybe
+            record = await self._direct(lambda: self._read(task_id))
         if record is None:
             # Maybe another replica's task: never answer UNKNOWN for it.
             raise state_unavailable()
@@ -81,34 +120,112 @@ class RedisTaskStore:
     async def set_status(self, task_id: str, status: str) -> None:
         script = self._s.scripts["set_status"]
         final = "1" if status in TERMINAL else "0"
-        done = await self._s.call(
-            lambda: script(
-                keys=[f"dsp:task:{task_id}", RECONCILE_KEY], args=[status, final, task_id]
-            )
-        )
+        keys = [f"dsp:task:{task_id}", RECONCILE_KEY]
+        done = await self._direct(lambda: script(keys=keys, args=[status, final, task_id]))
         if done is None or (done == 0 and self.spooled):
             await self._s.spool.set_status(task_id, status)
         recent = self._recent.get(task_id)
         if recent is not None:
-            self._recent[task_id] = _with_status(recent, status)
+            self._recent[task_id] = replace(recent, status=status)
 
-    async def claim_metering(self, task_id: str) -> bool:
-        script = self._s.scripts["claim"]
-        won = await self._s.call(
-            lambda: script(
-                keys=[f"dsp:task:{task_id}", f"dsp:metered:{task_id}"], args=[RETENTION_SECONDS]
-            )
-        )
-        if won is not None and (won == 1 or not self.spooled):
-            return bool(won == 1)
-        if won is None:
-            self._s.fallback("tasks")
-            # Read from Redis a moment ago: claim it locally, written back on recovery.
+    async def claim_metering(self, task_id: str, claim: Claim | None = None) -> bool:
+        value = claim_value(None if claim is None else claim.encode(), pending=claim is not None)
+        at = "" if claim is None else repr(claim.at)
+        keys = [f"dsp:task:{task_id}", *claim_keys(task_id)]
+
+        async def in_redis() -> int:
+            script = self._s.scripts["claim"]
+            return int(await script(keys=keys, args=[RETENTION_SECONDS, value, task_id, at]))
+
+        deadline = time.monotonic() + HANDOVER_WAIT_SECONDS
+        asked = copied = False
+        while True:
+            local = self.spooled or not self._s.up
+            if local:  # a spooled row decides, until it has been handed to Redis
+                state = await self._s.spool.claim_state(task_id, claim)
+                if state in (WON, LOST):
+                    if not self._s.up:
+                        self._s.fallback("tasks")
+                    return state == WON
+                if state == HANDED:  # on its way to Redis: claim it there once it arrived
+                    if time.monotonic() >= deadline:
+                        log.warning("task %s: its handover to redis did not end", task_id)
+                        return False
+                    await asyncio.sleep(HANDOVER_POLL_SECONDS)
+                    continue
+            won = await self._direct(in_redis)
+            if won is not None:
+                if won >= 0 or asked or not local:
+                    return won == 1
+                asked = True  # unknown to Redis: spooled between the two looks?
+                continue
             recent = self._recent.get(task_id)
-            if recent is not None and await self._s.spool.get(task_id) is None:
-                await self._s.spool.put(recent)
-                self.spooled = True
-        return await self._s.spool.claim_metering(task_id)
+            if recent is None or copied:
+                return False
+            # Read from Redis a moment ago, unreachable now: claim it here, written back on
+            # recovery (a copy: `metered` 3 if Redis showed it claimed, never pushed as ours).
+            await self._spool(recent, 3 if recent.metered else 0)
+            copied = True
+
+    async def finish_metering(self, task_id: str, claim: Claim) -> bool:
+        if (self.spooled or not self._s.up) and await self._s.spool.finish_metering(task_id, claim):
+            return True
+        text = claim.encode()
+        done = await self._cas(
+            task_id, claim_value(text, pending=True), claim_value(text, pending=False), ""
+        )
+        if done is None:  # Redis unreachable: marked done on recovery
+            self.unfinished[task_id] = claim
+            return True
+        return done
+
+    async def take_over(self, task_id: str, old: Claim, new: Claim) -> bool:
+        if (self.spooled or not self._s.up) and await self._s.spool.take_over(task_id, old, new):
+            return True
+        done = await self._cas(
+            task_id,
+            claim_value(old.encode(), pending=True),
+            claim_value(new.encode(), pending=True),
+            repr(new.at),
+        )
+        return bool(done)
+
+    async def _cas(self, task_id: str, expected: str, value: str, at: str) -> bool | None:
+        script = self._s.scripts["cas"]
+        args: list[str | int] = [expected, value, RETENTION_SECONDS, task_id, at]
+        done = await self._direct(lambda: script(keys=claim_keys(task_id), args=args))
+        return None if done is None else done == 1
+
+    async def pending_claims(self, before: float, limit: int) -> list[tuple[str, Claim]]:
+        found: list[tuple[str, Claim]] = []
+        if self.spooled or not self._s.up:
+            found += await self._s.spool.pending_claims(before, limit)
+        if self._s.up:
+            try:
+                found += await self._pending(before, limit)
+            except FAILURES as exc:
+                self._s.mark_down(exc)
+        return found
+
+    async def _pending(self, before: float, limit: int) -> list[tuple[str, Claim]]:
+        r = self._s.redis
+        ids = await r.zrangebyscore(PENDING_KEY, "-inf", before, start=0, num=limit)
+        if not ids:
+            return []
+        found: list[tuple[str, Claim]] = []
+        gone: list[str] = []
+        task_ids = [str(t) for t in ids]
+        values = await r.mget([f"dsp:metered:{t}" for t in task_ids])
+        for task_id, value in zip(task_ids, values, strict=True):
+            pending, text = claim_of(None if value is None else str(value))
+            claim = Claim.decode(text) if pending else None
+            if claim is None:
+                gone.append(task_id)  # done meanwhile, or expired
+            else:
+                found.append((task_id, claim))
+        if gone:
+            await r.zrem(PENDING_KEY, *gone)
+        return found
 
     async def due(self, now: float, limit: int, lease: float) -> list[TaskRecord]:
         if self._s.up:
@@ -217,43 +334,8 @@ class RedisTaskStore:
     async def close(self) -> None:
         """Closed with its `Backend`."""
 
-    async def push_spool(self) -> None:
-        """Tasks recorded locally during an outage, written to Redis (then deleted here)."""
-        if not self.spooled:
-            return
-        put = self._s.scripts["put"]
-        claim = self._s.scripts["claim"]
-        set_status = self._s.scripts["set_status"]
-        pushed = 0
-        while True:
-            records = await self._s.spool.all_tasks(500)
-            if not records:
-                break
-            for rec in records:
-                task_key = f"dsp:task:{rec.task_id}"
-                keys, args = _put_call(rec)
-                created = await put(keys=keys, args=args)
-                if not created:
-                    final = "1" if rec.status in TERMINAL else "0"
-                    await set_status(
-                        keys=[task_key, RECONCILE_KEY], args=[rec.status, final, rec.task_id]
-                    )
-                if rec.metered and not await claim(
-                    keys=[task_key, f"dsp:metered:{rec.task_id}"], args=[RETENTION_SECONDS]
-                ):
-                    log.warning(
-                        "task %s was metered by this replica during the redis outage "
-                        "and by another one too: its images are counted twice",
-                        rec.task_id,
-                    )
-            await self._s.spool.delete_tasks(r.task_id for r in records)
-            pushed += len(records)
-        if pushed:
-            log.warning("redis: wrote %d task(s) recorded locally during the outage", pushed)
-        self.spooled = False
 
-
-def _put_call(record: TaskRecord) -> tuple[list[str], list[Any]]:
+def put_call(record: TaskRecord) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of the `put` script for `record` (one field list for every caller)."""
     fields: list[Any] = [
         "key",
@@ -298,7 +380,3 @@ def _record(task_id: str, fields: dict[str, str], metered: bool) -> TaskRecord |
         metered,
         fields.get("meta"),
     )
-
-
-def _with_status(record: TaskRecord, status: str) -> TaskRecord:
-    return replace(record, status=status)
