@@ -155,3 +155,22 @@ def test_usage_needs_a_gateway_key_and_answers_in_the_openai_dialect(
         client.get("/usage", cast_to=httpx.Response)
     r = requests.post(gw.url + "/v1/usage", headers={"Authorization": f"Bearer {KEY_A}"}, timeout=5)
     assert r.status_code == 405 and "GET" in r.headers["Allow"]
+
+
+def test_the_spend_book_keeps_only_the_current_day_and_month() -> None:
+    from proxy.core.pricing import SpendBook, amount
+
+    book = SpendBook()
+    nov_30 = calendar.timegm((2026, 11, 30, 23, 59, 0))
+    dec_1 = calendar.timegm((2026, 12, 1, 0, 1, 0))
+    book.add("team-a", PRO, 2, 0.08, nov_30)
+    book.add("team-a", PRO, 1, 0.075, nov_30)
+    assert book.period("team-a", "day", nov_30).images == 3
+    assert amount(book.period("team-a", "month", nov_30).cost) == pytest.approx(0.155)
+    # A new UTC day and month: yesterday's figures are gone, from the answer and from memory.
+    book.add("team-a", PRO, 1, None, dec_1)
+    day = book.period("team-a", "day", dec_1)
+    assert (day.images, day.cost, day.by_model[PRO].unpriced) == (1, 0, 1)
+    assert book.period("team-a", "month", dec_1).images == 1
+    assert book.period("team-a", "day", nov_30).images == 0
+    assert book.period("team-b", "day", dec_1).by_model == {}
