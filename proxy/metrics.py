@@ -33,6 +33,7 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from proxy import __version__
+from proxy.catalogue import TABLE
 
 # Image generation takes seconds to minutes; the tail needs buckets up to 10 min.
 _SUB_MINUTE = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45)
@@ -41,32 +42,8 @@ REQUEST_BUCKETS = (*_SUB_MINUTE, 60, 90, 120, 180, 300, 600)
 OTHER = "other"
 ANONYMOUS = "anonymous"
 
-# Model names DashScope documents for images; always valid label values.
-KNOWN_MODELS = (
-    "qwen-image-2.0-pro",
-    "qwen-image-2.0",
-    "qwen-image-max",
-    "qwen-image-plus",
-    "qwen-image",
-    "qwen-image-edit",
-    "qwen-image-edit-plus",
-    "qwen-image-edit-max",
-    "wan2.6-t2i",
-    "wan2.6-image",
-    "wan2.5-t2i-preview",
-    "wan2.5-i2i-preview",
-    "wan2.2-t2i-flash",
-    "wan2.2-t2i-plus",
-    "wanx2.1-t2i-turbo",
-    "wanx2.1-t2i-plus",
-    "wanx-v1",
-    # 2026 additions
-    "qwen-image-3.0",
-    "qwen-image-3.0-pro",
-    "z-image-turbo",
-    "wan2.7-image",
-    "wan2.7-image-pro",
-)
+# Model names DashScope documents for images (the catalogue); always valid label values.
+KNOWN_MODELS = tuple(TABLE)
 
 # Why an answer's image count had to be inferred (`metering_anomalies{reason}`).
 ANOMALY_REASONS = ("no_count_field", "invalid_count_field")
@@ -280,6 +257,22 @@ class Metrics:
         # At 0 from the start: increase() and the alert see the first one.
         for reason in UNMETERED_REASONS:
             self.unmetered_answers.labels(reason)
+        self.metering_doubles = Counter(
+            "dashscope_proxy_metering_doubles_total",
+            "Tasks whose images were counted twice: a replica counted one during a Redis "
+            "outage that another replica had counted too (a network partition), or a stalled "
+            "claim was finished by another process. Each is also logged with the task id.",
+            registry=registry,
+        )
+        self.metering_claims_finished = Counter(
+            "dashscope_proxy_metering_claims_finished_total",
+            "Metering claims left pending by a process that died, finished by another: "
+            "counted now, or found already in the usage log.",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("counted", "already_in_ledger"):
+            self.metering_claims_finished.labels(outcome)
         self.reconciler_polls = Counter(
             "dashscope_proxy_reconciler_polls_total",
             "Task polls the gateway made by itself (tasks nobody polled), by upstream and "

@@ -179,6 +179,9 @@ class TasksConfig:
     reconcile_polls_per_second: float = 20.0
     reconcile_concurrency: int = 8
     reconcile: bool = True  # false: tasks are counted only when a client polls them
+    # A metering claim left pending (its process died between claiming a task and
+    # writing its count) is finished by any process after this long.
+    pending_claim_seconds: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)

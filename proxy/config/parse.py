@@ -225,6 +225,7 @@ def _parse_tasks(s: Section) -> TasksConfig:
         ),
         reconcile_concurrency=s.integer("reconcile_concurrency", d.reconcile_concurrency, 1, 1000),
         reconcile=s.flag("reconcile", d.reconcile),
+        pending_claim_seconds=s.number("pending_claim_seconds", d.pending_claim_seconds, 0.1),
     )
 
 
