@@ -36,7 +36,21 @@ ACCESS_FIELDS = {
     "latency_ms",
     "pid",
 }
-LEDGER_FIELDS = {"ts", "key", "model", "images", "route", "upstream", "request_id", "task_id"}
+# Every line carries its price too (null when the model has no price or the size is unknown).
+LEDGER_FIELDS = {
+    "ts",
+    "key",
+    "model",
+    "images",
+    "route",
+    "upstream",
+    "request_id",
+    "task_id",
+    "cost",
+    "currency",
+    "width",
+    "height",
+}
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 WRONG_KEY = "gw-wrong-secret-9999"
 MARKER = "PROMPT-MARKER-7f3a"
