@@ -134,7 +134,9 @@ async def run(
     assert work is not None
     sim_port, gw_port = _free_port(), _free_port()
     (work / "gateway.yaml").write_text(f"""
-server: {{host: 127.0.0.1, port: {gw_port}, access_log: false, backlog: 16384}}
+server:
+  {{host: 127.0.0.1, port: {gw_port}, access_log: false, backlog: 16384,
+   usage_log: {work / "usage.jsonl"}}}
 upstreams:
   - name: sim
     base_url: http://127.0.0.1:{sim_port}/api/v1

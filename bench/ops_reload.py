@@ -48,7 +48,8 @@ def config(sim_port: int, keys: int, tmp: Path, extra_key: str | None) -> str:
     if extra_key:
         lines.append(f"  - name: new-team\n    key: {extra_key}")
     return (
-        f"server: {{host: 127.0.0.1, port: 0}}\nupstreams:\n  - name: sim\n"
+        f"server: {{host: 127.0.0.1, port: 0, usage_log: {tmp}/usage.jsonl}}\n"
+        "upstreams:\n  - name: sim\n"
         f"    base_url: http://127.0.0.1:{sim_port}/api/v1\n    api_key: sk-sim-upstream\n"
         f"keys:\n" + "\n".join(lines) + f"\nstate: {{path: {tmp}/state.db}}\n"
     )
