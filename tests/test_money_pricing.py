@@ -267,3 +267,41 @@ def test_the_shipped_pricing_example_is_valid_and_names_every_model_it_leaves_ou
     left_out = example.split("Models left out because no price is known")[1].split("\n\n")[0]
     missing = [m for m in KNOWN_MODELS if f" {m}," not in left_out and f" {m}." not in left_out]
     assert missing == []
+
+
+def test_a_task_is_priced_by_the_size_its_succeeded_poll_reports(
+    start_gateway: GatewayFactory, sim: Live, tmp_path: Path
+) -> None:
+    import time
+
+    gw = start_gateway(yaml_text=config(sim, tmp_path))
+    auth = {"Authorization": f"Bearer {KEY_A}"}
+    submit = requests.post(
+        gw.url + "/api/v1/services/aigc/image-generation/generation",
+        json={
+            "model": "wan2.6-t2i",
+            "input": {"messages": [{"role": "user", "content": [{"text": "a kite"}]}]},
+            "parameters": {"size": "1280*1280", "n": 2},
+        },
+        headers={**auth, "X-DashScope-Async": "enable"},
+        timeout=30,
+    )
+    assert submit.status_code == 200, submit.text
+    task_id = submit.json()["output"]["task_id"]
+    deadline = time.monotonic() + 20
+    while True:
+        poll = requests.get(f"{gw.url}/api/v1/tasks/{task_id}", headers=auth, timeout=10).json()
+        if poll["output"]["task_status"] == "SUCCEEDED":
+            break
+        assert time.monotonic() < deadline, poll
+        time.sleep(0.2)
+    assert poll["usage"]["size"] == "1280*1280"
+    (line,) = ledger(tmp_path)
+    assert (line["task_id"], line["images"], line["width"], line["cost"]) == (
+        task_id,
+        2,
+        1280,
+        0.06,
+    )
+    cost = gw.metric(COST, key="team-a", model="wan2.6-t2i", currency="USD")
+    assert cost == pytest.approx(0.06)
