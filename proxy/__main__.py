@@ -128,9 +128,12 @@ def _check_config(argv: Sequence[str]) -> int:
             print(f"{args.path}: {problem}", file=sys.stderr)
         print(f"{len(exc.problems)} problem(s)", file=sys.stderr)
         return 1
+    usage_log = config.server.usage_log or "off"
     print(
         f"{args.path}: OK ({len(config.upstreams)} upstream(s), {len(config.keys)} key(s), "
-        f"{len(config.models)} model override(s), state backend {config.state.backend})"
+        f"{len(config.models)} model override(s), state backend {config.state.backend}, "
+        f"{len(config.pricing.models)} price(s) in {config.pricing.currency}, "
+        f"usage log {usage_log})"
     )
     if args.probe:
         return asyncio.run(_probe(config.upstreams))
