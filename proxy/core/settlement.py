@@ -145,17 +145,7 @@ async def settle_answer(
     finished = facts.task_status in (None, "SUCCEEDED")
     if not facts.task_id:
         if facts.image_count and finished:
-            await meter(
-                app,
-                origin,
-                key=key,
-                model=model,
-                upstream=upstream,
-                images=facts.image_count,
-                anomaly=facts.anomaly,
-                width=facts.width,
-                height=facts.height,
-            )
+            await _meter_answer(app, origin, key, model, upstream, facts)
         return None
     # An async submit (PENDING), or a sync_call answering the final task shape:
     # either way the task is ours, and metered at most once.
@@ -170,24 +160,32 @@ async def settle_answer(
         # count a finished answer now (no later poll can count it again).
         log.exception("recording task %s failed", facts.task_id)
         if facts.image_count and finished:
-            await meter(
-                app,
-                origin,
-                key=key,
-                model=model,
-                upstream=upstream,
-                images=facts.image_count,
-                task_id=facts.task_id,
-                anomaly=facts.anomaly,
-                width=facts.width,
-                height=facts.height,
-            )
+            await _meter_answer(app, origin, key, model, upstream, facts)
         return None
     if facts.image_count and finished:
         await count_once(
             app, origin, facts.task_id, key=key, model=model, upstream=upstream, facts=facts
         )
     return record
+
+
+async def _meter_answer(
+    app: web.Application, origin: Origin, key: str, model: str, upstream: str, facts: BodyFacts
+) -> None:
+    """Count what one answer reports, without a task claim (a sync answer, or a finished
+    task answer the state store could not record: no later poll can count it again)."""
+    await meter(
+        app,
+        origin,
+        key=key,
+        model=model,
+        upstream=upstream,
+        images=facts.image_count or 0,
+        task_id=facts.task_id,
+        anomaly=facts.anomaly,
+        width=facts.width,
+        height=facts.height,
+    )
 
 
 async def settle_task(
