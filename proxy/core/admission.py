@@ -31,10 +31,20 @@ from aiohttp import web
 
 from proxy.config.model import Config, KeyConfig, LimitsConfig
 from proxy.core.limits import refusal
+from proxy.core.pricing import highest_price
+from proxy.core.spend import (
+    SPEND_DAY,
+    SPEND_MONTH,
+    cost_units,
+    reservation,
+    spend_caps,
+    spend_key,
+    spend_refusal,
+)
 from proxy.metering import UsageEvent, UsageListener
 from proxy.metrics import Metrics
 from proxy.runtime import CTX, METER, METRICS, RUNTIME, STATE
-from proxy.state.limiter import DAY, MONTH, has_limits, has_quota
+from proxy.state.limiter import DAY, IMAGES_DAY, MONTH, has_limits, has_quota
 
 log = logging.getLogger(__name__)
 
@@ -51,47 +61,68 @@ class Admission:
 
 
 ADMISSION = web.RequestKey("admission", Admission)
+SPEND_ADMISSION = web.RequestKey("spend_admission", Admission)
 
 
 async def admit(request: web.Request, key: KeyConfig, *, model: str, images: int) -> None:
     """Admit a generation request of `key` that may generate `images`, or raise 429.
 
-    A key without limits costs nothing here. `model` is what DashScope will be
-    asked for (kept for future per-model limits; the count is `images`).
+    A key without limits costs nothing here. `model` is what DashScope will be asked
+    for: its highest price is what a spend limit reserves per image.
     """
     limits = key.limits
-    if not has_limits(limits):
+    caps = spend_caps(limits)
+    if not has_limits(limits) and caps is None:
         return
     app = request.app
     ctx = request[CTX]
     limiter = app[STATE].limiter
     metrics = app[METRICS]
-    reserve = images if has_quota(limits) else 0
-    decision = await limiter.admit(key.name, limits, ctx.request_id, reserve, time.time())
-    set_remaining(metrics, key.name, limits, decision.used_day, decision.used_month)
-    if not decision.allowed:
-        metrics.limit_rejections.labels(key.name, decision.limit or "unknown").inc()
-        raise refusal(decision, limits, images)
-    request[ADMISSION] = Admission(key.name, ctx.request_id, reserve)
-    name, token = key.name, ctx.request_id
-    ctx.cleanups.append(lambda: limiter.release(name, token))
+    name, token, now = key.name, ctx.request_id, time.time()
+    if has_limits(limits):
+        reserve = images if has_quota(limits) else 0
+        decision = await limiter.admit(name, limits, token, reserve, now)
+        set_remaining(metrics, name, limits, decision.used_day, decision.used_month)
+        if not decision.allowed:
+            metrics.limit_rejections.labels(name, decision.limit or "unknown").inc()
+            raise refusal(decision, limits, images)
+        request[ADMISSION] = Admission(name, token, reserve)
+        ctx.cleanups.append(lambda: limiter.release(name, token))
+    if caps is not None:
+        pricing = app[RUNTIME].current.config.pricing
+        units = reservation(images, highest_price(pricing, model))
+        decision = await limiter.admit(spend_key(name), caps, token, units, now)
+        if not decision.allowed:
+            limit = SPEND_DAY if decision.limit == IMAGES_DAY else SPEND_MONTH
+            metrics.limit_rejections.labels(name, limit).inc()
+            raise spend_refusal(decision, limits, pricing.currency, units, now)
+        request[SPEND_ADMISSION] = Admission(spend_key(name), token, units)
+        ctx.cleanups.append(lambda: limiter.release(spend_key(name), token))
 
 
 async def task_created(request: web.Request, task_id: str) -> None:
-    """An async submit of this request created `task_id`: its reservation moves to the
-    task until the task's images are metered or it ends."""
-    admission = request.get(ADMISSION)
-    if admission is None or not admission.images:
-        return
-    await request.app[STATE].limiter.hold_for_task(
-        admission.key, admission.token, task_id, time.time()
-    )
+    """An async submit of this request created `task_id`: its reservations (images, and
+    spend) move to the task until the task's images are metered or it ends."""
+    limiter = request.app[STATE].limiter
+    for admitted in (request.get(ADMISSION), request.get(SPEND_ADMISSION)):
+        if admitted is not None and admitted.images:
+            await limiter.hold_for_task(admitted.key, admitted.token, task_id, time.time())
 
 
 async def task_ended(app: web.Application, key: str, task_id: str) -> None:
     """`task_id` of `key` ended without images (FAILED, CANCELED, UNKNOWN)."""
-    if _limits_of(app[RUNTIME].current.config, key) is not None:
+    config = app[RUNTIME].current.config
+    if _limits_of(config, key) is not None:
         await app[STATE].limiter.settle_task(key, task_id)
+    if _spend_caps_of(config, key) is not None:
+        await app[STATE].limiter.settle_task(spend_key(key), task_id)
+
+
+def _spend_caps_of(config: Config, key: str) -> LimitsConfig | None:
+    for k in config.keys:
+        if k.name == key:
+            return spend_caps(k.limits)
+    return None
 
 
 def _limits_of(config: Config, key: str) -> LimitsConfig | None:
@@ -123,6 +154,11 @@ def usage_listener(app: web.Application) -> UsageListener:
         limits = _limits_of(app[RUNTIME].current.config, event.key)
         if limits is not None:
             set_remaining(app[METRICS], event.key, limits, used_day, used_month)
+        if _spend_caps_of(app[RUNTIME].current.config, event.key) is not None:
+            # The reservation (at the highest price) becomes the actual cost.
+            await app[STATE].limiter.record_usage(
+                spend_key(event.key), cost_units(event.cost), tokens, event.timestamp
+            )
 
     return on_usage
 
