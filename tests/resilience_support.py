@@ -54,6 +54,7 @@ def config_yaml(
 server:
   host: 127.0.0.1
   port: 0
+  usage_log: {state_path.parent / "usage.jsonl"}
 upstreams:
 {chr(10).join(upstreams)}
 keys:

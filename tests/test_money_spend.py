@@ -162,6 +162,12 @@ def test_two_replicas_share_the_spend_limit(
         assert post(gws[1].url, body(model="qwen-image-2.0")).status_code == 200
         assert_spend_refusal(post(gws[0].url, body(model="qwen-image-2.0")))
         assert_spend_refusal(post(gws[1].url, body(model="qwen-image-2.0")))
+        # GET /v1/usage on either replica reports the shared spend and what remains.
+        for gw in gws:
+            day = requests.get(gw.url + "/v1/usage", headers=A, timeout=5).json()["day"]
+            assert day["cost"] == pytest.approx(0.2)
+            assert day["limits"]["spend"] == 0.25
+            assert day["remaining"]["spend"] == pytest.approx(0.05)
     finally:
         for gw in gws:
             gw.stop()

@@ -29,6 +29,7 @@ def two_upstreams(sim: Live, tmp_path: Path, first_key: str, second_key: str) ->
 server:
   host: 127.0.0.1
   port: 0
+  usage_log: {tmp_path / "usage.jsonl"}
 upstreams:
   - name: first
     base_url: {sim.url}/api/v1

@@ -34,6 +34,7 @@ def gateway_config(sim: Live, redis_url: str, spool: Path) -> str:
 server:
   host: 127.0.0.1
   port: 0
+  usage_log: {spool.with_suffix(".usage.jsonl")}
 upstreams:
   - name: sim
     base_url: {sim.url}/api/v1

@@ -62,6 +62,7 @@ def config(sim: Live, tmp_path: Path, tls_port: int, ca: Path, password_var: str
 server:
   host: 127.0.0.1
   port: 0
+  usage_log: {tmp_path / "usage.jsonl"}
 upstreams:
   - name: sim
     base_url: {sim.url}/api/v1

@@ -24,6 +24,7 @@ server:
   host: {host}
   port: {port}
   access_log: true
+  usage_log: {usage}
 upstreams:
   - name: simulator
     base_url: http://127.0.0.1:{sim_port}/api/v1
@@ -94,7 +95,12 @@ async def _run(host: str, port: int, sim_port: int) -> int:
         await web.TCPSite(sim, "127.0.0.1", sim_port).start()
         config = parse_config(
             DEMO_CONFIG.format(
-                host=host, port=port, sim_port=sim_port, key=key, state=Path(tmp) / "state.db"
+                host=host,
+                port=port,
+                sim_port=sim_port,
+                key=key,
+                state=Path(tmp) / "state.db",
+                usage=Path(tmp) / "usage.jsonl",
             ),
             {},
         )

@@ -69,7 +69,6 @@ def restart_required(startup: Config, new: Config) -> list[str]:
         "shutdown_grace_seconds",
         "metrics_port",
         "final_scrape_seconds",
-        "usage_log",
     ):
         before, after = getattr(old_s, name), getattr(new_s, name)
         if before != after:
@@ -118,8 +117,9 @@ def describe_changes(old: Config, new: Config) -> str:
         parts.append("models changed")
     if old.server != new.server:
         parts.append("server changed")
-    if old.openai != new.openai:
-        parts.append("openai changed")
+    for name in ("openai", "pricing", "tasks"):
+        if getattr(old, name) != getattr(new, name):
+            parts.append(f"{name} changed")
     return "; ".join(parts) or "no effective change"
 
 

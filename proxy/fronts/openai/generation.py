@@ -211,6 +211,8 @@ async def call_sync(
             images=facts.image_count,
             task_id=facts.task_id,
             anomaly=facts.anomaly,
+            width=facts.width,
+            height=facts.height,
         )
     request[ANSWER] = RECEIVED
     return answer.body

@@ -36,6 +36,7 @@ from aiohttp import web
 from proxy.config.model import KeyConfig
 from proxy.core.inbound import open_request
 from proxy.core.pricing import SPEND, PeriodSpend, amount, day_start, month_start, spend_ctx
+from proxy.core.spend import spend_caps, spend_key
 from proxy.jsonutil import dumps
 from proxy.runtime import STATE
 
@@ -52,9 +53,11 @@ def period_body(
     spend: PeriodSpend,
     image_limit: int | None,
     spend_limit: float | None,
+    spent: int | None = None,
 ) -> dict[str, Any]:
-    """Pure: one period `P` of the answer."""
-    cost = amount(spend.cost)
+    """Pure: one period `P` of the answer. `spent` (nano-units): the spend the limiter
+    counts (shared by replicas) for a key with a spend limit; else this process's book."""
+    cost = amount(spend.cost if spent is None else spent)
     by_model = {
         model: {
             "images": s.images,
@@ -93,6 +96,14 @@ async def usage(request: web.Request) -> web.StreamResponse:
     used_day, used_month = await used_images(request, key, now)
     book = request.app[SPEND]
     limits = key.limits
+    spent_day = spent_month = None
+    if spend_caps(limits) is not None:
+        try:  # what spend limits enforce: shared by replicas, kept across restarts
+            spent_day, spent_month = await request.app[STATE].limiter.usage(
+                spend_key(key.name), now
+            )
+        except Exception:
+            log.exception("usage: the state backend could not report %s's spend", key.name)
     body = {
         "object": "usage",
         "key": key.name,
@@ -103,6 +114,7 @@ async def usage(request: web.Request) -> web.StreamResponse:
             book.period(key.name, "day", now),
             limits.images_per_day,
             limits.spend_per_day,
+            spent_day,
         ),
         "month": period_body(
             month_start(now),
@@ -110,6 +122,7 @@ async def usage(request: web.Request) -> web.StreamResponse:
             book.period(key.name, "month", now),
             limits.images_per_month,
             limits.spend_per_month,
+            spent_month,
         ),
     }
     return web.Response(body=dumps(body), content_type="application/json")
