@@ -257,7 +257,11 @@ def test_kubernetes_standalone() -> None:
 
     # SIGKILL comes at terminationGracePeriodSeconds: after the preStop sleep and the drain.
     sleep = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
-    assert pod["terminationGracePeriodSeconds"] >= sleep + config.server.shutdown_grace_seconds + 5
+    scrape = config.server.final_scrape_seconds if config.server.metrics_port else 0
+    assert (
+        pod["terminationGracePeriodSeconds"]
+        >= sleep + config.server.shutdown_grace_seconds + scrape + 5
+    )
     # Replicas share state through Redis, and the URL points at a Service that exists.
     # The HPA sets the count: the most it may run is what has to share.
     hpa = one(docs, "HorizontalPodAutoscaler")
@@ -274,11 +278,16 @@ def test_kubernetes_standalone() -> None:
 
     svc = one(docs, "Service", "dashscope-proxy")
     assert selects(svc["spec"]["selector"], labels)
-    (port,) = svc["spec"]["ports"]
-    assert port["targetPort"] in {p["name"] for p in c["ports"]}
+    ports = {p["name"]: p for p in svc["spec"]["ports"]}
+    named = {p["name"]: p["containerPort"] for p in c["ports"]}
+    for port in ports.values():
+        assert port["targetPort"] in named
+    # /metrics is scraped on the metrics listener, which outlives the drain.
+    assert config.server.metrics_port == named[ports["metrics"]["targetPort"]]
+    assert config.server.port == named[ports["http"]["targetPort"]]
     monitor = one(docs, "ServiceMonitor")
     assert selects(monitor["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
-    assert monitor["spec"]["endpoints"][0]["port"] == port["name"]
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
     pdb = one(docs, "PodDisruptionBudget")
     assert selects(pdb["spec"]["selector"]["matchLabels"], labels)
@@ -451,11 +460,18 @@ def test_network_policy_for_the_gateway_admits_clients_and_prometheus_on_its_por
         and selects(d["spec"]["podSelector"]["matchLabels"], pod_labels(gateway))
     ]
     assert not selects(policy["spec"]["podSelector"]["matchLabels"], pod_labels(redis))
-    port = ServerConfig().port
+    api, metrics = ServerConfig().port, container_ports(gateway)["metrics"]
     peers = []
     for rule in policy["spec"]["ingress"]:
         assert rule.get("from"), "an ingress rule without `from` admits every source"
-        assert policy_ports(rule, gateway) == {("TCP", port)}
+        ports = policy_ports(rule, gateway)
+        monitoring = any(
+            p.get("namespaceSelector", {}).get("matchLabels")
+            == {"kubernetes.io/metadata.name": "monitoring"}
+            for p in rule["from"]
+        )
+        # API clients reach the API port; Prometheus only the metrics listener.
+        assert ports == ({("TCP", metrics)} if monitoring else {("TCP", api)}), rule
         peers += rule["from"]
     assert {"podSelector": {}} in peers  # every pod of the namespace
     namespaces = [p["namespaceSelector"]["matchLabels"] for p in peers if "namespaceSelector" in p]
