@@ -30,7 +30,9 @@ class KeyRing:
     def __init__(self, keys: Iterable[KeyConfig]) -> None:
         # digest -> (key, digest): the stored digest kept as bytes for compare_digest.
         self._by_digest: dict[bytes, tuple[KeyConfig, bytes]] = {}
+        self._by_name: dict[str, KeyConfig] = {}
         for k in keys:
+            self._by_name[k.name] = k
             raw = bytes.fromhex(k.key_sha256)
             self._by_digest[raw] = (k, raw)
         self._allowed: dict[tuple[str, str], bool] = {}
@@ -53,6 +55,10 @@ class KeyRing:
         if found is None or not hmac.compare_digest(found[1], digest):
             raise invalid_api_key()
         return found[0]
+
+    def by_name(self, name: str) -> KeyConfig | None:
+        """The configured key called `name` (metering looks up its limits per event)."""
+        return self._by_name.get(name)
 
     def check_allowed(self, key: KeyConfig, model: str) -> None:
         """403 AccessDenied unless the key's allowlist admits the model (memoised per

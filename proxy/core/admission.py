@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy.config.model import Config, KeyConfig, LimitsConfig
+from proxy.config.model import KeyConfig, LimitsConfig
 from proxy.core.limits import refusal
 from proxy.core.pricing import highest_price
 from proxy.core.spend import (
@@ -43,7 +43,7 @@ from proxy.core.spend import (
 )
 from proxy.metering import UsageEvent, UsageListener
 from proxy.metrics import Metrics
-from proxy.runtime import CTX, METER, METRICS, RUNTIME, STATE
+from proxy.runtime import CTX, METER, METRICS, RUNTIME, STATE, Runtime
 from proxy.state.limiter import DAY, IMAGES_DAY, MONTH, has_limits, has_quota
 
 log = logging.getLogger(__name__)
@@ -111,25 +111,21 @@ async def task_created(request: web.Request, task_id: str) -> None:
 
 async def task_ended(app: web.Application, key: str, task_id: str) -> None:
     """`task_id` of `key` ended without images (FAILED, CANCELED, UNKNOWN)."""
-    config = app[RUNTIME].current.config
-    if _limits_of(config, key) is not None:
+    rt = app[RUNTIME].current
+    if _limits_of(rt, key) is not None:
         await app[STATE].limiter.settle_task(key, task_id)
-    if _spend_caps_of(config, key) is not None:
+    if _spend_caps_of(rt, key) is not None:
         await app[STATE].limiter.settle_task(spend_key(key), task_id)
 
 
-def _spend_caps_of(config: Config, key: str) -> LimitsConfig | None:
-    for k in config.keys:
-        if k.name == key:
-            return spend_caps(k.limits)
-    return None
+def _spend_caps_of(rt: Runtime, key: str) -> LimitsConfig | None:
+    found = rt.keyring.by_name(key)
+    return None if found is None else spend_caps(found.limits)
 
 
-def _limits_of(config: Config, key: str) -> LimitsConfig | None:
-    for k in config.keys:
-        if k.name == key:
-            return k.limits if has_quota(k.limits) else None
-    return None
+def _limits_of(rt: Runtime, key: str) -> LimitsConfig | None:
+    found = rt.keyring.by_name(key)
+    return found.limits if found is not None and has_quota(found.limits) else None
 
 
 def set_remaining(
@@ -151,10 +147,11 @@ def usage_listener(app: web.Application) -> UsageListener:
         used_day, used_month = await app[STATE].limiter.record_usage(
             event.key, event.images, tokens, event.timestamp
         )
-        limits = _limits_of(app[RUNTIME].current.config, event.key)
+        rt = app[RUNTIME].current
+        limits = _limits_of(rt, event.key)
         if limits is not None:
             set_remaining(app[METRICS], event.key, limits, used_day, used_month)
-        if _spend_caps_of(app[RUNTIME].current.config, event.key) is not None:
+        if _spend_caps_of(rt, event.key) is not None:
             # The reservation (at the highest price) becomes the actual cost.
             await app[STATE].limiter.record_usage(
                 spend_key(event.key), cost_units(event.cost), tokens, event.timestamp
