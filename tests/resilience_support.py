@@ -222,3 +222,34 @@ class GatewayProcess:
                 self.proc.kill()
                 self.proc.wait(5)
         self._log.close()
+
+
+def team_a_yaml(
+    sim_url: str,
+    *,
+    usage_log: Path,
+    state: str,
+    limits: str = "",
+    upstream_models: str = "",
+    extra: str = "",
+) -> str:
+    """One upstream (the simulator) and one key (team-a): the config most tests start from.
+    `state` is the body of `state:` (indented two spaces), `extra` more top-level YAML."""
+    return f"""
+server:
+  host: 127.0.0.1
+  port: 0
+  usage_log: {usage_log}
+upstreams:
+  - name: sim
+    base_url: {sim_url}/api/v1
+    api_key: {UPSTREAM_KEY}
+{f"    models: {upstream_models}" if upstream_models else ""}
+keys:
+  - name: team-a
+    key: {KEY_A}
+{f"    limits: {{{limits}}}" if limits else ""}
+state:
+{state}
+{extra}
+"""

@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import KEY_A, UPSTREAM_KEY
 from tests.redis_support import ledger_lines, poll_task, sim_images
-from tests.resilience_support import IG, A, GatewayProcess, body
+from tests.resilience_support import IG, A, GatewayProcess, body, team_a_yaml
 from tests.support import Live
 
 ASYNC = {"X-DashScope-Async": "enable"}
@@ -31,24 +30,12 @@ TASKS_PER_ROUND = 150
 
 
 def config(sim: Live, tmp_path: Path, state: str) -> str:
-    return f"""
-server:
-  host: 127.0.0.1
-  port: 0
-  usage_log: {tmp_path / "usage.jsonl"}
-upstreams:
-  - name: sim
-    base_url: {sim.url}/api/v1
-    api_key: {UPSTREAM_KEY}
-keys:
-  - name: team-a
-    key: {KEY_A}
-state:
-  path: {tmp_path / "state.db"}
-{state}
-tasks:
-  reconcile: false
-"""
+    return team_a_yaml(
+        sim.url,
+        usage_log=tmp_path / "usage.jsonl",
+        state=f"  path: {tmp_path / 'state.db'}\n{state}",
+        extra="tasks:\n  reconcile: false",
+    )
 
 
 def submit_many(gw: GatewayProcess, n: int) -> list[str]:

@@ -31,6 +31,7 @@ from tests.resilience_support import (
     body,
     sim_model_calls,
     sim_requests,
+    team_a_yaml,
 )
 from tests.support import Live
 
@@ -39,24 +40,13 @@ ALIYUN = "/aliyun/v1/images/generations"
 
 
 def config(sim: Live, tmp_path: Path, *, tasks: str = "", upstream_models: str = '["*"]') -> str:
-    return f"""
-server:
-  host: 127.0.0.1
-  port: 0
-  usage_log: {tmp_path / "usage.jsonl"}
-upstreams:
-  - name: sim
-    base_url: {sim.url}/api/v1
-    api_key: {UPSTREAM_KEY}
-    models: {upstream_models}
-keys:
-  - name: team-a
-    key: {KEY_A}
-state:
-  path: {tmp_path / "state.db"}
-tasks:
-  {tasks or "reconcile: false"}
-"""
+    return team_a_yaml(
+        sim.url,
+        usage_log=tmp_path / "usage.jsonl",
+        state=f"  path: {tmp_path / 'state.db'}",
+        upstream_models=upstream_models,
+        extra=f"tasks:\n  {tasks or 'reconcile: false'}",
+    )
 
 
 def usage_lines(tmp_path: Path) -> list[dict[str, Any]]:

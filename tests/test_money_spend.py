@@ -14,9 +14,9 @@ import pytest
 import requests
 
 from proxy.state.limiter import seconds_to_next_day
-from tests.conftest import KEY_A, UPSTREAM_KEY, GatewayFactory
+from tests.conftest import KEY_A, GatewayFactory
 from tests.redis_support import RedisServer
-from tests.resilience_support import MM, A, GatewayProcess, body
+from tests.resilience_support import MM, A, GatewayProcess, body, team_a_yaml
 from tests.support import Live
 
 T2I = "/api/v1/services/aigc/text2image/image-synthesis"
@@ -31,24 +31,13 @@ pricing:
 
 
 def config(sim: Live, tmp_path: Path, limits: str, state: str = "") -> str:
-    return f"""
-server:
-  host: 127.0.0.1
-  port: 0
-  usage_log: {tmp_path / "usage.jsonl"}
-upstreams:
-  - name: sim
-    base_url: {sim.url}/api/v1
-    api_key: {UPSTREAM_KEY}
-keys:
-  - name: team-a
-    key: {KEY_A}
-    limits: {{{limits}}}
-state:
-  path: {tmp_path / "state.db"}
-{state}
-{PRICING}
-"""
+    return team_a_yaml(
+        sim.url,
+        usage_log=tmp_path / "usage.jsonl",
+        state=f"  path: {tmp_path / 'state.db'}\n{state}",
+        limits=limits,
+        extra=PRICING,
+    )
 
 
 def post(url: str, payload: dict[str, Any], path: str = MM, **headers: str) -> requests.Response:

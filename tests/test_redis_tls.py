@@ -13,9 +13,8 @@ import pytest
 import redis
 import requests
 
-from tests.conftest import KEY_A, UPSTREAM_KEY
 from tests.redis_support import REDIS_SERVER
-from tests.resilience_support import IG, A, GatewayProcess, body, closed_port
+from tests.resilience_support import IG, A, GatewayProcess, body, closed_port, team_a_yaml
 from tests.support import Live
 from tests.tls_support import tls_front
 
@@ -58,25 +57,15 @@ def redis_with_password(tmp_path: Path) -> Iterator[int]:
 
 
 def config(sim: Live, tmp_path: Path, tls_port: int, ca: Path, password_var: str) -> str:
-    return f"""
-server:
-  host: 127.0.0.1
-  port: 0
-  usage_log: {tmp_path / "usage.jsonl"}
-upstreams:
-  - name: sim
-    base_url: {sim.url}/api/v1
-    api_key: {UPSTREAM_KEY}
-keys:
-  - name: team-a
-    key: {KEY_A}
-state:
-  backend: redis
-  url: rediss://127.0.0.1:{tls_port}/0
-  password: ${{{password_var}}}
-  tls_ca_file: {ca}
-  path: {tmp_path / "spool.db"}
-"""
+    return team_a_yaml(
+        sim.url,
+        usage_log=tmp_path / "usage.jsonl",
+        state=(
+            f"  backend: redis\n  url: rediss://127.0.0.1:{tls_port}/0\n"
+            f"  password: ${{{password_var}}}\n  tls_ca_file: {ca}\n"
+            f"  path: {tmp_path / 'spool.db'}"
+        ),
+    )
 
 
 def test_tls_and_a_password_from_the_environment(
