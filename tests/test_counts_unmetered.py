@@ -173,6 +173,15 @@ def test_answers_dashscope_refused_are_never_unmetered(
         client(gw).images.generate(
             model="qwen-image-2.0", prompt="[sim:error=500]", response_format="url"
         )
+    # A refusal whose body is cut short is still a refusal: nothing DashScope generated.
+    r = requests.post(
+        gw.url + MM, json=body("[sim:error=500] [sim:truncate]"), headers=A, timeout=10
+    )
+    assert r.status_code >= 500
+    with pytest.raises(openai.APIStatusError):
+        client(gw).images.generate(
+            model="qwen-image-2.0", prompt="[sim:error=500] [sim:truncate]", response_format="url"
+        )
     assert unmetered(gw) == only("read_timeout", 0)
     assert ledger(tmp_path) == []
 

@@ -89,8 +89,8 @@ async def answer_lost(request: web.Request, reason: str, task_id: str | None = N
     on paths that are already failing.
     """
     ctx = request.get(CTX)
-    if ctx is None or request.get(ANSWER) == LOST or ctx.route not in IMAGE_ROUTES:
-        return
+    if ctx is None or request.get(ANSWER) in (LOST, RECEIVED) or ctx.route not in IMAGE_ROUTES:
+        return  # already counted, or an answer that arrived (a refusal among them)
     request[ANSWER] = LOST
     task_id = task_id or request.match_info.get("task_id")
     try:
@@ -168,6 +168,8 @@ async def relay_response(
                 metrics.upstream_errors.labels(upstream.name, failure.kind).inc()
                 if 200 <= resp.status < 300:
                     await answer_lost(request, lost_reason(failure) or "truncated")
+                else:
+                    request[ANSWER] = RECEIVED  # DashScope refused it: no image to count
                 raise failure from None
             code = _error_code(resp.status, body)
             status, reason = resp.status, resp.reason

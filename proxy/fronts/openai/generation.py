@@ -149,6 +149,8 @@ async def _read_answer(
         metrics.upstream_errors.labels(upstream.name, failure.kind).inc()
         if 200 <= resp.status < 300:
             await _lost(request, failure, task_id)
+        else:
+            request[ANSWER] = RECEIVED  # DashScope refused it: no image to count
         raise failure from None
     finally:
         resp.release()
