@@ -48,7 +48,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.config.model import TasksConfig
-from proxy.core.settlement import COUNTING, Origin, finish_claim, settle_task
+from proxy.core.settlement import COUNTED_UNDONE, COUNTING, Origin, finish_claim, settle_task
 from proxy.errors import GatewayError
 from proxy.jsonutil import loads
 from proxy.metering import facts_from_bytes
@@ -71,7 +71,6 @@ FINISH_SECONDS = 2.0  # how often pending claims are looked at
 # A live owner marks its claim done milliseconds after making it: one pending this long
 # whose owner is provably gone is never one still being counted.
 MIN_PENDING_SECONDS = 5.0
-PENDING_CLAIM_SECONDS = 30.0  # `tasks.pending_claim_seconds` until the config has it
 LEDGER_SCAN_BYTES = 64 * 1024 * 1024  # at most this much of the ledger's tail is read
 
 
@@ -100,7 +99,6 @@ class Reconciler:
     def __init__(self, app: web.Application) -> None:
         self._app = app
         self._running: set[asyncio.Task[None]] = set()
-        self._polls = 0
 
     async def run(self) -> None:
         """Forever: lease the due tasks, poll them at the configured pace."""
@@ -174,7 +172,6 @@ class Reconciler:
                 status = call.response.status
                 body = await call.response.content.read(MAX_ANSWER_BYTES)
             facts = facts_from_bytes(body)
-            self._polls += 1
             origin = Origin(ROUTE, f"reconcile-{record.task_id}")
             await settle_task(app, origin, record, status, facts)
         except (GatewayError, aiohttp.ClientError, TimeoutError) as exc:
@@ -212,7 +209,7 @@ def _headers(api_key: str) -> CIMultiDict[str]:
 async def finish_pending(app: web.Application) -> int:
     """Finish the claims left pending by owners that are gone; how many were finished."""
     rt = app[RUNTIME].current
-    stale = float(getattr(rt.config.tasks, "pending_claim_seconds", PENDING_CLAIM_SECONDS))
+    stale = rt.config.tasks.pending_claim_seconds
     ledger = rt.config.server.usage_log
     me = owner_id()
     now = time.time()
@@ -232,7 +229,9 @@ async def finish_pending(app: web.Application) -> int:
         written = await asyncio.to_thread(ledger_has, ledger, mine, since)
     finished = 0
     for task_id, claim in due:
-        finished += await finish_claim(app, task_id, claim, written=task_id in written)
+        # Counted here but not marked done (the store failed): never count it again.
+        counted = task_id in written or (claim.owner == me and task_id in COUNTED_UNDONE)
+        finished += await finish_claim(app, task_id, claim, written=counted)
     return finished
 
 

@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 # Tasks whose claim this process holds and is counting right now: never finished by
 # `core.reconciler` meanwhile, however old the claim looks.
 COUNTING: set[str] = set()
+# Tasks this process counted but could not mark done (the store failed): finishing their
+# claim must not count them again, with or without a usage log to check.
+COUNTED_UNDONE: set[str] = set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,9 +273,9 @@ async def finish_claim(app: web.Application, task_id: str, claim: Claim, *, writ
         await _done(app, task_id, mine)
     finally:
         COUNTING.discard(task_id)
-    finished = getattr(app[METRICS], "metering_claims_finished", None)  # once it exists
-    if finished is not None:
-        finished.labels("already_in_ledger" if written else "counted").inc()
+    app[METRICS].metering_claims_finished.labels(
+        "already_in_ledger" if written else "counted"
+    ).inc()
     log.warning(
         "task %s: finished the metering claim %s left pending (%d image(s), %s)",
         task_id,
@@ -305,7 +308,9 @@ async def _done(app: web.Application, task_id: str, claim: Claim) -> None:
         # Counted, but still pending in the store: the reconciler finishes it (and
         # finds its ledger line, if there is a ledger).
         log.exception("marking the metering claim of task %s done failed", task_id)
+        COUNTED_UNDONE.add(task_id)
         return
+    COUNTED_UNDONE.discard(task_id)
     if not done:
         # Taken over meanwhile: this process stalled longer than
         # `tasks.pending_claim_seconds` between claiming and counting.

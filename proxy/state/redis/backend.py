@@ -205,8 +205,17 @@ class RedisState(StateBackend):
                     await self.spool.release_handed(me, ids)
                 raise
             after = {r.record.task_id: r for r in await self.spool.drop_handed(me, ids)}
-            for row, result in zip(rows, results, strict=True):
-                await self._handed(row, after.get(row.record.task_id), result)
+            for i, (row, result) in enumerate(zip(rows, results, strict=True)):
+                try:
+                    await self._handed(row, after.get(row.record.task_id), result)
+                except BaseException:
+                    # The batch left the spool: rows not handled yet whose claim was
+                    # counted meanwhile must still be marked done in Redis, later.
+                    for rest in rows[i:]:
+                        done, ours = after.get(rest.record.task_id), Claim.decode(rest.claim)
+                        if rest.metered == 2 and done is not None and done.metered == 1 and ours:
+                            tasks.unfinished[rest.record.task_id] = ours
+                    raise
             pushed += len(rows)
         for task_id, claim in list(tasks.unfinished.items()):
             if not await self._finish(task_id, claim):
@@ -252,9 +261,7 @@ class RedisState(StateBackend):
                 task_id,
                 "another replica" if other is None else other.owner,
             )
-            doubles = getattr(self.metrics, "metering_doubles", None)
-            if doubles is not None:
-                doubles.inc()
+            self.metrics.metering_doubles.inc()
         if after is None:
             return
         if after.record.status != row.record.status:
@@ -264,7 +271,9 @@ class RedisState(StateBackend):
                 args=[after.record.status, final, task_id],
             )
         if row.metered == 2 and after.metered == 1 and ours is not None and int(result[0]):
-            await self._finish(task_id, ours)  # counted while being handed over
+            # Counted while being handed over: marked done by the `unfinished` pass after
+            # the batch, which is retried until it succeeds (a failure here loses nothing).
+            self.redis_tasks.unfinished[task_id] = ours
         self.redis_tasks.remember(after.record)
 
     async def _finish(self, task_id: str, claim: Claim) -> bool:

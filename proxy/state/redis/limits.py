@@ -189,6 +189,9 @@ class RedisLimiter:
                 conc, resv, resvn = _keys(key)[1:]
                 await script(keys=[conc, resv, resvn], args=tokens)
             self._orphans.clear()
+        # Cleared before the drain: usage spooled while this push runs sets it again, so
+        # the next monitor tick pushes it (cleared after, it would be stranded).
+        self.spooled = False
         rows = await self._s.spool.drain_usage()
         sent = 0
         try:
@@ -201,11 +204,12 @@ class RedisLimiter:
                     await pipe.execute()
                 sent += 1
         finally:
+            if sent < len(rows):
+                self.spooled = True
             for key, period, images in rows[sent:]:  # keep what was not sent
                 await self._s.spool.add_usage(key, images, [period])
         if rows:
             log.warning("redis: added %d spooled usage row(s) from the outage", len(rows))
-        self.spooled = False
 
 
 # ------------------------------------------------------------------------ tasks
