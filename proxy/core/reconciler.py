@@ -45,7 +45,6 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 
 from proxy.config.model import TasksConfig
 from proxy.core.settlement import COUNTED_UNDONE, COUNTING, Origin, finish_claim, settle_task
@@ -55,6 +54,7 @@ from proxy.metering import facts_from_bytes
 from proxy.runtime import METRICS, RUNTIME, TASKS
 from proxy.state import Claim, owner_gone, owner_id, same_host
 from proxy.state.tasks import TERMINAL, TaskRecord
+from proxy.upstream.call import key_headers
 from proxy.upstream.failover import call_pinned
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class Reconciler:
                 "tasks.get",
                 "GET",
                 f"/tasks/{record.task_id}",
-                _headers(upstream.api_key),
+                key_headers(upstream.api_key),
                 None,
             ) as call:
                 status = call.response.status
@@ -196,14 +196,6 @@ class Reconciler:
         for task in list(self._running):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-
-
-def _headers(api_key: str) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict()
-    headers["Authorization"] = f"Bearer {api_key}"
-    headers["Accept"] = "application/json"
-    headers["Accept-Encoding"] = "identity"
-    return headers
 
 
 async def finish_pending(app: web.Application) -> int:

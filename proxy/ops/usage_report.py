@@ -46,10 +46,10 @@ from typing import Any
 
 from proxy.config.model import DEFAULT_USAGE_LOG, ConfigError
 from proxy.config.parse import usage_log_setting
+from proxy.core.pricing import NANO
 from proxy.jsonutil import dumps, loads
 
 BY_FIELDS = ("key", "model", "day")
-NANO = 1_000_000_000
 _TS_PREFIX = b'{"ts":"'
 _DAY = re.compile(rb"^\d{4}-\d\d-\d\d$")
 _DAY_TEXT = re.compile(r"\d{4}-\d\d-\d\d")

@@ -260,3 +260,13 @@ def rejects_key(status: int, code: str | None, message: str | None) -> bool:
     if status == 401:
         return True
     return status == 403 and code == "AccessDenied" and (message or "").strip() == "Access denied."
+
+
+def key_headers(api_key: str) -> CIMultiDict[str]:
+    """Headers of a request the gateway makes by itself (a background poll, a key probe):
+    the upstream's key, a JSON answer, uncompressed (metering reads the bytes)."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    headers["Authorization"] = f"Bearer {api_key}"
+    headers["Accept"] = "application/json"
+    headers["Accept-Encoding"] = "identity"
+    return headers

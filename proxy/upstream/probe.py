@@ -15,10 +15,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
-from multidict import CIMultiDict
 
 from proxy.config.model import UpstreamConfig
-from proxy.upstream.call import peek_error, rejects_key
+from proxy.upstream.call import key_headers, peek_error, rejects_key
 from proxy.upstream.health import UpstreamHealth
 
 # A syntactically valid task id that no DashScope task has.
@@ -36,9 +35,7 @@ class ProbeResult:
 
 async def probe(session: aiohttp.ClientSession, upstream: UpstreamConfig) -> ProbeResult:
     """Probe one upstream's key. Never raises for network trouble: that is a result."""
-    headers: CIMultiDict[str] = CIMultiDict()
-    headers["Authorization"] = f"Bearer {upstream.api_key}"
-    headers["Accept"] = "application/json"
+    headers = key_headers(upstream.api_key)
     url = f"{upstream.base_url}/tasks/{PROBE_TASK_ID}"
     try:
         async with session.get(url, headers=headers, timeout=PROBE_TIMEOUT) as resp:
