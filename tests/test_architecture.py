@@ -22,6 +22,7 @@ LAYERS = {
     "state": 1,
     "upstream": 2,
     "runtime": 2,  # the app's keys and per-request context: shared by upstream and above
+    "storage": 2.5,  # durable images: fetches through upstream, used by core and fronts
     "core": 3,
     "fronts": 4,
     "ops": 5,
@@ -60,7 +61,7 @@ MODULES = gateway_modules()
 GRAPH = {m: imports_of(p, set(MODULES)) - {m} for m, p in MODULES.items()}
 
 
-def layer(module: str) -> int:
+def layer(module: str) -> float:
     if module in ENTRY:
         return LAYERS["entry"]
     top = module.split(".")[1] if "." in module else "__init__"

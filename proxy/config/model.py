@@ -238,6 +238,31 @@ class PricingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """`storage:` durable copies of delivered images, handed out as the gateway's own links.
+
+    `backend` is `local` (a directory, `path`) or `s3` (any S3-compatible store: `bucket`,
+    `endpoint_url` (omit for AWS), `region`, the access key pair, and an object-name
+    `prefix`). `signing_key` is the HMAC key of the gateway's image links; with
+    `public_base_url` links are that URL + the object name instead (a CDN or public bucket).
+    """
+
+    backend: str = "local"
+    path: str = "./dashscope-proxy-images"
+    bucket: str | None = None
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    prefix: str = ""
+    signing_key: str = field(default="", repr=False)
+    public_base_url: str | None = None
+    link_ttl_seconds: float = 604800.0
+    retention_days: float = 30.0
+    max_image_bytes: int = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole, validated gateway configuration."""
 
@@ -249,6 +274,7 @@ class Config:
     openai: OpenAIConfig = OpenAIConfig()
     tasks: TasksConfig = TasksConfig()
     pricing: PricingConfig = PricingConfig()
+    storage: StorageConfig | None = None  # None: image URLs are DashScope's own
 
     def upstreams_for(self, model: str) -> tuple[UpstreamConfig, ...]:
         """Upstreams serving `model`, in config order."""

@@ -1,0 +1,1 @@
+"""Durable copies of delivered images: backends, names, links and the storing pipeline."""
