@@ -243,6 +243,21 @@ keys:
 {teams}
   - name: bench
     key: {GATEWAY_KEY}
+    # Every limit on, none reached: the bench pays for checking them.
+    limits:
+      requests_per_minute: 100000000
+      concurrent_requests: 1000000
+      images_per_day: 1000000000
+      images_per_month: 1000000000
+      spend_per_day: 1000000000
+      spend_per_month: 1000000000
+pricing:
+  currency: USD
+  models:
+    "qwen-image*":
+      per_image: 0.03
+    "wan2.6-*":
+      per_image: 0.03
 state:
   path: {state or self.tmp / f"state-{n}.db"}
 """ + (f"tasks:{section}\n" if section else "")

@@ -102,6 +102,27 @@ class Proc:
                 total += len(os.listdir(f"/proc/{p}/fd"))
         return total
 
+    def sockets_to(self, port: int) -> int:
+        """Open TCP connections of this process tree to 127.0.0.1:`port` (the upstream's
+        keep-alive pool: descriptors that are reused, not leaked)."""
+        inodes = set()
+        for p in self.pids():
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{p}/fd"):
+                    with contextlib.suppress(OSError):
+                        target = os.readlink(f"/proc/{p}/fd/{fd}")
+                        if target.startswith("socket:["):
+                            inodes.add(target[8:-1])
+        remote = f":{port:04X}"
+        count = 0
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(OSError):
+                for line in Path(table).read_text().splitlines()[1:]:
+                    cols = line.split()
+                    if len(cols) > 9 and cols[2].endswith(remote) and cols[9] in inodes:
+                        count += 1
+        return count
+
     def alive(self) -> bool:
         return self.popen.poll() is None
 

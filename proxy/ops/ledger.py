@@ -43,11 +43,16 @@ Durability policy, and why:
   closing the old one. If the new path cannot be opened, lines keep going to the old
   file (nothing is lost) and the error is logged and counted.
 
-All file operations run on one dedicated thread, so a slow disk never stalls
-the event loop and lines keep their order. If a line cannot be written it is
-logged at ERROR level in full (it holds no secret: key and upstream *names*)
-and counted in `dashscope_proxy_usage_log_errors_total`; the image metric has
-already counted it.
+A line is appended from the event loop itself while appends are quick (a
+`write()` into the page cache takes microseconds; handing it to a thread and
+back costs more than the write). The first append slower than
+`INLINE_SECONDS` moves appends to one dedicated thread for
+`SLOW_BACKOFF_SECONDS`, so a stalling disk stalls the loop at most once per
+back-off; opening, rotation and `fsync` always run on that thread. Lines keep
+their order: a line goes inline only when nothing is queued for the thread.
+If a line cannot be written it is logged at ERROR level in full (it holds no
+secret: key and upstream *names*) and counted in
+`dashscope_proxy_usage_log_errors_total`; the image metric has already counted it.
 
 Deliberately not here: reading or summing the ledger (`proxy.ops.usage_report`).
 """
@@ -59,6 +64,7 @@ import contextlib
 import logging
 import os
 import stat
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -75,6 +81,9 @@ from proxy.runtime import METER, METRICS, RUNTIME, Runtime
 log = logging.getLogger(__name__)
 
 FSYNC_SECONDS = 1.0
+# An inline append slower than this sends appends to the ledger thread for a while.
+INLINE_SECONDS = 0.002
+SLOW_BACKOFF_SECONDS = 30.0
 # How often the follower looks for a reload with nothing metered (turning off, moving).
 FOLLOW_SECONDS = 1.0
 # Owner read/write, group read (a log shipper in the group may read it).
@@ -123,6 +132,8 @@ class UsageLedger:
         self._queue: list[tuple[bytes, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
+        self._thread_ops = 0  # open/reopen/close running on the thread: no inline append
+        self._inline_after = 0.0  # monotonic time before which appends go to the thread
 
     # -- everything below `_` runs on the ledger thread --------------------------------
 
@@ -171,6 +182,19 @@ class UsageLedger:
         self._dirty = True
         return written
 
+    def _append_inline(self, data: bytes) -> int | None:
+        """On the event loop: append `data` unless the file was rotated (None: the thread
+        reopens it). Bytes written, as `_append_batch`."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        if self._fd is None or (st.st_dev, st.st_ino) != self._identity:
+            return None
+        written = os.write(self._fd, data)
+        self._dirty = True
+        return written
+
     def _sync(self) -> None:
         if self._dirty and self._fd is not None and self._regular:
             self._dirty = False
@@ -179,7 +203,11 @@ class UsageLedger:
     # -- the event loop side -----------------------------------------------------------
 
     async def _run(self, fn: Callable[[], None]) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        self._thread_ops += 1
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        finally:
+            self._thread_ops -= 1
 
     async def open(self) -> None:
         await self._run(self._open)
@@ -218,6 +246,32 @@ class UsageLedger:
         if self._closed:
             fut.set_exception(OSError(f"usage ledger {self.path} is closed"))
             return fut
+        if (
+            self._regular
+            and self._writer is None
+            and not self._thread_ops
+            and self._inline_after <= time.monotonic()
+        ):
+            started = time.perf_counter()
+            try:
+                written = self._append_inline(line)
+            except OSError as exc:
+                fut.set_exception(exc)
+                return fut
+            if written is not None:
+                if time.perf_counter() - started > INLINE_SECONDS:
+                    self._inline_after = time.monotonic() + SLOW_BACKOFF_SECONDS
+                    log.warning(
+                        "usage ledger %s: a write took over %g ms; writing from a thread for %g s",
+                        self.path,
+                        INLINE_SECONDS * 1000,
+                        SLOW_BACKOFF_SECONDS,
+                    )
+                if written == len(line):
+                    fut.set_result(None)
+                else:  # a line cut short lands torn (repaired on the next open)
+                    fut.set_exception(OSError(f"short write ({written} of {len(line)} bytes)"))
+                return fut
         self._queue.append((line, fut))
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_queued(), name="usage-ledger-write")
@@ -254,7 +308,7 @@ class UsageLedger:
         while True:
             await asyncio.sleep(self._fsync_seconds)
             try:
-                await self._run(self._sync)
+                await asyncio.get_running_loop().run_in_executor(self._executor, self._sync)
             except OSError as exc:
                 log.error("usage ledger %s: fsync failed (%s)", self.path, exc.strerror or exc)
 
