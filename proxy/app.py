@@ -44,7 +44,7 @@ from proxy.fronts.openai import images as openai_images
 from proxy.metering import Meter
 from proxy.metrics import Metrics
 from proxy.ops.accesslog import AccessLog
-from proxy.ops.ledger import ledger_ctx
+from proxy.ops.ledger_follow import ledger_ctx
 from proxy.runtime import (
     CTX,
     METER,

@@ -38,7 +38,7 @@ Durability policy, and why:
   `WatchedFileHandler` does: the inode changed) and starts a new file at the
   configured path. Every config reload (SIGHUP included) reopens the file too, at
   once. `copytruncate` also works, because of `O_APPEND`.
-- A reload can turn the ledger on, off, or move it: `LedgerFollower` notices the
+- A reload can turn the ledger on, off, or move it: `proxy.ops.ledger_follow` notices the
   new runtime (at the next line, or within a second) and opens the new path before
   closing the old one. If the new path cannot be opened, lines keep going to the old
   file (nothing is lost) and the error is logged and counted.
@@ -65,18 +65,15 @@ import logging
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-
-from aiohttp import web
 
 from proxy.jsonutil import dumps
 from proxy.metering import UnmeteredEvent, UsageEvent
 from proxy.metrics import Metrics
 from proxy.ops.accesslog import rfc3339
-from proxy.runtime import METER, METRICS, RUNTIME, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +81,6 @@ FSYNC_SECONDS = 1.0
 # An inline append slower than this sends appends to the ledger thread for a while.
 INLINE_SECONDS = 0.002
 SLOW_BACKOFF_SECONDS = 30.0
-# How often the follower looks for a reload with nothing metered (turning off, moving).
-FOLLOW_SECONDS = 1.0
 # Owner read/write, group read (a log shipper in the group may read it).
 FILE_MODE = 0o640
 
@@ -323,117 +318,3 @@ class UsageLedger:
             await self._writer  # lines already metered are written before closing
         await self._run(self._close)
         self._executor.shutdown(wait=True)
-
-
-class LedgerFollower:
-    """The `Meter` listener: each line goes to the ledger of the current config.
-
-    A reload swaps the runtime; the first line after it (or the background check,
-    within a second) makes the follower reopen the same path, open a new one, or
-    close the ledger, as `server.usage_log` now says.
-    """
-
-    def __init__(self, app: web.Application, ledger: UsageLedger | None) -> None:
-        self._app = app
-        self.ledger = ledger
-        self._seen: Runtime = app[RUNTIME].current
-        self._lock = asyncio.Lock()
-
-    async def __call__(self, event: UsageEvent | UnmeteredEvent) -> None:
-        if self._app[RUNTIME].current is not self._seen:
-            await self.follow()
-        # No await between reading the ledger and queueing the line on it: a ledger
-        # being replaced is closed only after the lines queued on it are written.
-        ledger = self.ledger
-        if ledger is not None:
-            await ledger(event)
-
-    async def follow(self) -> None:
-        """Apply the current config's `server.usage_log` if a reload changed the runtime."""
-        async with self._lock:
-            runtime = self._app[RUNTIME].current
-            if runtime is self._seen:
-                return
-            self._seen = runtime
-            path = runtime.config.server.usage_log
-            old = self.ledger
-            if old is None and not path:
-                return  # still off
-            if old is not None and old.path == path:
-                try:
-                    await old.reopen()
-                except OSError as exc:
-                    self._failed(path, exc)
-                return
-            new = None
-            if path:
-                new = UsageLedger(path, self._app[METRICS])
-                try:
-                    await new.open()
-                except OSError as exc:
-                    await new.close()
-                    self._failed(path, exc)
-                    return  # keep the old ledger (if any): nothing is lost
-            self.ledger = new
-            log.info("usage ledger: %s", f"appending to {path}" if path else "off")
-            if old is not None:
-                await old.close()
-
-    def _failed(self, path: str | None, exc: OSError) -> None:
-        self._app[METRICS].usage_log_errors.inc()
-        kept = f"lines still go to {self.ledger.path}" if self.ledger else "no lines are written"
-        log.error(
-            "usage ledger %s: cannot open after the reload (%s); %s until a reload fixes it "
-            "(the image metric still counts)",
-            path,
-            exc.strerror or exc,
-            kept,
-        )
-
-    async def close(self) -> None:
-        if self.ledger is not None:
-            await self.ledger.close()
-            self.ledger = None
-
-
-async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Cleanup context: open the configured ledger, listen to the Meter, follow reloads,
-    close at the end.
-
-    Opening at startup fails loudly: an operator who asked for a ledger (or kept the
-    default) must not run without one. After a reload a failure is logged and counted
-    instead, because the gateway is already serving.
-    """
-    path = app[RUNTIME].current.config.server.usage_log
-    ledger = None
-    if path:
-        ledger = UsageLedger(path, app[METRICS])
-        try:
-            await ledger.open()
-        except OSError as exc:
-            await ledger.close()
-            raise OSError(exc.errno, f"usage ledger {path}: {exc.strerror or exc}") from None
-        log.info("usage ledger: appending to %s", path)
-    follower = LedgerFollower(app, ledger)
-    meter = app[METER]
-    meter.listeners.append(follower)
-    meter.unmetered_listeners.append(follower)
-
-    async def follow_forever() -> None:
-        while True:
-            await asyncio.sleep(FOLLOW_SECONDS)
-            try:
-                await follower.follow()
-            except Exception:
-                log.exception("usage ledger: following a reload failed")
-
-    task = asyncio.create_task(follow_forever(), name="usage-ledger-follow")
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        meter.listeners.remove(follower)
-        meter.unmetered_listeners.remove(follower)
-        await follower.close()
