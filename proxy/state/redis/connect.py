@@ -1,0 +1,127 @@
+"""Connecting to Redis as operators run it: one server, a Redis Cluster, or Sentinel.
+
+- one server (`state.url`): a blocking pool of `POOL_SIZE` connections, `BlockingConnectionPool`.
+- Redis Cluster (`state.cluster: true`, `state.url` names any node): `RedisCluster`, which
+  learns the nodes and slots from that one and follows `MOVED`/`ASK`. Every key name
+  carries the hash tag `{dsp}` (`common.CLUSTER_PREFIX`), so the gateway's keys share one
+  slot: each Lua script's KEYS and each pipeline live on one node, as a cluster demands.
+- Sentinel (`state.sentinels` + `state.sentinel_master`): the sentinels name the master
+  and every new connection asks them again, so after a failover the pool reconnects to
+  the new master (a demoted master's connections fail, once, and are replaced).
+
+Every client gets the same timeouts and the same single immediate retry on a fresh
+connection (see `RedisState.open`). Opening connects nothing: the first command does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from proxy.config.model import StateConfig
+from proxy.config.state import sentinel_address
+from proxy.state.redis.common import (
+    CLUSTER_PREFIX,
+    POOL_SIZE,
+    POOL_WAIT,
+    PREFIX,
+    SOCKET_TIMEOUT,
+    Client,
+    Keys,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """A client, the key names to use on it, and how to close it."""
+
+    client: Client
+    keys: Keys
+    mode: str  # "server", "cluster" or "sentinel"
+    close: Callable[[], Awaitable[None]]
+
+
+class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Sentinel's pool (asks the sentinels where the master is) with the blocking wait of
+    the single-server pool: a burst waits up to `POOL_WAIT` for a connection instead of
+    failing, and failing would mark Redis down."""
+
+
+def connect(config: StateConfig) -> Connection:
+    """The client `config` names (not connected yet)."""
+    common: dict[str, Any] = {
+        "socket_timeout": SOCKET_TIMEOUT,
+        "socket_connect_timeout": SOCKET_TIMEOUT,
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        "decode_responses": True,
+    }
+    if config.sentinels:
+        return _sentinel(config, common)
+    assert config.url is not None  # config validation requires url or sentinels
+    options = {**common, **managed_redis_options(config)}
+    if config.cluster:
+        cluster = RedisCluster.from_url(config.url, max_connections=POOL_SIZE, **options)
+        return Connection(cluster, Keys(CLUSTER_PREFIX), "cluster", cluster.aclose)
+    pool = BlockingConnectionPool.from_url(
+        config.url, max_connections=POOL_SIZE, timeout=POOL_WAIT, **options
+    )
+    client = Redis(connection_pool=pool)
+
+    async def close() -> None:
+        try:
+            await client.aclose()
+        finally:
+            await pool.aclose()
+
+    return Connection(client, Keys(PREFIX), "server", close)
+
+
+def _sentinel(config: StateConfig, common: dict[str, Any]) -> Connection:
+    addresses = [a for a in map(sentinel_address, config.sentinels) if a is not None]
+    to_sentinels: dict[str, Any] = {
+        "socket_timeout": SOCKET_TIMEOUT,
+        "socket_connect_timeout": SOCKET_TIMEOUT,
+    }
+    if config.sentinel_password:
+        to_sentinels["password"] = config.sentinel_password
+    sentinel = Sentinel(addresses, sentinel_kwargs=to_sentinels)  # type: ignore[no-untyped-call]
+    assert config.sentinel_master is not None  # config validation requires it
+    client: Redis = sentinel.master_for(
+        config.sentinel_master,
+        redis_class=Redis,
+        connection_pool_class=BlockingSentinelPool,
+        max_connections=POOL_SIZE,
+        timeout=POOL_WAIT,
+        password=config.password,
+        **common,
+    )
+
+    async def close() -> None:
+        try:
+            await client.aclose()
+        finally:
+            for s in sentinel.sentinels:
+                await s.aclose()
+
+    return Connection(client, Keys(PREFIX), "sentinel", close)
+
+
+def managed_redis_options(config: StateConfig) -> dict[str, str]:
+    """Pure: connection options for managed Redis: `state.password` (used when the URL
+    carries none; any characters, so a Secret needs no URL-encoding) and, for a
+    `rediss://` URL, `state.tls_ca_file` (the CA of a private certificate; without it the
+    system's trusted CAs verify the server)."""
+    options: dict[str, str] = {}
+    if config.password:
+        options["password"] = config.password
+    if config.tls_ca_file and (config.url or "").startswith("rediss://"):
+        options["ssl_ca_certs"] = config.tls_ca_file
+    return options
