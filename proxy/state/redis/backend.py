@@ -221,12 +221,13 @@ class RedisState(StateBackend):
 
     async def _adopt(self, rows: list[SpoolRow]) -> list[Any]:
         script = self.scripts["adopt"]
+        calls = [adopt_call(self.keys, row) for row in rows]
         if isinstance(self.redis, RedisCluster):
-            # A plain pipeline loads a script its EVALSHA needs; a cluster pipeline does not.
-            await self.redis.script_load(script.script)
+            # A cluster pipeline refuses scripts: one call per row, in order (each may
+            # fail and be retried by the next push: adopting a row twice is harmless).
+            return [await script(keys=k, args=a) for k, a in calls]
         async with self.redis.pipeline(transaction=False) as pipe:
-            for row in rows:
-                keys, args = adopt_call(self.keys, row)
+            for keys, args in calls:
                 await script(keys=keys, args=args, client=cast(Any, pipe))
             return list(await pipe.execute())
 

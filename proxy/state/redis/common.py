@@ -43,6 +43,7 @@ CLUSTER_PREFIX = "{dsp}:"
 
 # The Lua scripts, one file each beside this module (KEYS and ARGV documented there).
 SCRIPT_NAMES = (
+    "add",
     "adopt",
     "admit",
     "cas",

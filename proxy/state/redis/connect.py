@@ -15,6 +15,7 @@ connection (see `RedisState.open`). Opening connects nothing: the first command 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,29 @@ class Connection:
     close: Callable[[], Awaitable[None]]
 
 
+class GatedCluster(RedisCluster):
+    """`RedisCluster` whose commands wait (up to `POOL_WAIT`) for one of `POOL_SIZE` slots.
+
+    A cluster node's pool does not block: past `max_connections` a command fails at once,
+    which would mark Redis down in a burst. So commands queue here instead, as on the
+    single-server pool, and the node pools get room to spare for pipelines."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._gate = asyncio.Semaphore(POOL_SIZE)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            async with asyncio.timeout(POOL_WAIT):
+                await self._gate.acquire()
+        except TimeoutError:
+            raise RedisConnectionError("No connection available.") from None
+        try:
+            return await super().execute_command(*args, **kwargs)
+        finally:
+            self._gate.release()
+
+
 class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     """Sentinel's pool (asks the sentinels where the master is) with the blocking wait of
     the single-server pool: a burst waits up to `POOL_WAIT` for a connection instead of
@@ -68,7 +92,7 @@ def connect(config: StateConfig) -> Connection:
     assert config.url is not None  # config validation requires url or sentinels
     options = {**common, **managed_redis_options(config)}
     if config.cluster:
-        cluster = RedisCluster.from_url(config.url, max_connections=POOL_SIZE, **options)
+        cluster = GatedCluster.from_url(config.url, max_connections=2 * POOL_SIZE, **options)
         return Connection(cluster, Keys(CLUSTER_PREFIX), "cluster", cluster.aclose)
     pool = BlockingConnectionPool.from_url(
         config.url, max_connections=POOL_SIZE, timeout=POOL_WAIT, **options

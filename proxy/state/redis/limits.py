@@ -197,10 +197,7 @@ class RedisLimiter:
             for key, period, images in rows:
                 ttl = DAY_TTL if period.startswith("d:") else MONTH_TTL
                 name = self._s.keys.used(key, period)
-                async with self._s.redis.pipeline(transaction=True) as pipe:
-                    pipe.incrby(name, images)
-                    pipe.expire(name, ttl)
-                    await pipe.execute()
+                await self._s.scripts["add"](keys=[name], args=[images, ttl])
                 sent += 1
         finally:
             if sent < len(rows):
