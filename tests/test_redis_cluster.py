@@ -18,86 +18,30 @@ import requests
 
 from proxy.config import ConfigError, parse_config
 from proxy.state.redis.common import CLUSTER_PREFIX, PREFIX, Keys
-from tests.conftest import KEY_A, KEY_B, UPSTREAM_KEY
 from tests.redis_support import RedisServer
-from tests.resilience_support import IG, MM, A, B, GatewayProcess, assert_no_secret, body
+from tests.resilience_support import A, B, GatewayProcess, assert_no_secret, body
 from tests.support import Live
-from tests.topology_support import ClusterNode, KeyRecorder, redis_cluster, wait_until
+from tests.topology_support import (
+    UPSTREAM,
+    C,
+    ClusterNode,
+    KeyRecorder,
+    gateway_config,
+    poll_until_succeeded,
+    post,
+    post_once_free,
+    redis_cluster,
+    submit,
+    wait_until,
+)
 
 __all__ = ["redis_cluster"]  # the fixture, for this module's tests
 
-KEY_C = "gw-team-c-secret-0003"
-C = {"Authorization": f"Bearer {KEY_C}"}
-ASYNC = {"X-DashScope-Async": "enable"}
-UPSTREAM = "upstreams: [{name: u, base_url: 'http://h/api/v1', api_key: k}]\n"
 REDIS_PACKAGE = Path(__file__).resolve().parent.parent / "proxy" / "state" / "redis"
 
 
 def config(sim: Live, url: str, spool: Path, *, cluster: bool = True) -> str:
-    return f"""
-server:
-  host: 127.0.0.1
-  port: 0
-  usage_log: {spool.with_suffix(".usage.jsonl")}
-upstreams:
-  - name: sim
-    base_url: {sim.url}/api/v1
-    api_key: {UPSTREAM_KEY}
-keys:
-  - name: team-a
-    key: {KEY_A}
-    limits: {{requests_per_minute: 4}}
-  - name: team-b
-    key: {KEY_B}
-    limits: {{images_per_day: 6, concurrent_requests: 1}}
-  - name: team-c
-    key: {KEY_C}
-state:
-  backend: redis
-  url: {url}
-  cluster: {"true" if cluster else "false"}
-  path: {spool}
-tasks:
-  reconcile_after_seconds: 0.3
-  reconcile_max_interval_seconds: 0.5
-"""
-
-
-def post(
-    gw: GatewayProcess, payload: dict[str, object], headers: dict[str, str], **extra: str
-) -> requests.Response:
-    path = IG if payload["model"] == "wan2.6-t2i" else MM
-    return requests.post(gw.url + path, json=payload, headers={**headers, **extra}, timeout=10)
-
-
-def post_once_free(
-    gw: GatewayProcess, payload: dict[str, object], headers: dict[str, str]
-) -> requests.Response:
-    """`post`, once the key's previous request has released its concurrency slot (released
-    just after its answer is sent, so a request sent at once may still find it taken)."""
-    deadline = time.monotonic() + 5
-    while True:
-        r = post(gw, payload, headers)
-        if r.status_code != 429 or "concurrent" not in r.json()["message"]:
-            return r
-        assert time.monotonic() < deadline, r.text
-        time.sleep(0.05)
-
-
-def submit(gw: GatewayProcess, headers: dict[str, str]) -> str:
-    r = post(gw, body(model="wan2.6-t2i", n=1), headers, **ASYNC)
-    assert r.status_code == 200, r.text
-    return str(r.json()["output"]["task_id"])
-
-
-def poll_until_succeeded(gw: GatewayProcess, task_id: str, headers: dict[str, str]) -> None:
-    deadline = time.monotonic() + 10
-    while True:
-        r = requests.get(f"{gw.url}/api/v1/tasks/{task_id}", headers=headers, timeout=10)
-        if r.status_code == 200 and r.json()["output"]["task_status"] == "SUCCEEDED":
-            return
-        assert time.monotonic() < deadline, r.text
-        time.sleep(0.05)
+    return gateway_config(sim, f"url: {url}\n  cluster: {str(cluster).lower()}", spool)
 
 
 def images(gws: list[GatewayProcess], key: str, model: str) -> float:

@@ -14,8 +14,12 @@ from pathlib import Path
 
 import pytest
 import redis
+import requests
 
+from tests.conftest import KEY_A, KEY_B, UPSTREAM_KEY
 from tests.redis_support import REDIS_SERVER, closed_port
+from tests.resilience_support import IG, MM, GatewayProcess, body
+from tests.support import Live
 
 PASSWORD = "master-" + "pw#1/x"
 SENTINEL_PASSWORD = "sentinel-" + "pw#2"
@@ -48,6 +52,82 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = 15) -> Non
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------ a gateway on such a Redis
+
+KEY_C = "gw-team-c-secret-0003"
+C = {"Authorization": f"Bearer {KEY_C}"}
+ASYNC = {"X-DashScope-Async": "enable"}
+UPSTREAM = "upstreams: [{name: u, base_url: 'http://h/api/v1', api_key: k}]\n"
+
+
+def gateway_config(sim: Live, state: str, spool: Path) -> str:
+    """Three keys (team-a: 4 a minute; team-b: 6 images a day, one at a time; team-c: no
+    limits) and a quick reconciler; `state` is where Redis is (lines indented two spaces)."""
+    return f"""
+server:
+  host: 127.0.0.1
+  port: 0
+  usage_log: {spool.with_suffix(".usage.jsonl")}
+upstreams:
+  - name: sim
+    base_url: {sim.url}/api/v1
+    api_key: {UPSTREAM_KEY}
+keys:
+  - name: team-a
+    key: {KEY_A}
+    limits: {{requests_per_minute: 4}}
+  - name: team-b
+    key: {KEY_B}
+    limits: {{images_per_day: 6, concurrent_requests: 1}}
+  - name: team-c
+    key: {KEY_C}
+state:
+  backend: redis
+  {state}
+  path: {spool}
+tasks:
+  reconcile_after_seconds: 0.3
+  reconcile_max_interval_seconds: 0.5
+"""
+
+
+def post(
+    gw: GatewayProcess, payload: dict[str, object], headers: dict[str, str], **extra: str
+) -> requests.Response:
+    path = IG if payload["model"] == "wan2.6-t2i" else MM
+    return requests.post(gw.url + path, json=payload, headers={**headers, **extra}, timeout=10)
+
+
+def post_once_free(
+    gw: GatewayProcess, payload: dict[str, object], headers: dict[str, str]
+) -> requests.Response:
+    """`post`, once the key's previous request has released its concurrency slot (released
+    just after its answer is sent, so a request sent at once may still find it taken)."""
+    deadline = time.monotonic() + 5
+    while True:
+        r = post(gw, payload, headers)
+        if r.status_code != 429 or "concurrent" not in r.json()["message"]:
+            return r
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.05)
+
+
+def submit(gw: GatewayProcess, headers: dict[str, str]) -> str:
+    r = post(gw, body(model="wan2.6-t2i", n=1), headers, **ASYNC)
+    assert r.status_code == 200, r.text
+    return str(r.json()["output"]["task_id"])
+
+
+def poll_until_succeeded(gw: GatewayProcess, task_id: str, headers: dict[str, str]) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        r = requests.get(f"{gw.url}/api/v1/tasks/{task_id}", headers=headers, timeout=10)
+        if r.status_code == 200 and r.json()["output"]["task_status"] == "SUCCEEDED":
+            return
+        assert time.monotonic() < deadline, r.text
         time.sleep(0.05)
 
 
@@ -140,7 +220,11 @@ class SentinelSet:
         common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"]
         auth = ["--requirepass", PASSWORD, "--masterauth", PASSWORD]
         self.procs = [
-            start_redis(["--port", str(self.ports[0]), *common, str(workdir), *auth], self.ports[0])
+            start_redis(
+                ["--port", str(self.ports[0]), *common, str(workdir), *auth],
+                self.ports[0],
+                PASSWORD,
+            )
         ]
         replica = ["--replicaof", "127.0.0.1", str(self.ports[0])]
         self.procs.append(
@@ -186,12 +270,18 @@ class SentinelSet:
         return len(replicas) == 1
 
     def failover(self) -> int:
-        """`SENTINEL FAILOVER`: the replica becomes the master; its port, once it is."""
+        """`SENTINEL FAILOVER`: the replica becomes the master; its port, once the sentinel
+        has switched (`SENTINEL MASTER`, what clients ask, names it)."""
         old = self.master_port()
         self.sentinel().execute_command("SENTINEL", "FAILOVER", self.MASTER)
-        wait_until(lambda: self.master_port() != old, "the sentinel to switch masters")
-        new = self.ports.index(self.master_port())
-        wait_until(lambda: self.node(new).info("replication")["role"] == "master", "promotion")
+
+        def switched() -> bool:
+            state = self.sentinel().sentinel_master(self.MASTER)
+            return int(state["port"]) != old and bool(state["is_master"])
+
+        wait_until(switched, "the sentinel to switch masters")
+        new = self.ports.index(int(self.sentinel().sentinel_master(self.MASTER)["port"]))
+        assert self.node(new).info("replication")["role"] == "master"
         return self.ports[new]
 
     def close(self) -> None:

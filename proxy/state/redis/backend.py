@@ -85,12 +85,8 @@ class RedisState(StateBackend):
         return state
 
     async def ping(self) -> None:
-        """One round trip to where the gateway's keys live (on a cluster: their node)."""
-        if isinstance(self.redis, RedisCluster):
-            # PING goes to a random node; EXISTS goes to the node that owns the slot.
-            await self.redis.exists(self.keys.reconcile)
-        else:
-            await self.redis.ping()
+        """One round trip to where the gateway's keys live (`Connection.ping`)."""
+        await self._connection.ping()
 
     # ---------------------------------------------------------------- health
 

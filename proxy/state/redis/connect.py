@@ -16,6 +16,7 @@ connection (see `RedisState.open`). Opening connects nothing: the first command 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,14 +40,18 @@ from proxy.state.redis.common import (
     Keys,
 )
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True, slots=True)
 class Connection:
-    """A client, the key names to use on it, and how to close it."""
+    """A client, the key names to use on it, its health check, and how to close it."""
 
     client: Client
     keys: Keys
     mode: str  # "server", "cluster" or "sentinel"
+    # One round trip to where the gateway's keys live (raises when it cannot be made).
+    ping: Callable[[], Awaitable[object]]
     close: Callable[[], Awaitable[None]]
 
 
@@ -93,7 +98,13 @@ def connect(config: StateConfig) -> Connection:
     options = {**common, **managed_redis_options(config)}
     if config.cluster:
         cluster = GatedCluster.from_url(config.url, max_connections=2 * POOL_SIZE, **options)
-        return Connection(cluster, Keys(CLUSTER_PREFIX), "cluster", cluster.aclose)
+        keys = Keys(CLUSTER_PREFIX)
+
+        async def ping_slot() -> object:
+            # PING goes to any node; EXISTS to the node that serves the gateway's slot.
+            return await cluster.exists(keys.reconcile)
+
+        return Connection(cluster, keys, "cluster", ping_slot, cluster.aclose)
     pool = BlockingConnectionPool.from_url(
         config.url, max_connections=POOL_SIZE, timeout=POOL_WAIT, **options
     )
@@ -105,7 +116,7 @@ def connect(config: StateConfig) -> Connection:
         finally:
             await pool.aclose()
 
-    return Connection(client, Keys(PREFIX), "server", close)
+    return Connection(client, Keys(PREFIX), "server", client.ping, close)
 
 
 def _sentinel(config: StateConfig, common: dict[str, Any]) -> Connection:
@@ -128,6 +139,21 @@ def _sentinel(config: StateConfig, common: dict[str, Any]) -> Connection:
         **common,
     )
 
+    pool = client.connection_pool
+    assert isinstance(pool, BlockingSentinelPool)
+
+    async def ping_master() -> object:
+        # Ask the sentinels every time: a master that is demoted lingers as one for a while
+        # (until the sentinels reconfigure it), and pooled connections would keep writing
+        # there. When the sentinels name another master, every connection is dropped (a
+        # command in flight on one fails and is retried once, on the new master).
+        was = pool.master_address
+        now = await pool.get_master_address()  # type: ignore[no-untyped-call]
+        if was is not None and now != was:
+            log.warning("redis sentinel: the master moved to %s:%s", *now)
+            await pool.disconnect()
+        return await client.ping()
+
     async def close() -> None:
         try:
             await client.aclose()
@@ -135,7 +161,7 @@ def _sentinel(config: StateConfig, common: dict[str, Any]) -> Connection:
             for s in sentinel.sentinels:
                 await s.aclose()
 
-    return Connection(client, Keys(PREFIX), "sentinel", close)
+    return Connection(client, Keys(PREFIX), "sentinel", ping_master, close)
 
 
 def managed_redis_options(config: StateConfig) -> dict[str, str]:
