@@ -25,6 +25,7 @@ from .core import (
 )
 from .procs import Proc
 from .reconcile import reconciler
+from .redis_topology import redis_topology
 from .usage_report import usage_report
 
 Scenario = Callable[[Bench], ScenarioResult]
@@ -443,4 +444,5 @@ SCENARIOS: dict[str, Scenario] = {
     "workers": workers,
     "reconciler": reconciler,
     "usage": usage_report,
+    "redis": redis_topology,
 }

@@ -408,9 +408,11 @@ def test_redis_requires_the_password_the_gateway_uses_both_from_a_secret() -> No
     (gc,) = gateway["spec"]["template"]["spec"]["containers"]
     # The config names the password only as ${VAR}: the ConfigMap holds no secret.
     raw = yaml.safe_load(one(docs, "ConfigMap", "dashscope-proxy-config")["data"]["config.yaml"])
+    # `state.password` (any characters, not URL syntax), and no password in the URL.
     url = urlsplit(raw["state"]["url"])
-    var = _VAR.fullmatch(url.password or "")
-    assert var, raw["state"]["url"]
+    assert url.password is None, raw["state"]["url"]
+    var = _VAR.fullmatch(raw["state"]["password"])
+    assert var, raw["state"]["password"]
     gateway_env = {e["name"]: e for e in gc["env"]}
     gateway_ref = gateway_env[var.group(1)]["valueFrom"]["secretKeyRef"]
     assert (gateway_ref["name"], gateway_ref["key"]) == (redis_ref["name"], redis_ref["key"])
@@ -418,9 +420,9 @@ def test_redis_requires_the_password_the_gateway_uses_both_from_a_secret() -> No
 
     # ... and that Secret's shape is documented, with a placeholder only.
     assert redis_ref["key"] in example_secrets()[redis_ref["name"]]
-    # The gateway parses the URL with the password substituted.
+    # The gateway reads the password with the Secret's value substituted.
     config = config_from(docs, gc, gateway["spec"]["template"]["spec"])
-    assert urlsplit(config.state.url or "").password == f"placeholder-value-of-{var.group(1)}"
+    assert config.state.password == f"placeholder-value-of-{var.group(1)}"
 
 
 def test_network_policy_admits_only_the_gateway_to_redis() -> None:

@@ -161,6 +161,13 @@ class StateConfig:
     # certificate when it is not a public one.
     password: str | None = None
     tls_ca_file: str | None = None
+    # Redis Cluster (`url` names any node): every key under the hash tag `{dsp}:`.
+    cluster: bool = False
+    # Redis Sentinel instead of `url`: the sentinels (`host:port`), the master's name,
+    # and the sentinels' own password when they require one (`password` is the master's).
+    sentinels: tuple[str, ...] = ()
+    sentinel_master: str | None = None
+    sentinel_password: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

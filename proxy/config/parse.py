@@ -40,6 +40,7 @@ from proxy.config.model import (
 )
 from proxy.config.pricing import parse_pricing
 from proxy.config.sections import Problems, Section, interpolate
+from proxy.config.state import parse_state
 
 # libyaml's safe loader when PyYAML has it: ~10x faster on a config with a
 # thousand keys, which a reload parses while the gateway serves.
@@ -184,30 +185,6 @@ def _parse_models(s: Section, p: Problems) -> dict[str, ModelOverride]:
     return out
 
 
-def _parse_state(s: Section) -> StateConfig:
-    d = StateConfig()
-    backend = s.text("backend", d.backend)
-    if backend not in ("local", "redis"):
-        s.p.add(s.loc("backend"), f"must be local or redis, got {backend!r}")
-    url = s.text("url")
-    if backend == "redis" and not url:
-        s.p.add(s.loc("url"), "is required with backend: redis")
-    if url and not url.startswith(("redis://", "rediss://", "unix://")):
-        s.p.add(s.loc("url"), "must be a redis:// , rediss:// or unix:// URL")
-    ca = s.text("tls_ca_file")
-    if ca and url and not url.startswith("rediss://"):
-        s.p.add(s.loc("tls_ca_file"), "needs a rediss:// url (TLS)")
-    if ca and not Path(ca).is_file():
-        s.p.add(s.loc("tls_ca_file"), f"no such file: {ca}")
-    return StateConfig(
-        backend=backend,
-        path=s.text("path", d.path),
-        url=url,
-        password=s.text("password"),
-        tls_ca_file=ca,
-    )
-
-
 def _parse_tasks(s: Section) -> TasksConfig:
     d = TasksConfig()
     after = s.number("reconcile_after_seconds", d.reconcile_after_seconds, 0.01)
@@ -307,7 +284,7 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
             p.add(f"keys[{i}]", "a client key must not equal an upstream api_key")
 
     models = _parse_models(root.section("models", set(root.data.get("models") or {})), p)
-    state = _parse_state(root.section("state", set(StateConfig.__dataclass_fields__)))
+    state = parse_state(root.section("state", set(StateConfig.__dataclass_fields__)))
     openai = _parse_openai(
         root.section(
             "openai",

@@ -1,6 +1,8 @@
 """`state.backend: redis`: task ownership, metering claims and limit counters shared by replicas.
 
-What lives in Redis (keys under `dsp:`, one logical database per deployment):
+What lives in Redis (keys under `dsp:`, one logical database per deployment; on a
+Redis Cluster under `{dsp}:`, the hash tag that keeps them in one slot; every name is
+made by `common.Keys`, the connection by `connect`):
 - `dsp:task:<id>` (hash) and `dsp:tasks:<key>` (sorted set by creation time):
   who created which task on which upstream; kept 48 h like the SQLite store.
 - `dsp:metered:<id>`: the once-per-task metering claim, `SET NX`: exactly one

@@ -7,12 +7,9 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.asyncio.cluster import RedisCluster
 
 from proxy.config.model import StateConfig
 from proxy.metrics import Metrics
@@ -21,19 +18,16 @@ from proxy.state.local import LocalStore, SpoolRow, StateBackend
 from proxy.state.redis.common import (
     FAILURES,
     PING_SECONDS,
-    POOL_SIZE,
-    POOL_WAIT,
-    RECONCILE_KEY,
     REFRESH_SECONDS,
     RETENTION_SECONDS,
     SCRIPT_NAMES,
-    SOCKET_TIMEOUT,
+    Keys,
     T,
-    claim_keys,
     claim_of,
     claim_value,
     script_source,
 )
+from proxy.state.redis.connect import Connection, connect
 from proxy.state.redis.limits import RedisLimiter
 from proxy.state.redis.tasks import RedisTaskStore, put_call
 from proxy.state.tasks import TERMINAL
@@ -48,11 +42,10 @@ class RedisState(StateBackend):
 
     name = "redis"
 
-    def __init__(
-        self, client: Redis, pool: BlockingConnectionPool, spool: LocalStore, metrics: Metrics
-    ) -> None:
-        self.redis = client
-        self._pool = pool
+    def __init__(self, connection: Connection, spool: LocalStore, metrics: Metrics) -> None:
+        self.redis = client = connection.client
+        self.keys = connection.keys
+        self._connection = connection
         self.spool = spool
         self.metrics = metrics
         self._up = True
@@ -70,37 +63,30 @@ class RedisState(StateBackend):
 
     @classmethod
     async def open(cls, config: StateConfig, metrics: Metrics) -> RedisState:
-        assert config.url is not None  # config validation requires it
         # One immediate retry, on a fresh connection, of a call that fails to connect or
-        # loses its connection: after a clean Redis restart every pooled connection is
-        # dead, and each would otherwise fail once and mark Redis down (a restart is not
-        # a partition). Nothing else is retried: a timeout has already taken
-        # SOCKET_TIMEOUT, and a second failure falls back at once (the monitor
+        # loses its connection (`connect`): after a clean Redis restart every pooled
+        # connection is dead, and each would otherwise fail once and mark Redis down (a
+        # restart is not a partition). Nothing else is retried: a timeout has already
+        # taken SOCKET_TIMEOUT, and a second failure falls back at once (the monitor
         # reconnects) instead of stalling requests for a backoff. A repeated call is
         # harmless: a claim or compare-and-set that did happen answers as if it just
         # did; only quota usage (INCRBY) may then be added twice.
-        pool = BlockingConnectionPool.from_url(
-            config.url,
-            max_connections=POOL_SIZE,
-            timeout=POOL_WAIT,
-            socket_timeout=SOCKET_TIMEOUT,
-            socket_connect_timeout=SOCKET_TIMEOUT,
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-            decode_responses=True,
-            **managed_redis_options(config),
-        )
-        client = Redis(connection_pool=pool)
+        connection = connect(config)
         spool = LocalStore(config.path)
         await spool.open()
-        state = cls(client, pool, spool, metrics)
+        state = cls(connection, spool, metrics)
         try:
-            await client.ping()
+            await state.ping()
             await state.reconcile()
         except FAILURES as exc:
             state.mark_down(exc)
         state.spawn(state._monitor())
         state.spawn(state._refresh_leases())
         return state
+
+    async def ping(self) -> None:
+        """One round trip to where the gateway's keys live (`Connection.ping`)."""
+        await self._connection.ping()
 
     # ---------------------------------------------------------------- health
 
@@ -146,7 +132,7 @@ class RedisState(StateBackend):
         while not self._closing:
             await asyncio.sleep(PING_SECONDS)
             try:
-                await self.redis.ping()
+                await self.ping()
                 if not self._up or self.spool_pending:
                     self.recovering = not self._up
                     try:
@@ -231,10 +217,14 @@ class RedisState(StateBackend):
 
     async def _adopt(self, rows: list[SpoolRow]) -> list[Any]:
         script = self.scripts["adopt"]
+        calls = [adopt_call(self.keys, row) for row in rows]
+        if isinstance(self.redis, RedisCluster):
+            # A cluster pipeline refuses scripts: one call per row, in order (each may
+            # fail and be retried by the next push: adopting a row twice is harmless).
+            return [await script(keys=k, args=a) for k, a in calls]
         async with self.redis.pipeline(transaction=False) as pipe:
-            for row in rows:
-                keys, args = adopt_call(row)
-                await script(keys=keys, args=args, client=pipe)
+            for keys, args in calls:
+                await script(keys=keys, args=args, client=cast(Any, pipe))
             return list(await pipe.execute())
 
     async def _handed(self, row: SpoolRow, after: SpoolRow | None, result: list[Any]) -> None:
@@ -248,7 +238,7 @@ class RedisState(StateBackend):
             value = claim_value(row.claim, pending=pending)
             at = repr(ours.at) if pending else ""
             args: list[str | int] = [str(result[1]), value, RETENTION_SECONDS, task_id, at]
-            await self.scripts["cas"](keys=claim_keys(task_id), args=args)
+            await self.scripts["cas"](keys=self.keys.claim(task_id), args=args)
             result = [1]
         if int(result[0]) == 0 and row.claim is not None:
             # Counted here during the outage, and claimed in Redis by another replica
@@ -267,7 +257,7 @@ class RedisState(StateBackend):
         if after.record.status != row.record.status:
             final = "1" if after.record.status in TERMINAL else "0"
             await self.scripts["set_status"](
-                keys=[f"dsp:task:{task_id}", RECONCILE_KEY],
+                keys=[self.keys.task(task_id), self.keys.reconcile],
                 args=[after.record.status, final, task_id],
             )
         if row.metered == 2 and after.metered == 1 and ours is not None and int(result[0]):
@@ -280,7 +270,7 @@ class RedisState(StateBackend):
         text = claim.encode()
         pending, done = claim_value(text, pending=True), claim_value(text, pending=False)
         args: list[str | int] = [pending, done, RETENTION_SECONDS, task_id, ""]
-        return int(await self.scripts["cas"](keys=claim_keys(task_id), args=args)) == 1
+        return int(await self.scripts["cas"](keys=self.keys.claim(task_id), args=args)) == 1
 
     async def _refresh_leases(self) -> None:
         while not self._closing:
@@ -300,33 +290,15 @@ class RedisState(StateBackend):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         with contextlib.suppress(*FAILURES):
-            await self.redis.aclose()
-        with contextlib.suppress(*FAILURES):
-            await self._pool.aclose()
+            await self._connection.close()
         await self.spool.close()
 
 
-# ----------------------------------------------------------------------- limits
-
-
-def managed_redis_options(config: StateConfig) -> dict[str, str]:
-    """Pure: connection options for managed Redis: `state.password` (used when the URL
-    carries none; any characters, so a Secret needs no URL-encoding) and, for a
-    `rediss://` URL, `state.tls_ca_file` (the CA of a private certificate; without it the
-    system's trusted CAs verify the server)."""
-    options: dict[str, str] = {}
-    if config.password:
-        options["password"] = config.password
-    if config.tls_ca_file and (config.url or "").startswith("rediss://"):
-        options["ssl_ca_certs"] = config.tls_ca_file
-    return options
-
-
-def adopt_call(row: SpoolRow) -> tuple[list[str], list[Any]]:
+def adopt_call(keys: Keys, row: SpoolRow) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of the `adopt` script for a spooled row: its claim goes along only if
     it was made here (`metered` 1 or 2), pending or done as it is now."""
     rec = row.record
-    keys, args = put_call(rec)
+    names, args = put_call(keys, rec)
     value = ""
     at = ""
     if row.metered in (1, 2):
@@ -334,4 +306,4 @@ def adopt_call(row: SpoolRow) -> tuple[list[str], list[Any]]:
         claim = Claim.decode(row.claim) if row.metered == 2 else None
         at = "" if claim is None else repr(claim.at)
     final = "1" if rec.status in TERMINAL or row.metered else "0"
-    return [*keys, *claim_keys(rec.task_id)], [*args[:4], rec.status, final, value, at, *args[4:]]
+    return [*names, *keys.claim(rec.task_id)], [*args[:4], rec.status, final, value, at, *args[4:]]

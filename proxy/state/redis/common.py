@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from importlib import resources
 from typing import Protocol, TypeVar
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from proxy.metrics import Metrics
 from proxy.state.limiter import CONCURRENCY, IMAGES_DAY, IMAGES_MONTH, RPM
@@ -16,6 +18,7 @@ from proxy.state.local import LocalStore
 from proxy.state.tasks import SqliteTaskStore
 
 T = TypeVar("T")
+Client = Redis | RedisCluster
 
 SOCKET_TIMEOUT = 1.0  # a Redis call slower than this counts as Redis being down
 POOL_SIZE = 128  # connections per replica; waiting for one is bounded by POOL_WAIT
@@ -29,13 +32,18 @@ RECOVERY_GRACE_SECONDS = 5.0
 RETENTION_SECONDS = SqliteTaskStore.RETENTION_SECONDS
 DAY_TTL = 3 * 86400
 MONTH_TTL = 40 * 86400
-FAILURES = (RedisError, OSError, TimeoutError)
+# A cluster that cannot be reached (no node answers, a slot not covered) raises
+# RedisClusterException, which is not a RedisError.
+FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 LIMIT_CODES = {1: RPM, 2: CONCURRENCY, 3: IMAGES_DAY, 4: IMAGES_MONTH}
-RECONCILE_KEY = "dsp:reconcile"  # sorted set: task id -> when the reconciler polls it next
-PENDING_KEY = "dsp:pending"  # sorted set: task id -> when its still pending claim was made
+PREFIX = "dsp:"  # every key name of a single server or Sentinel-managed master
+# Redis Cluster: the hash tag `{dsp}` puts every key of the gateway in one hash slot, so
+# each script's KEYS (and each pipeline) live on one node, as a cluster requires.
+CLUSTER_PREFIX = "{dsp}:"
 
 # The Lua scripts, one file each beside this module (KEYS and ARGV documented there).
 SCRIPT_NAMES = (
+    "add",
     "adopt",
     "admit",
     "cas",
@@ -50,9 +58,46 @@ SCRIPT_NAMES = (
 )
 
 
-def claim_keys(task_id: str) -> list[str]:
-    """The claim of `task_id` and the set of pending claims."""
-    return [f"dsp:metered:{task_id}", PENDING_KEY]
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Every Redis key name the gateway uses, made here and only here, under `prefix`."""
+
+    prefix: str = PREFIX
+
+    @property
+    def reconcile(self) -> str:
+        """Sorted set: task id -> when the reconciler polls it next."""
+        return self.prefix + "reconcile"
+
+    @property
+    def pending(self) -> str:
+        """Sorted set: task id -> when its still pending claim was made."""
+        return self.prefix + "pending"
+
+    def task(self, task_id: str) -> str:
+        """Hash: who created the task, where, and its last status."""
+        return f"{self.prefix}task:{task_id}"
+
+    def tasks(self, key: str) -> str:
+        """Sorted set: a key's task ids by creation time."""
+        return f"{self.prefix}tasks:{key}"
+
+    def metered(self, task_id: str) -> str:
+        """The task's once-per-task metering claim."""
+        return f"{self.prefix}metered:{task_id}"
+
+    def claim(self, task_id: str) -> list[str]:
+        """The claim of `task_id` and the set of pending claims."""
+        return [self.metered(task_id), self.pending]
+
+    def limits(self, key: str) -> tuple[str, str, str, str]:
+        """A key's admission times, in-flight leases, reservations and reserved counts."""
+        p = self.prefix
+        return f"{p}rpm:{key}", f"{p}conc:{key}", f"{p}resv:{key}", f"{p}resvn:{key}"
+
+    def used(self, key: str, period: str) -> str:
+        """Images a key used in `period` (`d:<YYYYMMDD>` or `m:<YYYYMM>`, UTC)."""
+        return f"{self.prefix}used:{key}:{period}"
 
 
 def claim_value(text: str | None, *, pending: bool) -> str:
@@ -76,7 +121,8 @@ def script_source(name: str) -> str:
 class Backend(Protocol):
     """What the limiter and the task store use of `RedisState` (which owns them)."""
 
-    redis: Redis
+    redis: Client
+    keys: Keys
     scripts: dict[str, AsyncScript]
     spool: LocalStore  # what is kept locally while Redis is unreachable
     metrics: Metrics

@@ -20,15 +20,6 @@ from proxy.state.redis.common import DAY_TTL, LEASE_SECONDS, LIMIT_CODES, MONTH_
 log = logging.getLogger(__name__)
 
 
-def _keys(key: str) -> tuple[str, str, str, str]:
-    return f"dsp:rpm:{key}", f"dsp:conc:{key}", f"dsp:resv:{key}", f"dsp:resvn:{key}"
-
-
-def _used_keys(key: str, now: float) -> tuple[str, str]:
-    day, month = current_periods(now)
-    return f"dsp:used:{key}:{day}", f"dsp:used:{key}:{month}"
-
-
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
@@ -47,6 +38,13 @@ class RedisLimiter:
         self._orphans: set[tuple[str, str]] = set()
         self.spooled = False
 
+    def _keys(self, key: str) -> tuple[str, str, str, str]:
+        return self._s.keys.limits(key)
+
+    def _used_keys(self, key: str, now: float) -> tuple[str, str]:
+        day, month = current_periods(now)
+        return self._s.keys.used(key, day), self._s.keys.used(key, month)
+
     async def admit(
         self, key: str, limits: LimitsConfig, token: str, images: int, now: float
     ) -> Decision:
@@ -57,7 +55,7 @@ class RedisLimiter:
         script = self._s.scripts["admit"]
         result = await self._s.call(
             lambda: script(
-                keys=[*_keys(key), *_used_keys(key, now)],
+                keys=[*self._keys(key), *self._used_keys(key, now)],
                 args=[
                     arg(limits.requests_per_minute),
                     arg(limits.concurrent_requests),
@@ -112,7 +110,7 @@ class RedisLimiter:
         self._s.spawn(self._release_remote(key, [token]))
 
     async def _release_remote(self, key: str, tokens: list[str]) -> None:
-        conc, resv, resvn = _keys(key)[1:]
+        conc, resv, resvn = self._keys(key)[1:]
         script = self._s.scripts["release"]
         done = await self._s.call(lambda: script(keys=[conc, resv, resvn], args=tokens))
         if done is None:
@@ -122,7 +120,7 @@ class RedisLimiter:
         if token in self._local_tokens:
             self.local.hold_now(key, token, task_id, now)
             return
-        _, _, resv, resvn = _keys(key)
+        _, _, resv, resvn = self._keys(key)
         script = self._s.scripts["hold"]
         await self._s.call(
             lambda: script(keys=[resv, resvn], args=[token, "t:" + task_id, _ms(TASK_HOLD_SECONDS)])
@@ -130,7 +128,7 @@ class RedisLimiter:
 
     async def settle_task(self, key: str, task_id: str) -> None:
         await self.local.settle_task(key, task_id)
-        conc, resv, resvn = _keys(key)[1:]
+        conc, resv, resvn = self._keys(key)[1:]
         script = self._s.scripts["release"]
         await self._s.call(lambda: script(keys=[conc, resv, resvn], args=["t:" + task_id]))
 
@@ -138,11 +136,12 @@ class RedisLimiter:
         self, key: str, images: int, tokens: Iterable[str], now: float
     ) -> tuple[int, int]:
         toks = list(tokens)
-        _, _, resv, resvn = _keys(key)
+        _, _, resv, resvn = self._keys(key)
         script = self._s.scripts["usage"]
         result = await self._s.call(
             lambda: script(
-                keys=[*_used_keys(key, now), resv, resvn], args=[images, DAY_TTL, MONTH_TTL, *toks]
+                keys=[*self._used_keys(key, now), resv, resvn],
+                args=[images, DAY_TTL, MONTH_TTL, *toks],
             )
         )
         if result is not None:
@@ -158,7 +157,7 @@ class RedisLimiter:
         return used
 
     async def usage(self, key: str, now: float) -> tuple[int, int]:
-        keys = _used_keys(key, now)
+        keys = self._used_keys(key, now)
         values = await self._s.call(lambda: self._s.redis.mget(keys))
         if values is None:
             return self.local.used_now(key, now)
@@ -175,7 +174,7 @@ class RedisLimiter:
             by_key.setdefault(key, []).append(token)
         script = self._s.scripts["refresh"]
         for key, tokens in by_key.items():
-            conc, resv = _keys(key)[1:3]
+            conc, resv = self._keys(key)[1:3]
             await script(keys=[conc, resv], args=[_ms(LEASE_SECONDS), *tokens])
 
     async def push_spool(self) -> None:
@@ -186,7 +185,7 @@ class RedisLimiter:
                 by_key.setdefault(key, []).append(token)
             script = self._s.scripts["release"]
             for key, tokens in by_key.items():
-                conc, resv, resvn = _keys(key)[1:]
+                conc, resv, resvn = self._keys(key)[1:]
                 await script(keys=[conc, resv, resvn], args=tokens)
             self._orphans.clear()
         # Cleared before the drain: usage spooled while this push runs sets it again, so
@@ -197,11 +196,8 @@ class RedisLimiter:
         try:
             for key, period, images in rows:
                 ttl = DAY_TTL if period.startswith("d:") else MONTH_TTL
-                name = f"dsp:used:{key}:{period}"
-                async with self._s.redis.pipeline(transaction=True) as pipe:
-                    pipe.incrby(name, images)
-                    pipe.expire(name, ttl)
-                    await pipe.execute()
+                name = self._s.keys.used(key, period)
+                await self._s.scripts["add"](keys=[name], args=[images, ttl])
                 sent += 1
         finally:
             if sent < len(rows):

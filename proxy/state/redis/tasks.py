@@ -22,12 +22,10 @@ from proxy.state import Claim
 from proxy.state.local import HANDED, LOST, WON
 from proxy.state.redis.common import (
     FAILURES,
-    PENDING_KEY,
-    RECONCILE_KEY,
     RECOVERY_GRACE_SECONDS,
     RETENTION_SECONDS,
     Backend,
-    claim_keys,
+    Keys,
     claim_of,
     claim_value,
 )
@@ -64,7 +62,7 @@ class RedisTaskStore:
 
     async def put(self, record: TaskRecord) -> None:
         script = self._s.scripts["put"]
-        keys, args = put_call(record)
+        keys, args = put_call(self._s.keys, record)
         done = await self._s.call(lambda: script(keys=keys, args=args))
         if done is None:
             self._s.fallback("tasks")
@@ -89,8 +87,8 @@ class RedisTaskStore:
 
     async def _read(self, task_id: str) -> TaskRecord | None:
         async with self._s.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(f"dsp:task:{task_id}")
-            pipe.exists(f"dsp:metered:{task_id}")
+            pipe.hgetall(self._s.keys.task(task_id))
+            pipe.exists(self._s.keys.metered(task_id))
             fields, metered = await pipe.execute()
         return _record(task_id, fields, bool(metered))
 
@@ -120,7 +118,7 @@ class RedisTaskStore:
     async def set_status(self, task_id: str, status: str) -> None:
         script = self._s.scripts["set_status"]
         final = "1" if status in TERMINAL else "0"
-        keys = [f"dsp:task:{task_id}", RECONCILE_KEY]
+        keys = [self._s.keys.task(task_id), self._s.keys.reconcile]
         done = await self._direct(lambda: script(keys=keys, args=[status, final, task_id]))
         if done is None or (done == 0 and self.spooled):
             await self._s.spool.set_status(task_id, status)
@@ -131,7 +129,7 @@ class RedisTaskStore:
     async def claim_metering(self, task_id: str, claim: Claim | None = None) -> bool:
         value = claim_value(None if claim is None else claim.encode(), pending=claim is not None)
         at = "" if claim is None else repr(claim.at)
-        keys = [f"dsp:task:{task_id}", *claim_keys(task_id)]
+        keys = [self._s.keys.task(task_id), *self._s.keys.claim(task_id)]
 
         async def in_redis() -> int:
             script = self._s.scripts["claim"]
@@ -193,7 +191,7 @@ class RedisTaskStore:
     async def _cas(self, task_id: str, expected: str, value: str, at: str) -> bool | None:
         script = self._s.scripts["cas"]
         args: list[str | int] = [expected, value, RETENTION_SECONDS, task_id, at]
-        done = await self._direct(lambda: script(keys=claim_keys(task_id), args=args))
+        done = await self._direct(lambda: script(keys=self._s.keys.claim(task_id), args=args))
         return None if done is None else done == 1
 
     async def pending_claims(self, before: float, limit: int) -> list[tuple[str, Claim]]:
@@ -209,13 +207,13 @@ class RedisTaskStore:
 
     async def _pending(self, before: float, limit: int) -> list[tuple[str, Claim]]:
         r = self._s.redis
-        ids = await r.zrangebyscore(PENDING_KEY, "-inf", before, start=0, num=limit)
+        ids = await r.zrangebyscore(self._s.keys.pending, "-inf", before, start=0, num=limit)
         if not ids:
             return []
         found: list[tuple[str, Claim]] = []
         gone: list[str] = []
         task_ids = [str(t) for t in ids]
-        values = await r.mget([f"dsp:metered:{t}" for t in task_ids])
+        values = await r.mget([self._s.keys.metered(t) for t in task_ids])
         for task_id, value in zip(task_ids, values, strict=True):
             pending, text = claim_of(None if value is None else str(value))
             claim = Claim.decode(text) if pending else None
@@ -224,20 +222,20 @@ class RedisTaskStore:
             else:
                 found.append((task_id, claim))
         if gone:
-            await r.zrem(PENDING_KEY, *gone)
+            await r.zrem(self._s.keys.pending, *gone)
         return found
 
     async def due(self, now: float, limit: int, lease: float) -> list[TaskRecord]:
         if self._s.up:
             try:
                 ids = await self._s.scripts["due"](
-                    keys=[RECONCILE_KEY], args=[repr(now), limit, repr(now + lease)]
+                    keys=[self._s.keys.reconcile], args=[repr(now), limit, repr(now + lease)]
                 )
                 ids = [str(i) for i in ids]
                 records = await self._fetch(ids, metered=True)
                 gone = [t for t, r in zip(ids, records, strict=True) if r is None]
                 if gone:  # expired (DashScope forgot it long ago): stop looking
-                    await self._s.redis.zrem(RECONCILE_KEY, *gone)
+                    await self._s.redis.zrem(self._s.keys.reconcile, *gone)
                 found = [r for r in records if r is not None]
                 if self.spooled:
                     found += await self._s.spool.due(now, limit, lease)
@@ -248,12 +246,14 @@ class RedisTaskStore:
         return await self._s.spool.due(now, limit, lease)
 
     async def reschedule(self, task_id: str, at: float) -> None:
-        done = await self._s.call(lambda: self._s.redis.zadd(RECONCILE_KEY, {task_id: at}, xx=True))
+        schedule = self._s.keys.reconcile
+        done = await self._s.call(lambda: self._s.redis.zadd(schedule, {task_id: at}, xx=True))
         if done is None or self.spooled:
             await self._s.spool.reschedule(task_id, at)
 
     async def count_due(self, now: float) -> int:
-        count = await self._s.call(lambda: self._s.redis.zcount(RECONCILE_KEY, "-inf", now))
+        schedule = self._s.keys.reconcile
+        count = await self._s.call(lambda: self._s.redis.zcount(schedule, "-inf", now))
         if count is None:
             return await self._s.spool.count_due(now)
         return int(count)
@@ -289,7 +289,7 @@ class RedisTaskStore:
         since: float | None,
         until: float | None,
     ) -> tuple[list[TaskRecord], int]:
-        index = f"dsp:tasks:{key}"
+        index = self._s.keys.tasks(key)
         lo: float | str = since if since is not None else "-inf"
         hi: float | str = until if until is not None else "+inf"
         r = self._s.redis
@@ -323,9 +323,9 @@ class RedisTaskStore:
             return []
         async with self._s.redis.pipeline(transaction=False) as pipe:
             for task_id in ids:
-                pipe.hgetall(f"dsp:task:{task_id}")
+                pipe.hgetall(self._s.keys.task(task_id))
                 if metered:
-                    pipe.exists(f"dsp:metered:{task_id}")
+                    pipe.exists(self._s.keys.metered(task_id))
             rows = await pipe.execute()
         if not metered:
             return [_record(t, f, False) for t, f in zip(ids, rows, strict=True)]
@@ -335,7 +335,7 @@ class RedisTaskStore:
         """Closed with its `Backend`."""
 
 
-def put_call(record: TaskRecord) -> tuple[list[str], list[Any]]:
+def put_call(keys: Keys, record: TaskRecord) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of the `put` script for `record` (one field list for every caller)."""
     fields: list[Any] = [
         "key",
@@ -356,8 +356,8 @@ def put_call(record: TaskRecord) -> tuple[list[str], list[Any]]:
     final = record.status in TERMINAL or record.metered
     check = record.created_at if record.next_check is None else record.next_check
     next_check = "" if final else repr(check)
-    keys = [f"dsp:task:{record.task_id}", f"dsp:tasks:{record.key}", RECONCILE_KEY]
-    return keys, [record.task_id, repr(record.created_at), RETENTION_SECONDS, next_check, *fields]
+    names = [keys.task(record.task_id), keys.tasks(record.key), keys.reconcile]
+    return names, [record.task_id, repr(record.created_at), RETENTION_SECONDS, next_check, *fields]
 
 
 def _record(task_id: str, fields: dict[str, str], metered: bool) -> TaskRecord | None:
