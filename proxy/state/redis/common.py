@@ -42,6 +42,9 @@ SCRIPT_NAMES = (
     "claim",
     "due",
     "hold",
+    "idem_claim",
+    "idem_keep",
+    "idem_release",
     "put",
     "refresh",
     "release",
@@ -53,6 +56,11 @@ SCRIPT_NAMES = (
 def claim_keys(task_id: str) -> list[str]:
     """The claim of `task_id` and the set of pending claims."""
     return [f"dsp:metered:{task_id}", PENDING_KEY]
+
+
+def idempotency_key(scope: str) -> str:
+    """`dsp:idem:<scope>` (hash): a kept `Idempotency-Key` answer (`scope` is a digest)."""
+    return f"dsp:idem:{scope}"
 
 
 def claim_value(text: str | None, *, pending: bool) -> str:
