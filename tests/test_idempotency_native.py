@@ -157,9 +157,7 @@ def test_concurrent_repeat_is_409_with_retry_after(gateway: Gateway, sim: Live) 
     assert len(generations(sim)) == 1
 
 
-def test_refusals_before_dashscope_are_not_kept(
-    start_gateway: GatewayFactory, sim: Live
-) -> None:
+def test_refusals_before_dashscope_are_not_kept(start_gateway: GatewayFactory, sim: Live) -> None:
     gw = start_gateway()
     # A gateway refusal (the prompt limit) is not kept: the corrected request runs.
     refused = native_post(gw, body("x" * 100_001), "fix-me")
