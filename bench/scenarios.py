@@ -23,6 +23,7 @@ from .core import (
     ScenarioResult,
     sync_request,
 )
+from .idempotency import idempotency
 from .procs import Proc
 from .reconcile import reconciler
 from .usage_report import usage_report
@@ -418,4 +419,5 @@ SCENARIOS: dict[str, Scenario] = {
     "workers": workers,
     "reconciler": reconciler,
     "usage": usage_report,
+    "idempotency": idempotency,
 }

@@ -8,7 +8,8 @@ been answered, the answer (`KeptAnswer`: status, headers, body).
 `claim` is the one atomic step: it either writes a running entry for the caller
 (None) or returns what was there, and two processes claiming the same scope at
 the same instant never both get None. With the local backend that is one SQLite
-transaction (`BEGIN IMMEDIATE`, so workers sharing the file are serialised too);
+transaction (one upsert statement under SQLite's write lock, so workers sharing the file are
+serialised too);
 with Redis one Lua script (`proxy.state.redis.idempotency`). `keep` and
 `release` act only on the caller's own claim (its token).
 
@@ -142,28 +143,25 @@ class SqliteIdempotency:
         def op() -> Entry | None:
             db = self._db()
             now = time.time()
-            db.execute("BEGIN IMMEDIATE")  # the one write lock: one claim wins
-            try:
-                if purge:
-                    db.execute("DELETE FROM idempotency WHERE expires_at < ?", (now,))
-                sql = (
-                    "SELECT fingerprint, lease_until, answer, expires_at FROM idempotency "
-                    "WHERE scope = ?"
-                )
-                row = db.execute(sql, (scope,)).fetchone()
-                if row is not None and float(row[3]) >= now:
-                    db.execute("COMMIT")
-                    answer = KeptAnswer.decode(row[2])
-                    return Entry(str(row[0]), float(row[1]), answer)
-                db.execute(
-                    "INSERT OR REPLACE INTO idempotency VALUES (?,?,?,?,?,NULL)",
-                    (scope, fingerprint, token, now + lease, now + max(ttl, lease)),
-                )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            return None
+            if purge:
+                db.execute("DELETE FROM idempotency WHERE expires_at < ?", (now,))
+            # One statement, so one transaction: a new scope (or an expired one) is taken,
+            # anything else is left alone. SQLite's write lock makes it atomic for every
+            # connection to the file (workers), so exactly one claim wins.
+            won = db.execute(
+                "INSERT INTO idempotency VALUES (?,?,?,?,?,NULL) ON CONFLICT(scope) DO UPDATE "
+                "SET fingerprint = excluded.fingerprint, token = excluded.token, "
+                "lease_until = excluded.lease_until, expires_at = excluded.expires_at, "
+                "answer = NULL WHERE idempotency.expires_at < ?",
+                (scope, fingerprint, token, now + lease, now + max(ttl, lease), now),
+            ).rowcount
+            if won == 1:
+                return None
+            sql = "SELECT fingerprint, lease_until, answer FROM idempotency WHERE scope = ?"
+            row = db.execute(sql, (scope,)).fetchone()
+            if row is None:  # expired and purged between the two statements: take it
+                return op()
+            return Entry(str(row[0]), float(row[1]), KeptAnswer.decode(row[2]))
 
         return await self._run(op)
 
