@@ -228,3 +228,29 @@ def test_aliyun_replay(gateway: Gateway, sim: Live) -> None:
     assert c.status_code == 422
     assert c.json()["error"]["code"] == "idempotency_key_reused"
     assert len(generations(sim)) == 1
+
+
+def test_a_replay_uses_no_limit_or_quota(
+    start_gateway: GatewayFactory, sim: Live, tmp_path: Any
+) -> None:
+    from tests.resilience_support import team_a_yaml
+
+    text = team_a_yaml(
+        sim.url,
+        usage_log=tmp_path / "usage.jsonl",
+        state=f"  path: {tmp_path / 'state.db'}",
+        limits="images_per_day: 2, requests_per_minute: 2",
+    )
+    gw = start_gateway(yaml_text=text)
+    first = native_post(gw, body(n=2), "quota-1")
+    assert first.status_code == 200
+    for _ in range(3):  # more than the rate limit allows, and past the day's images
+        again = native_post(gw, body(n=2), "quota-1")
+        assert again.status_code == 200 and again.headers["Idempotency-Replayed"] == "true"
+    # The limits saw one request and two images: a new request still has its second slot,
+    # and is refused for the images it would add, not for the replays.
+    refused = native_post(gw, body("another", n=1), "quota-2")
+    assert refused.status_code == 429
+    assert refused.json()["code"] == "Throttling.AllocationQuota"
+    assert len(generations(sim)) == 1
+    assert gw.metric("dashscope_proxy_idempotent_replays_total", key="team-a") == 3

@@ -28,6 +28,11 @@ upstream would generate and bill them again), 500/502/504 (the request may
 have run), and every other answer (4xx are the caller's, and identical on any
 upstream). Those are relayed (or mapped to 502/504) as before.
 
+Whether a request reached DashScope (`RequestContext.sent`, what keeps an
+`Idempotency-Key` answer, `core.idempotency`) is set here: every answer and every
+failure after sending, except the answers that ran nothing (429, 503, DashScope
+refusing the gateway's own key).
+
 Circuit breaker, per upstream and per process: `circuit_breaker.failures`
 failures in a row (transport failures, 429, 5xx) open it; while open the
 upstream is skipped; after `cooldown_seconds` one request is let through as a

@@ -48,6 +48,8 @@ class RedisIdempotency:
         script = self._s.scripts["idem_keep"]
         args: list[str | int] = [token, answer.encode(), int(ttl * 1000)]
         done = await self._s.call(lambda: script(keys=[idempotency_key(scope)], args=args))
+        if done is None:
+            raise state_unavailable()  # Redis went away while the request ran
         return bool(done)
 
     async def release(self, scope: str, token: str) -> None:
