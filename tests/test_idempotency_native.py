@@ -254,3 +254,23 @@ def test_a_replay_uses_no_limit_or_quota(
     assert refused.json()["code"] == "Throttling.AllocationQuota"
     assert len(generations(sim)) == 1
     assert gw.metric("dashscope_proxy_idempotent_replays_total", key="team-a") == 3
+
+
+def test_image2image_submit_replayed(gateway: Gateway, sim: Live) -> None:
+    payload = {
+        "model": "wan2.5-i2i-preview",
+        "input": {"prompt": "make it snow", "images": ["https://example.com/a.png"]},
+        "parameters": {"n": 1},
+    }
+    sent = {
+        "Authorization": f"Bearer {KEY_A}",
+        "Idempotency-Key": "i2i-1",
+        "X-DashScope-Async": "enable",
+    }
+    url = gateway.api + "/services/aigc/image2image/image-synthesis"
+    first = requests.post(url, json=payload, headers=sent, timeout=30)
+    again = requests.post(url, json=payload, headers=sent, timeout=30)
+    assert first.status_code == 200, first.text
+    assert again.headers["Idempotency-Replayed"] == "true"
+    assert again.json()["output"]["task_id"] == first.json()["output"]["task_id"]
+    assert len(generations(sim)) == 1
