@@ -7,7 +7,8 @@ from typing import Any
 from .core import Metric, ScenarioResult
 
 # `proxied request` and `expected` are the reconciler row's same-run references;
-# `idle interpreter` the usage row's (the report's RSS before it reads anything).
+# `idle interpreter` the usage row's (the report's RSS before it reads anything);
+# `no key` the idempotency row's (the same gateway without an Idempotency-Key).
 COLUMNS = (
     "direct",
     "reference",
@@ -16,6 +17,7 @@ COLUMNS = (
     "proxied request",
     "expected",
     "idle interpreter",
+    "no key",
     "gateway",
 )
 

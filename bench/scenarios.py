@@ -23,6 +23,7 @@ from .core import (
     ScenarioResult,
     sync_request,
 )
+from .idempotency import idempotency
 from .procs import Proc
 from .reconcile import reconciler
 from .redis_topology import redis_topology
@@ -445,4 +446,5 @@ SCENARIOS: dict[str, Scenario] = {
     "reconciler": reconciler,
     "usage": usage_report,
     "redis": redis_topology,
+    "idempotency": idempotency,
 }

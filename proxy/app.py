@@ -27,6 +27,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.config.model import Config
+from proxy.core import idempotency
 from proxy.core.admission import limits_ctx
 from proxy.core.reconciler import reconciler_ctx
 from proxy.errors import (
@@ -212,15 +213,19 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             if app[RUNTIME].draining and _awaiting_dashscope(request, ctx):
                 # Cut at the end of the drain while DashScope was answering.
                 await answer_lost(request, "drain_cut")
+            await idempotency.finish(request, None)
             raise
         except ConnectionResetError:
             status = 499  # client closed request (nginx's convention)
+            await idempotency.finish(request, None)
             raise
         except Exception:
             log.exception("unhandled error in %s (request %s)", route, ctx.request_id)
             internal = internal_error()
             ctx.error_code = internal.code
             response = render_error(internal, dialect_for(route, request.path), ctx.request_id)
+        # Kept (if it reached DashScope) before the client can read it and repeat it.
+        await idempotency.finish(request, response)
         # A client that went away while DashScope answered: the handler ran on (the
         # images are counted), but the client got nothing.
         status = 499 if _client_gone(request) else response.status

@@ -287,6 +287,13 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
+        self.idempotent_replays = Counter(
+            "dashscope_proxy_idempotent_replays_total",
+            "Requests answered with the kept answer of an earlier request with the same "
+            "Idempotency-Key (no upstream call, no count, no limit used).",
+            ["key"],
+            registry=registry,
+        )
         self.state_backend_up.set(1)
 
     def config_loaded(self, when: float) -> None:
@@ -304,6 +311,7 @@ class Metrics:
     def precreate(self, key_names: Iterable[str], models: Iterable[str]) -> None:
         """Series for configured keys exist at 0 so dashboards and rate() see them at once."""
         for key in key_names:
+            self.idempotent_replays.labels(key)
             for model in models:
                 self.image_counter(key, model)
 

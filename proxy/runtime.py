@@ -69,6 +69,9 @@ class RequestContext:
     model: str | None = None
     model_label: str = OTHER
     upstream: str | None = None
+    # A generation request reached DashScope, which may have run it (set by failover;
+    # not for answers DashScope refuses before running: 429, 503, the gateway's key).
+    sent: bool = False
     upstream_request_id: str | None = None
     error_code: str | None = None
     images: int = 0

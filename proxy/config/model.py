@@ -270,6 +270,22 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class IdempotencyConfig:
+    """`idempotency:` how requests carrying an `Idempotency-Key` are answered once.
+
+    A kept answer lives `ttl_seconds` after it was written. Answers larger than
+    `max_answer_bytes` are not kept (a repeat is told so, and never run again).
+    `lease_seconds` is how long a claim counts as running with no answer before a repeat
+    is told that the outcome is unknown; None: the longest a request can run (the longest
+    upstream `timeouts.total`, plus `openai.sync_wait_seconds`, plus a minute).
+    """
+
+    ttl_seconds: float = 86400.0
+    max_answer_bytes: int = 16 * 1024 * 1024
+    lease_seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole, validated gateway configuration."""
 
@@ -282,6 +298,15 @@ class Config:
     tasks: TasksConfig = TasksConfig()
     pricing: PricingConfig = PricingConfig()
     storage: StorageConfig | None = None  # None: image URLs are DashScope's own
+    idempotency: IdempotencyConfig = IdempotencyConfig()
+
+    @property
+    def idempotency_lease(self) -> float:
+        """Seconds a claim runs before its outcome counts as unknown (see IdempotencyConfig)."""
+        if self.idempotency.lease_seconds is not None:
+            return self.idempotency.lease_seconds
+        longest = max((u.timeouts.total for u in self.upstreams), default=0.0)
+        return longest + self.openai.sync_wait_seconds + 60.0
 
     def upstreams_for(self, model: str) -> tuple[UpstreamConfig, ...]:
         """Upstreams serving `model`, in config order."""

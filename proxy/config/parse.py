@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 import yaml
 
 from proxy.catalogue import override_problem
+from proxy.config.idempotency import FIELDS as IDEMPOTENCY_FIELDS
+from proxy.config.idempotency import parse_idempotency
 from proxy.config.model import (
     DEFAULT_USAGE_LOG,
     CircuitBreakerConfig,
@@ -240,7 +242,8 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
         raw,
         "",
         p,
-        {"server", "upstreams", "keys", "models", "state", "openai", "tasks", "pricing"},
+        {"server", "upstreams", "keys", "models", "state", "openai", "tasks", "pricing"}
+        | {"idempotency"},
     )
 
     server = _parse_server(root.section("server", set(ServerConfig.__dataclass_fields__)))
@@ -298,6 +301,7 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
     )
     tasks = _parse_tasks(root.section("tasks", set(TasksConfig.__dataclass_fields__)))
     pricing = parse_pricing(root.section("pricing", {"currency", "models"}))
+    idempotency = parse_idempotency(root.section("idempotency", IDEMPOTENCY_FIELDS), upstreams)
     if p.items:
         raise ConfigError(p.items)
     return Config(
@@ -309,6 +313,7 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
         state=state,
         openai=openai,
         pricing=pricing,
+        idempotency=idempotency,
     )
 
 

@@ -26,6 +26,8 @@ from multidict import CIMultiDict
 from proxy.catalogue import SERVICE_PATHS, BodyShape, Route, resolve
 from proxy.config.model import UpstreamConfig
 from proxy.core.admission import admit
+from proxy.core.idempotency import begin
+from proxy.core.idempotency_key import json_fingerprint
 from proxy.core.inbound import open_request, read_native_request, uses_uploads
 from proxy.core.limits import requested_images
 from proxy.core.settlement import relay_settled
@@ -78,6 +80,11 @@ async def generations(request: web.Request) -> web.StreamResponse:
         # Not a DashScope model (gpt-image-1, dall-e-3 ...), or none configured for it:
         # the hosted platform's exact answer, before any upstream call.
         raise only_aliyun()
+    # A repeat with a kept answer gets it here, before any limit is used.
+    content = lambda: json_fingerprint(ctx.route, request.headers, req.body)  # noqa: E731
+    replayed = await begin(request, rt, req.key, content)
+    if replayed is not None:
+        return replayed
     await admit(
         request,
         req.key,

@@ -22,6 +22,8 @@ from aiohttp import web
 from proxy.catalogue import SERVICE_PATHS
 from proxy.config.model import KeyConfig, UpstreamConfig
 from proxy.core.admission import admit, task_ended
+from proxy.core.idempotency import begin
+from proxy.core.idempotency_key import json_fingerprint
 from proxy.core.inbound import (
     open_request,
     read_native_request,
@@ -66,6 +68,11 @@ async def service_call(request: web.Request, service: str) -> web.StreamResponse
     if not candidates:
         raise no_upstream(req.model)
     images = requested_images(req.model, req.body.get("parameters"))
+    # A repeat with a kept answer gets it here, before any limit is used.
+    content = lambda: json_fingerprint(ctx.route, request.headers, req.body)  # noqa: E731
+    replayed = await begin(request, rt, req.key, content)
+    if replayed is not None:
+        return replayed
     await admit(request, req.key, model=req.model, images=images)
     # Failover across the model's upstreams while nothing reached the client
     # (proxy.upstream.failover says what is retried); `oss://` inputs stay pinned.

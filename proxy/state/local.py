@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from proxy.config.model import StateConfig
 from proxy.state import Claim, owner_gone
+from proxy.state.idempotency import IdempotencyStore, SqliteIdempotency
 from proxy.state.limiter import Limiter, LocalLimiter, day_period, month_period
 from proxy.state.tasks import COLUMNS, SqliteTaskStore, TaskRecord, TaskStore, record_of_row
 
@@ -237,11 +238,12 @@ def current_periods(now: float) -> tuple[str, str]:
 
 
 class StateBackend(abc.ABC):
-    """Tasks, limits and their health, for one app."""
+    """Tasks, limits, kept `Idempotency-Key` answers and their health, for one app."""
 
     name: str
     tasks: TaskStore
     limiter: Limiter
+    idempotency: IdempotencyStore
 
     @property
     def up(self) -> bool:
@@ -327,10 +329,13 @@ class LocalState(StateBackend):
 
     limiter: PersistedLimiter
 
-    def __init__(self, store: LocalStore, limiter: PersistedLimiter) -> None:
+    def __init__(
+        self, store: LocalStore, limiter: PersistedLimiter, idempotency: SqliteIdempotency
+    ) -> None:
         self.tasks = store
         self.limiter = limiter
         self._store = store
+        self.idempotency = self._idempotency = idempotency
 
     @classmethod
     async def open(cls, config: StateConfig) -> LocalState:
@@ -338,8 +343,11 @@ class LocalState(StateBackend):
         await store.open()
         limiter = PersistedLimiter(store)
         limiter.used.update(await store.load_usage(current_periods(time.time())))
-        return cls(store, limiter)
+        idempotency = SqliteIdempotency(config.path)
+        await idempotency.open()
+        return cls(store, limiter, idempotency)
 
     async def close(self) -> None:
         await self.limiter.close()
+        await self._idempotency.close()
         await self._store.close()

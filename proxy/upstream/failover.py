@@ -28,6 +28,11 @@ upstream would generate and bill them again), 500/502/504 (the request may
 have run), and every other answer (4xx are the caller's, and identical on any
 upstream). Those are relayed (or mapped to 502/504) as before.
 
+Whether a request reached DashScope (`RequestContext.sent`, what keeps an
+`Idempotency-Key` answer, `core.idempotency`) is set here: every answer and every
+failure after sending, except the answers that ran nothing (429, 503, DashScope
+refusing the gateway's own key).
+
 Circuit breaker, per upstream and per process: `circuit_breaker.failures`
 failures in a row (transport failures, 429, 5xx) open it; while open the
 upstream is skipped; after `cooldown_seconds` one request is let through as a
@@ -238,6 +243,8 @@ class _Walk:
         except UpstreamFailure as failure:
             self.health.record(u, ok=False)
             gate.leave()
+            if failure.kind not in RETRYABLE_KINDS:
+                self._sent()  # it may have reached DashScope (a read timeout, say)
             if more and failure.kind in RETRYABLE_KINDS:
                 self.last_failure = failure
                 return failure.kind
@@ -247,6 +254,8 @@ class _Walk:
             gate.leave()
             raise
         self.health.record(u, ok=not _counts_as_failure(resp.status))
+        if resp.status not in (401, 403, 429, 503):
+            self._sent()
         if resp.status in (401, 403):
             # DashScope refusing the gateway's own key is the operator's problem, never
             # the caller's: try the next upstream, else answer 502 naming the upstream.
@@ -263,6 +272,7 @@ class _Walk:
                 gate.leave()
                 self.rejected.append(u.name)
                 return "key_rejected"
+            self._sent()  # DashScope's own 401/403 for the request (AccessDenied, say)
         elif resp.status < 400:
             self.health.key_accepted(u.name)
         if more and resp.status in (429, 503):
@@ -280,6 +290,10 @@ class _Walk:
                 gate.leave()
                 return "unavailable" if resp.status == 503 else "throttled"
         return UpstreamCall(u, resp)
+
+    def _sent(self) -> None:
+        if self.ctx is not None:
+            self.ctx.sent = True
 
     def _no_answer(self) -> GatewayError:
         if self.rejected:

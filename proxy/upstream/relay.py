@@ -76,6 +76,34 @@ ANSWER = web.RequestKey("upstream_answer", str)
 ABORTED = web.RequestKey("aborted_by_gateway", bool)
 
 
+class Capture:
+    """The bytes a streamed answer writes to its client, kept (up to `limit`) for a request
+    with an `Idempotency-Key` (`proxy.core.idempotency`): `seal` stores them before the
+    client sees the end of the answer, so a client that read it can repeat it at once."""
+
+    def __init__(
+        self, limit: int, seal: Callable[[Capture, web.StreamResponse, bool], Awaitable[None]]
+    ) -> None:
+        self.limit = limit
+        self.size = 0
+        self.chunks: list[bytes] = []
+        self.sealed = False
+        self._seal = seal
+
+    def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size <= self.limit:
+            self.chunks.append(chunk)
+
+    async def seal(self, response: web.StreamResponse, complete: bool) -> None:
+        if not self.sealed:
+            self.sealed = True
+            await self._seal(self, response, complete)
+
+
+CAPTURE = web.RequestKey("answer_capture", Capture)
+
+
 def lost_reason(failure: BaseException) -> str | None:
     """Pure: the unmetered reason of a transport failure, None if nothing was sent."""
     return LOST_REASONS.get(failure.kind) if isinstance(failure, UpstreamFailure) else None
@@ -239,6 +267,7 @@ async def _stream(
     # on its count). SSE is chunked: its end is `write_eof`, and events go out at once.
     hold = out.content_length is not None
     held: bytes | None = None
+    capture = request.get(CAPTURE)
     try:
         # iter_any: each buffer as the socket delivered it (at most the reader's
         # high-water mark), without iter_chunked's re-slicing and joining.
@@ -248,6 +277,8 @@ async def _stream(
                 err_head += chunk[: 4096 - len(err_head)]
             if hold:
                 chunk, held = held or b"", chunk
+            if capture is not None and chunk:
+                capture.add(chunk)  # what the client gets (or would, were it still there)
             if client_alive and chunk:
                 try:
                     await out.write(chunk)
@@ -280,6 +311,10 @@ async def _stream(
             await answer_lost(request, "invalid_json")
     if request.get(ANSWER) != LOST:
         request[ANSWER] = RECEIVED
+    if capture is not None:
+        if held and complete:
+            capture.add(held)
+        await capture.seal(out, complete)
     if failure is not None:
         _abort(request)
     elif client_alive:

@@ -27,6 +27,7 @@ stands and the client gets an error naming the image it could not get.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import BodyPartReader, web
@@ -35,6 +36,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from proxy.catalogue import TABLE, Route, resolve
 from proxy.config.model import KeyConfig, UpstreamConfig
 from proxy.core.admission import admit, task_created
+from proxy.core.idempotency import begin
+from proxy.core.idempotency_key import MultipartDigest, json_fingerprint
 from proxy.core.inbound import (
     open_request,
     parse_json_object,
@@ -98,11 +101,18 @@ async def generations(request: web.Request) -> web.StreamResponse:
     req = parse_request(
         obj, default_model=DEFAULT_MODEL, default_format=rt.config.openai.default_response_format
     )
-    return await _generate(request, ctx, rt, key, req)
+    return await _generate(
+        request, ctx, rt, key, req, lambda: json_fingerprint(ctx.route, request.headers, obj)
+    )
 
 
 async def _generate(
-    request: web.Request, ctx: RequestContext, rt: Runtime, key: KeyConfig, req: ImageRequest
+    request: web.Request,
+    ctx: RequestContext,
+    rt: Runtime,
+    key: KeyConfig,
+    req: ImageRequest,
+    content: Callable[[], str],
 ) -> web.StreamResponse:
     set_model(ctx, rt, req.model)
     rt.keyring.check_allowed(key, req.model)
@@ -116,6 +126,10 @@ async def _generate(
     candidates = rt.router.candidates(route.target)
     if not candidates:
         raise no_upstream(route.target)
+    # A repeat with a kept answer gets it here, before any limit is used.
+    replayed = await begin(request, rt, key, content)
+    if replayed is not None:
+        return replayed
     await admit(request, key, model=route.target, images=req.n)  # per-key limits
     body = dashscope_body(req, route)
     created = int(time.time())
@@ -240,7 +254,8 @@ def _task_upstream(rt: Runtime, record: TaskRecord) -> UpstreamConfig:
 async def edits(request: web.Request) -> web.StreamResponse:
     """POST /v1/images/edits: multipart/form-data exactly as the OpenAI SDK sends it."""
     ctx, rt, key = open_request(request)
-    fields, images = await _read_form(request, rt.config.server.max_body_bytes)
+    digest = MultipartDigest(ctx.route, request.headers)
+    fields, images = await _read_form(request, rt.config.server.max_body_bytes, digest)
     if not images:
         raise bad_request(
             "image is required: send one `image` file part or repeated `image[]` parts."
@@ -251,11 +266,14 @@ async def edits(request: web.Request) -> web.StreamResponse:
         default_format=rt.config.openai.default_response_format,
         images=tuple(images),
     )
-    return await _generate(request, ctx, rt, key, req)
+    return await _generate(request, ctx, rt, key, req, digest.hexdigest)
 
 
-async def _read_form(request: web.Request, limit: int) -> tuple[dict[str, str], list[str]]:
-    """String fields, and image parts as data URLs, in order. Masks are refused: DashScope's
+async def _read_form(
+    request: web.Request, limit: int, digest: MultipartDigest
+) -> tuple[dict[str, str], list[str]]:
+    """String fields, and image parts as data URLs, in order (each part also fed to
+    `digest`, the request's content for `Idempotency-Key`). Masks are refused: DashScope's
     edit models take the instruction from the prompt, not from a mask."""
     if request.content_length is not None and request.content_length > limit:
         raise too_large(limit)
@@ -287,6 +305,7 @@ async def _read_form(request: web.Request, limit: int) -> tuple[dict[str, str], 
         total += len(data)
         if total > limit:
             raise too_large(limit)
+        digest.part(name, part.headers.get("Content-Type") if is_file else None, data)
         if name in ("image", "image[]"):
             mime = part.headers.get("Content-Type")
             images.append(data_url(data, mime, f"image[{len(images)}]"))

@@ -28,6 +28,7 @@ from proxy.state.redis.common import (
     script_source,
 )
 from proxy.state.redis.connect import Connection, connect
+from proxy.state.redis.idempotency import RedisIdempotency
 from proxy.state.redis.limits import RedisLimiter
 from proxy.state.redis.tasks import RedisTaskStore, put_call
 from proxy.state.tasks import TERMINAL
@@ -60,6 +61,7 @@ class RedisState(StateBackend):
         self.redis_tasks = RedisTaskStore(self)
         self.limiter = self.redis_limiter
         self.tasks = self.redis_tasks
+        self.idempotency = RedisIdempotency(self)
 
     @classmethod
     async def open(cls, config: StateConfig, metrics: Metrics) -> RedisState:

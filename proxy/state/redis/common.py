@@ -50,6 +50,9 @@ SCRIPT_NAMES = (
     "claim",
     "due",
     "hold",
+    "idem_claim",
+    "idem_keep",
+    "idem_release",
     "put",
     "refresh",
     "release",
@@ -98,6 +101,10 @@ class Keys:
     def used(self, key: str, period: str) -> str:
         """Images a key used in `period` (`d:<YYYYMMDD>` or `m:<YYYYMM>`, UTC)."""
         return f"{self.prefix}used:{key}:{period}"
+
+    def idempotency(self, scope: str) -> str:
+        """Hash: a kept `Idempotency-Key` answer (`scope` is a digest)."""
+        return f"{self.prefix}idem:{scope}"
 
 
 def claim_value(text: str | None, *, pending: bool) -> str:
