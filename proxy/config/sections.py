@@ -14,7 +14,9 @@ from typing import Any
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Fields whose value a problem message must never echo (problems are logged on reload).
-_SECRET_FIELDS = frozenset({"key", "api_key", "password"})
+_SECRET_FIELDS = frozenset(
+    {"key", "api_key", "password", "signing_key", "secret_access_key", "access_key_id"}
+)
 
 
 class Problems:

@@ -28,6 +28,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
@@ -137,6 +138,50 @@ def _error_code(status: int, facts_body: bytes | None) -> str | None:
 
 
 Settle = Callable[[Relayed], Awaitable[None]]
+# Set on an answer some of whose images keep DashScope's URL (`storage:` failed them).
+STORAGE_HEADER = "X-DashScope-Proxy-Storage"
+# With a rewriter, a JSON answer up to this size (inline base64 images) is read whole.
+REWRITE_LIMIT = 64 * 1024 * 1024
+
+
+class Rewriter(Protocol):
+    """Replaces the images of a successful answer with the gateway's links (`storage:`,
+    supplied by `core.keeping`). Runs after settlement; never raises."""
+
+    async def body(self, body: bytes) -> tuple[bytes, bool]:
+        """The rewritten JSON answer, and whether an image kept DashScope's URL."""
+
+    async def event(self, block: bytes) -> bytes:
+        """A block of complete SSE events, rewritten."""
+
+
+async def _rewrite_body(rewriter: Rewriter, out: web.Response, body: bytes) -> None:
+    try:
+        new, degraded = await rewriter.body(body)
+    except Exception:
+        log.exception("storing the images of an answer failed; relaying DashScope's URLs")
+        new, degraded = body, True
+    if new is not body:
+        out.body = new
+    if degraded:
+        out.headers[STORAGE_HEADER] = "degraded"
+
+
+def sse_cut(buffer: bytes | bytearray) -> int:
+    """Pure: where the complete events at the start of `buffer` end (0: none yet)."""
+    lf = buffer.rfind(b"\n\n")
+    crlf = buffer.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+async def _rewrite_event(rewriter: Rewriter | None, block: bytes) -> bytes:
+    if rewriter is None or not block:
+        return block
+    try:
+        return await rewriter.event(block)
+    except Exception:
+        log.exception("storing the images of an SSE event failed; relaying DashScope's URLs")
+        return block
 
 
 async def relay_response(
@@ -146,12 +191,15 @@ async def relay_response(
     upstream: UpstreamConfig,
     extra_headers: dict[str, str] | None = None,
     settle: Settle | None = None,
+    rewriter: Rewriter | None = None,
 ) -> Relayed:
     """Relay `resp` to the client; always releases `resp`.
 
     `settle` (metering, task recording) runs once the upstream body is complete
     and *before* the client receives the end of the response, so a client that
-    has read the whole answer can rely on the count being recorded.
+    has read the whole answer can rely on the count being recorded. `rewriter`
+    (storage) then replaces the images of a 200 answer: JSON answers up to
+    `REWRITE_LIMIT` are read whole for it, SSE events pass through it block by block.
     """
     upstream_rid = resp.headers.get("x-request-id") or resp.headers.get("x-dashscope-request-id")
     try:
@@ -160,7 +208,9 @@ async def relay_response(
             headers.update(extra_headers)
         ctype = resp.headers.get("Content-Type", "")
         length = resp.content_length
-        if "text/event-stream" not in ctype and length is not None and length <= PARSE_LIMIT:
+        rewrite = rewriter if resp.status == 200 else None
+        whole = PARSE_LIMIT if rewrite is None else REWRITE_LIMIT
+        if "text/event-stream" not in ctype and length is not None and length <= whole:
             try:
                 body = await resp.read()
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -190,6 +240,8 @@ async def relay_response(
                 await answer_lost(request, "invalid_json")
             else:
                 request[ANSWER] = RECEIVED
+                if rewrite is not None:
+                    await _rewrite_body(rewrite, out, body)
             return relayed
         return await _stream(
             request,
@@ -200,6 +252,7 @@ async def relay_response(
             upstream,
             upstream_rid,
             settle,
+            rewrite if "text/event-stream" in ctype else None,
         )
     finally:
         resp.release()
@@ -214,6 +267,7 @@ async def _stream(
     upstream: UpstreamConfig,
     upstream_rid: str | None,
     settle: Settle | None,
+    rewriter: Rewriter | None = None,
 ) -> Relayed:
     sniffer: SseSniffer | BodySniffer = SseSniffer() if sse else BodySniffer()
     # Keep an error body's first bytes to learn its DashScope code.
@@ -239,6 +293,8 @@ async def _stream(
     # on its count). SSE is chunked: its end is `write_eof`, and events go out at once.
     hold = out.content_length is not None
     held: bytes | None = None
+    # With storage, SSE goes out in blocks of complete events, each rewritten.
+    pending = bytearray() if rewriter is not None else None
     try:
         # iter_any: each buffer as the socket delivered it (at most the reader's
         # high-water mark), without iter_chunked's re-slicing and joining.
@@ -248,6 +304,11 @@ async def _stream(
                 err_head += chunk[: 4096 - len(err_head)]
             if hold:
                 chunk, held = held or b"", chunk
+            if pending is not None:
+                pending += chunk
+                cut = sse_cut(pending)
+                chunk = await _rewrite_event(rewriter, bytes(pending[:cut]))
+                del pending[:cut]
             if client_alive and chunk:
                 try:
                     await out.write(chunk)
@@ -286,6 +347,8 @@ async def _stream(
         with contextlib.suppress(*_CLIENT_GONE):
             if held and complete:
                 await out.write(held)
+            if pending and complete:
+                await out.write(await _rewrite_event(rewriter, bytes(pending)))
             await out.write_eof()
     return relayed
 
