@@ -45,7 +45,9 @@ MIN_UPLOAD_RATE = 1024 * 1024  # bytes/s an upload may not fall below: its deadl
 MULTIPART_THRESHOLD = 64 * 1024 * 1024  # larger files go up in parts (a retry resends one part)
 PART_SIZE = 8 * 1024 * 1024  # S3's smallest part is 5 MiB, its most parts 10,000
 MAX_UPLOADS = 16  # concurrent uploads per process; the rest wait their turn
-MAX_CONNECTIONS = 32  # the client's pool: the uploads plus image reads and checks
+# The client's pool: the uploads, plus image reads, which hold a connection for as long as
+# the client downloading the image takes, plus stats and checks.
+MAX_CONNECTIONS = 100
 
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 _DENIED = {
@@ -123,6 +125,10 @@ class S3Backend:
             retries={"total_max_attempts": ATTEMPTS, "mode": "standard"},
             max_pool_connections=MAX_CONNECTIONS,
             s3=s3_options or None,
+            # botocore's default since 1.36 adds CRC32 checksums (and, for streams, chunked
+            # trailers) that several S3-compatible stores refuse; only what S3 requires.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
         )
         credentials: dict[str, str] = {}
         if config.access_key_id and config.secret_access_key:
