@@ -17,7 +17,9 @@ from tests.conftest import Gateway
 from tests.support import Live, LoopThread
 
 SIGNING_KEY = "test-image-link-secret-0123456789"
-LINK = re.compile(r"^http://127\.0\.0\.1:\d+/images/[0-9a-f]{48}\.png\?expires=\d+&signature=[0-9a-f]{64}$")
+LINK = re.compile(
+    r"^http://127\.0\.0\.1:\d+/images/[0-9a-f]{48}\.png\?expires=\d+&signature=[0-9a-f]{64}$"
+)
 
 
 def storage_yaml(root: Path, **fields: object) -> str:

@@ -33,9 +33,7 @@ def images_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def gw(
-    start_gateway: GatewayFactory, images_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> Gateway:
+def gw(start_gateway: GatewayFactory, images_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Gateway:
     gateway = start_gateway(extra=storage_yaml(images_dir))
     monkeypatch.setattr(dashscope, "base_http_api_url", gateway.api)
     monkeypatch.setattr(dashscope, "api_key", KEY_A)

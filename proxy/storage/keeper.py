@@ -142,6 +142,11 @@ class Keeper:
             raise FetchFailed("the store failed", "store") from exc
         if kept is not None:
             return kept
+        try:
+            # Made again each time: a volume that went away and came back works at once.
+            await asyncio.to_thread(self.spool.mkdir, parents=True, exist_ok=True)
+        except OSError:
+            raise FetchFailed("the spool directory cannot be made", "io") from None
         spool = str(self.spool / f"{name}.{secrets.token_hex(6)}.part")
         if data is None:
             fetched = await fetch_to_file(self.session, ref, policy, spool)
