@@ -148,3 +148,22 @@ def test_a_stopped_store_degrades_answers_but_keeps_the_image_and_the_count(
     answer, link = generate(two, "the store is back")
     assert "X-DashScope-Proxy-Storage" not in answer.headers
     assert requests.get(on(one, link), timeout=10).status_code == 200
+
+
+def test_a_gateway_started_while_the_store_is_down_keeps_images_once_it_is_up(
+    sim: Live,
+    moto_server: MotoServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    moto_server.stop()
+    try:
+        gw = GatewayProcess(replica_yaml(sim, moto_server, tmp_path, "early"), tmp_path, "early")
+    finally:
+        moto_server.restart()
+    try:
+        answer, link = generate(gw, "a store that came up late")
+        assert "X-DashScope-Proxy-Storage" not in answer.headers
+        assert link.startswith(gw.url + "/images/")
+        assert requests.get(link, timeout=10).content.startswith(b"\x89PNG")
+    finally:
+        gw.stop()
