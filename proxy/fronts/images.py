@@ -58,7 +58,8 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None | bool:
 async def get_image(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
     keeper = request.app.get(KEEPER)
-    config = request.app[RUNTIME].current.config.storage
+    # Turned off by a reload: links already handed out keep working on the startup's.
+    config = request.app[RUNTIME].current.config.storage or (keeper.config if keeper else None)
     now = time.time()
     expires = request.query.get("expires", "")
     signature = request.query.get("signature", "")
