@@ -25,6 +25,7 @@ from .core import (
 )
 from .procs import Proc
 from .reconcile import reconciler
+from .storage import storage
 from .usage_report import usage_report
 
 Scenario = Callable[[Bench], ScenarioResult]
@@ -418,4 +419,5 @@ SCENARIOS: dict[str, Scenario] = {
     "workers": workers,
     "reconciler": reconciler,
     "usage": usage_report,
+    "storage": storage,
 }

@@ -142,33 +142,43 @@ class Keeper:
             raise FetchFailed("the store failed", "store") from exc
         if kept is not None:
             return kept
-        try:
-            # Made again each time: a volume that went away and came back works at once.
-            await asyncio.to_thread(self.spool.mkdir, parents=True, exist_ok=True)
-        except OSError:
-            raise FetchFailed("the spool directory cannot be made", "io") from None
         spool = str(self.spool / f"{name}.{secrets.token_hex(6)}.part")
-        if data is None:
-            fetched = await fetch_to_file(self.session, ref, policy, spool)
-            size, head = fetched.size, fetched.head
-        else:
-            await _write_file(spool, data)
-            size, head = len(data), data[:16]
+        try:
+            size, head = await self._spool(ref, data, policy, spool)
+        except FetchFailed as exc:
+            # The spool directory went away (a volume replaced or remounted): made again,
+            # so storing works at once when the volume is back.
+            if exc.reason != "io" or await asyncio.to_thread(self.spool.is_dir):
+                raise
+            try:
+                await asyncio.to_thread(self.spool.mkdir, parents=True, exist_ok=True)
+            except OSError:
+                raise exc from None
+            size, head = await self._spool(ref, data, policy, spool)
         try:
             ext = sniff(head)
             if ext is None:
                 raise FetchFailed("not an image", "not_image")
             # The format the bytes show wins over the URL's extension.
             ctype = CONTENT_TYPES[ext] if name.endswith("." + ext) else content_type_of(name)
-            try:
-                obj = await self.backend.put(name, spool, ctype)
-            except StorageUnavailable as exc:
+            obj = await self.backend.put(name, spool, ctype)  # consumes the spool file
+        except (FetchFailed, StorageUnavailable) as exc:
+            await asyncio.to_thread(_discard, spool)  # nothing is left behind
+            if isinstance(exc, StorageUnavailable):
                 raise FetchFailed("the store failed", "store") from exc
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(spool)  # put consumed it; after a failure nothing is left behind
+            raise
         self.metrics.stored(size)
         return obj
+
+    async def _spool(
+        self, ref: str, data: bytes | None, policy: FetchPolicy, spool: str
+    ) -> tuple[int, bytes]:
+        """The image into the file `spool`: its size and first bytes."""
+        if data is None:
+            fetched = await fetch_to_file(self.session, ref, policy, spool)
+            return fetched.size, fetched.head
+        await _write_file(spool, data)
+        return len(data), data[:16]
 
     async def sweep(self, retention_days: float) -> int:
         """One bounded retention round: objects older than `retention_days` deleted."""
@@ -188,6 +198,11 @@ class Keeper:
             await asyncio.wait(jobs, timeout=10)
         for job in jobs:
             job.cancel()
+
+
+def _discard(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 async def _write_file(path: str, data: bytes) -> None:
