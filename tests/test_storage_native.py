@@ -207,3 +207,23 @@ def test_forwarded_scheme_and_host_are_honoured(gw: Gateway) -> None:
     # The same link, on the gateway itself, works.
     local = gw.url + url.removeprefix("https://images.example.com")
     assert requests.get(local, timeout=5).status_code == 200
+
+
+def test_a_large_inline_answer_is_read_whole_and_rewritten(gw: Gateway, images_dir: Path) -> None:
+    # `pad` makes the answer larger than the relay's small-JSON limit (256 KiB).
+    rsp = requests.post(
+        gw.url + "/api/v1/services/aigc/multimodal-generation/generation",
+        json={
+            "model": "qwen-image-2.0",
+            "input": {"messages": msgs("[sim:base64 pad=400000] a large answer")},
+        },
+        headers={"Authorization": f"Bearer {KEY_A}"},
+        timeout=30,
+    )
+    assert rsp.status_code == 200 and len(rsp.content) > 300_000
+    assert int(rsp.headers["Content-Length"]) == len(rsp.content)
+    url = rsp.json()["output"]["choices"][0]["message"]["content"][0]["image"]
+    assert is_link(gw, url), url[:80]
+    assert requests.get(url, timeout=5).content.startswith(b"\x89PNG")
+    assert len(stored_files(images_dir)) == 1
+    assert gw.images("team-a", "qwen-image-2.0") == 1
