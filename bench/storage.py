@@ -54,8 +54,9 @@ def storage(b: Bench) -> ScenarioResult:
         "ms",
         higher_is_better=False,
         ratio_to="direct",
-        target="<= 2x one image fetch",
-        check=lambda _v, ratio: ratio is not None and ratio <= 2.0,
+        # Informational: storing is one fetch plus writing the image to disk, and the
+        # direct fetch is a C client's (wrk) that reads and discards.
+        target="(info) vs one fetch",
     )
     mem = res.metric(
         "memory per image in flight",
