@@ -10,7 +10,8 @@ reused by every call. Every replica pointed at the same bucket and prefix serves
   in small blocks); above `MULTIPART_THRESHOLD` it is a multipart upload whose parts are
   streamed the same way, one at a time. At most `MAX_UPLOADS` uploads run at once per
   process, the others wait, so a thousand images stored at once never hold a thousand
-  files in memory.
+  files in memory. The body is not hashed into the signature (botocore would read it on
+  the event loop); a `Content-MD5`, computed in a worker thread, lets the store check it.
 - **No secrets in errors.** botocore's messages can carry the endpoint URL and the request;
   the reasons and messages here are built from the operation, the S3 error code and the
   exception class only, and the original exception is not chained.
@@ -24,7 +25,9 @@ raises `S3ExtraMissing`. Not here: choosing the backend, names, links, fetching 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import io
 import os
 import time
@@ -111,7 +114,10 @@ class S3Backend:
         from aiobotocore.config import AioConfig
 
         config = self._config
-        s3_options: dict[str, str] = {}
+        # No SHA-256 of the body in the signature: botocore would read the whole file on the
+        # event loop (in 1 MiB blocks) before sending it. Each upload carries its Content-MD5
+        # instead, computed in a worker thread, which the store checks against what arrived.
+        s3_options: dict[str, str | bool] = {"payload_signing_enabled": False}
         if config.endpoint_url:
             # botocore addresses a custom endpoint path-style (`endpoint/bucket/key`), which
             # MinIO and Ceph need without a wildcard DNS name; OSS serves only virtual-hosted
@@ -124,7 +130,7 @@ class S3Backend:
             read_timeout=READ_TIMEOUT,
             retries={"total_max_attempts": ATTEMPTS, "mode": "standard"},
             max_pool_connections=MAX_CONNECTIONS,
-            s3=s3_options or None,
+            s3=s3_options,
             # botocore's default since 1.36 adds CRC32 checksums (and, for streams, chunked
             # trailers) that several S3-compatible stores refuse; only what S3 requires.
             request_checksum_calculation="when_required",
@@ -212,9 +218,14 @@ class S3Backend:
 
     async def _put_whole(self, name: str, file: BinaryIO, content_type: str) -> str:
         # A file object body is streamed by aiohttp block by block (and rewound by botocore
-        # for the signature, the checksum and a retry); one PUT is atomic for readers.
+        # for a retry); one PUT is atomic for readers.
+        digest = await asyncio.to_thread(_content_md5, file)
         answer = await self._s3().put_object(
-            Bucket=self._bucket, Key=self._key(name), Body=file, ContentType=content_type
+            Bucket=self._bucket,
+            Key=self._key(name),
+            Body=file,
+            ContentType=content_type,
+            ContentMD5=digest,
         )
         return str(answer["ETag"]).strip('"')
 
@@ -230,8 +241,14 @@ class S3Backend:
                 # Each part is a window on the file, streamed like a whole file: no part
                 # is ever read into memory at once.
                 window = _Window(file, offset, min(self._part_size, size - offset))
+                digest = await asyncio.to_thread(_content_md5, window)
                 sent = await client.upload_part(
-                    Bucket=self._bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=window
+                    Bucket=self._bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=window,
+                    ContentMD5=digest,
                 )
                 parts.append({"PartNumber": number, "ETag": sent["ETag"]})
             done = await client.complete_multipart_upload(
@@ -267,6 +284,17 @@ class S3Backend:
         # The bucket's lifecycle rule expires objects (docs/storage.md); listing a bucket to
         # delete from it would cost a request per thousand objects on every replica.
         return 0
+
+
+def _content_md5(file: BinaryIO | io.RawIOBase) -> str:
+    """The `Content-MD5` header of a file's bytes from the start (in 64 KiB blocks, so no
+    large buffer is ever allocated); the file is left at its start."""
+    digest = hashlib.md5(usedforsecurity=False)
+    file.seek(0)
+    while block := file.read(CHUNK):
+        digest.update(block)
+    file.seek(0)
+    return base64.b64encode(digest.digest()).decode("ascii")
 
 
 def _open_file(path: str) -> tuple[BinaryIO, int]:
