@@ -53,15 +53,8 @@ MAX_UPLOADS = 16  # concurrent uploads per process; the rest wait their turn
 MAX_CONNECTIONS = 100
 
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
-_DENIED = {
-    "403",
-    "AccessDenied",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "InvalidToken",
-    "ExpiredToken",
-    "AuthorizationHeaderMalformed",
-}
+_DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+_DENIED |= {"InvalidToken", "ExpiredToken", "AuthorizationHeaderMalformed"}
 
 
 class S3ExtraMissing(ImportError):
@@ -333,11 +326,6 @@ class _Window(io.RawIOBase):
         self._pos += len(data)
         return data
 
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
 
 class _Missing:
     found = False
@@ -376,6 +364,8 @@ def _raise_unavailable(operation: str, exc: Exception, code: str | None) -> NoRe
     from botocore import exceptions as boto
 
     kind = type(exc).__name__
+    unreachable: tuple[type[BaseException], ...] = (ConnectionError, aiohttp.ClientConnectionError)
+    unreachable += (boto.EndpointConnectionError, boto.ConnectionClosedError)
     if code is not None:
         if code in _DENIED:
             reason = "denied"
@@ -392,13 +382,7 @@ def _raise_unavailable(operation: str, exc: Exception, code: str | None) -> NoRe
         raise StorageUnavailable(reason, f"S3 {operation} failed: {code}") from None
     if isinstance(exc, TimeoutError | boto.ConnectTimeoutError | boto.ReadTimeoutError):
         reason = "timeout"
-    elif isinstance(
-        exc,
-        boto.EndpointConnectionError
-        | boto.ConnectionClosedError
-        | aiohttp.ClientConnectionError
-        | ConnectionError,
-    ):
+    elif isinstance(exc, unreachable):
         reason = "unreachable"
     elif isinstance(exc, boto.NoCredentialsError | boto.PartialCredentialsError):
         reason = "credentials"
