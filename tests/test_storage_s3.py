@@ -371,3 +371,34 @@ def test_without_aiobotocore_the_error_says_which_extra_to_install() -> None:
     ).stdout
     assert out.startswith("S3ExtraMissing ")
     assert "pip install 'dashscope-proxy[s3]'" in out
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "url_start"),
+    [
+        # MinIO and Ceph: path-style, no wildcard DNS name needed.
+        ("http://minio.storage.svc:9000", "http://minio.storage.svc:9000/images/gw/"),
+        ("https://rgw.example.internal", "https://rgw.example.internal/images/gw/"),
+        # OSS serves only virtual-hosted style.
+        (
+            "https://s3.oss-cn-hangzhou.aliyuncs.com",
+            "https://images.s3.oss-cn-hangzhou.aliyuncs.com/gw/",
+        ),
+    ],
+)
+async def test_objects_are_addressed_as_each_store_expects(
+    moto_server: MotoServer,  # noqa: F811
+    endpoint: str,
+    url_start: str,
+) -> None:
+    # A presigned URL is computed by the client itself, without a request: it shows the
+    # address every call of the backend's client goes to.
+    store = S3Backend(moto_server.storage_config(bucket="images", endpoint_url=endpoint))
+    client = await store._create_client()
+    try:
+        url = await client.generate_presigned_url(
+            "get_object", Params={"Bucket": "images", "Key": "gw/" + image_name("where")}
+        )
+    finally:
+        await store.close()
+    assert url.startswith(url_start + image_name("where") + "?"), url
