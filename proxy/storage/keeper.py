@@ -10,7 +10,7 @@ running then goes on in the background and is kept all the same.
 An image already kept (the same task polled again) is found by `stat` and never
 fetched twice; two answers holding the same image at once share one job.
 URL fetches are streamed into a spool file (`upstream.fetch.fetch_to_file`), so an
-image in flight holds a few hundred KB of memory, whatever its size.
+image in flight holds well under 1 MB of memory, whatever its size.
 
 `keeper_ctx` opens the backend for the app's lifetime (`app[KEEPER]`, absent without
 `storage:`) and runs the retention sweep in the background, in bounded batches.
