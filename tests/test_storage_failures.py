@@ -142,8 +142,12 @@ def test_a_storage_outage_degrades_without_delay(
     assert gw.images("team-a", "qwen-image-2.0") == 2
     assert errors(gw, "store") == 1
     assert requests.get(kept, timeout=5).status_code == 503  # the store is down, not the link
+    ready = requests.get(gw.url + "/readyz", timeout=5)
+    assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+    assert any(d.startswith("storage (local)") for d in ready.json()["degraded"]), ready.json()
     # The volume comes back: storing works again, with no restart.
     images_dir.unlink()
     rsp = generate(gw, "after the outage")
     assert "X-DashScope-Proxy-Storage" not in rsp.headers, rsp.headers
+    assert requests.get(gw.url + "/readyz", timeout=5).json()["status"] == "ready"
     assert is_link(gw, urls_of(rsp)[0])
