@@ -151,3 +151,25 @@ def test_a_storage_outage_degrades_without_delay(
     assert "X-DashScope-Proxy-Storage" not in rsp.headers, rsp.headers
     assert requests.get(gw.url + "/readyz", timeout=5).json()["status"] == "ready"
     assert is_link(gw, urls_of(rsp)[0])
+
+
+def test_sse_events_keep_dashscopes_url_when_the_original_is_broken(
+    behind: Callable[[str, str], Gateway],
+    images_dir: Path,
+    broken_host: ImageHost,  # noqa: F811
+) -> None:
+    gw = behind(broken_host.live.url, storage_yaml(images_dir))
+    rsp = requests.post(
+        gw.url + PATH,
+        json={
+            "model": "qwen-image-2.0",
+            "input": {"messages": [{"role": "user", "content": [{"text": "a stream"}]}]},
+        },
+        headers={"Authorization": f"Bearer {KEY_A}", "X-DashScope-SSE": "enable"},
+        timeout=30,
+    )
+    assert rsp.status_code == 200 and "text/event-stream" in rsp.headers["Content-Type"]
+    assert broken_host.live.url + "/_sim/images/" in rsp.text  # DashScope's URL, unchanged
+    assert "/images/" not in rsp.text.replace("/_sim/images/", "")
+    assert gw.images("team-a", "qwen-image-2.0") == 1
+    assert errors(gw, "status") == 1

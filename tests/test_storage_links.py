@@ -142,3 +142,23 @@ def test_images_past_retention_are_refused_and_swept(
     while stored_files(images_dir) and time.time() < deadline:
         time.sleep(0.2)
     assert stored_files(images_dir) == []  # and deleted by the background sweep
+
+
+def test_public_base_url_links_are_the_base_and_the_name(
+    start_gateway: GatewayFactory, images_dir: Path
+) -> None:
+    extra = storage_yaml(images_dir, public_base_url="https://cdn.example.com/images/")
+    gw = start_gateway(extra=extra)
+    rsp = requests.post(
+        gw.url + PATH,
+        json={
+            "model": "qwen-image-2.0",
+            "input": {"messages": [{"role": "user", "content": [{"text": "a cup"}]}]},
+        },
+        headers={"Authorization": f"Bearer {KEY_A}"},
+        timeout=10,
+    )
+    url = rsp.json()["output"]["choices"][0]["message"]["content"][0]["image"]
+    assert url.startswith("https://cdn.example.com/images/") and "?" not in url, url
+    (stored,) = stored_files(images_dir)
+    assert stored.name == name_of(url)  # what the CDN serves from the store
