@@ -102,7 +102,9 @@ def storage_headers(request: web.Request) -> dict[str, str]:
 
 
 async def _links(request: web.Request, refs: list[str]) -> dict[str, str]:
-    kept = await keep_images(request, refs) or []
+    kept = await keep_images(request, refs)
+    if kept is None:
+        return {}  # turned off by a reload meanwhile
     return {ref: k.link for ref, k in zip(refs, kept, strict=True) if k is not None}
 
 
