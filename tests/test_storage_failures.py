@@ -5,6 +5,7 @@ A crafted result URL is never fetched; a storage outage costs no time beyond the
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -173,3 +174,56 @@ def test_sse_events_keep_dashscopes_url_when_the_original_is_broken(
     assert "/images/" not in rsp.text.replace("/_sim/images/", "")
     assert gw.images("team-a", "qwen-image-2.0") == 1
     assert errors(gw, "status") == 1
+
+
+@pytest.fixture
+def chunked_upstream(loop_thread: LoopThread) -> Iterator[Live]:
+    """A DashScope stand-in whose JSON answers carry no Content-Length (chunked)."""
+
+    async def generation(request: web.Request) -> web.StreamResponse:
+        image = f"http://127.0.0.1:{request.url.port}/result/{time.monotonic_ns()}.png"
+        body = {
+            "output": {
+                "choices": [{"message": {"role": "assistant", "content": [{"image": image}]}}]
+            },
+            "usage": {"image_count": 1},
+            "request_id": "r-1",
+        }
+        out = web.StreamResponse(headers={"Content-Type": "application/json"})
+        out.enable_chunked_encoding()
+        await out.prepare(request)
+        text = json.dumps(body).encode()
+        await out.write(text[:40])
+        await out.write(text[40:])
+        await out.write_eof()
+        return out
+
+    async def result(request: web.Request) -> web.Response:
+        return web.Response(body=b"\x89PNG\r\n\x1a\n" + b"\0" * 100, content_type="image/png")
+
+    async def task(request: web.Request) -> web.Response:
+        return web.json_response({"output": {"task_status": "UNKNOWN"}, "request_id": "p"})
+
+    app = web.Application()
+    app.router.add_post("/api/v1/services/aigc/multimodal-generation/generation", generation)
+    app.router.add_get("/result/{name}", result)
+    app.router.add_get("/api/v1/tasks/{task_id}", task)
+    live = loop_thread.serve(app)
+    yield live
+    loop_thread.stop(live)
+
+
+def test_an_answer_without_a_length_is_read_whole_and_rewritten(
+    start_gateway: GatewayFactory, chunked_upstream: Live, images_dir: Path, tmp_path: Path
+) -> None:
+    gw = start_gateway(
+        yaml_text=gateway_yaml(
+            chunked_upstream.url, tmp_path / "state.db", storage_yaml(images_dir)
+        )
+    )
+    rsp = generate(gw)
+    assert rsp.status_code == 200 and "X-DashScope-Proxy-Storage" not in rsp.headers
+    url = urls_of(rsp)[0]
+    assert is_link(gw, url), url
+    assert requests.get(url, timeout=5).content.startswith(b"\x89PNG")
+    assert gw.images("team-a", "qwen-image-2.0") == 1

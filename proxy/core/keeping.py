@@ -32,7 +32,7 @@ from proxy.storage.keeper import KEEPER, Keeper
 from proxy.storage.links import link, origin
 from proxy.storage.rewrite import event_refs, image_refs, rewrite_events, rewrite_json
 from proxy.upstream.fetch import FetchPolicy
-from proxy.upstream.relay import STORAGE_HEADER
+from proxy.upstream.rewriting import STORAGE_HEADER
 
 log = logging.getLogger(__name__)
 DEGRADED = web.RequestKey("storage_degraded", bool)

@@ -13,6 +13,10 @@ generated and the count must not be lost. If DashScope fails mid-relay after
 the response has started, the client connection is closed so the client sees a
 truncated body rather than a "complete" corrupt one.
 
+With `storage:` a 200 answer's images are replaced by the gateway's links after
+settlement, through the `upstream.rewriting.Rewriter` the caller passes: JSON answers
+are then read whole (up to `REWRITE_LIMIT`), SSE events go out in blocks of complete events.
+
 What cannot be counted is counted as such (`answer_lost`): a 2xx generation
 answer or task poll that never arrives whole (read timeout, truncated, not
 JSON, cut at the end of a drain) may hold images DashScope bills, so it grows
@@ -28,7 +32,6 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import aiohttp
 from aiohttp import web
@@ -43,6 +46,16 @@ from proxy.metrics import Metrics
 from proxy.runtime import CTX, METER, TASKS
 from proxy.state.tasks import TERMINAL
 from proxy.upstream.call import UpstreamFailure, map_client_error, response_headers
+from proxy.upstream.rewriting import (
+    REWRITE_LIMIT,
+    STORAGE_HEADER,
+    Rewriter,
+    chunks_after,
+    read_upto,
+    rewrite_body,
+    rewrite_event,
+    sse_cut,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,50 +151,6 @@ def _error_code(status: int, facts_body: bytes | None) -> str | None:
 
 
 Settle = Callable[[Relayed], Awaitable[None]]
-# Set on an answer some of whose images keep DashScope's URL (`storage:` failed them).
-STORAGE_HEADER = "X-DashScope-Proxy-Storage"
-# With a rewriter, a JSON answer up to this size (inline base64 images) is read whole.
-REWRITE_LIMIT = 64 * 1024 * 1024
-
-
-class Rewriter(Protocol):
-    """Replaces the images of a successful answer with the gateway's links (`storage:`,
-    supplied by `core.keeping`). Runs after settlement; never raises."""
-
-    async def body(self, body: bytes) -> tuple[bytes, bool]:
-        """The rewritten JSON answer, and whether an image kept DashScope's URL."""
-
-    async def event(self, block: bytes) -> bytes:
-        """A block of complete SSE events, rewritten."""
-
-
-async def _rewrite_body(rewriter: Rewriter, out: web.Response, body: bytes) -> None:
-    try:
-        new, degraded = await rewriter.body(body)
-    except Exception:
-        log.exception("storing the images of an answer failed; relaying DashScope's URLs")
-        new, degraded = body, True
-    if new is not body:
-        out.body = new
-    if degraded:
-        out.headers[STORAGE_HEADER] = "degraded"
-
-
-def sse_cut(buffer: bytes | bytearray) -> int:
-    """Pure: where the complete events at the start of `buffer` end (0: none yet)."""
-    lf = buffer.rfind(b"\n\n")
-    crlf = buffer.rfind(b"\r\n\r\n")
-    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
-
-
-async def _rewrite_event(rewriter: Rewriter | None, block: bytes) -> bytes:
-    if rewriter is None or not block:
-        return block
-    try:
-        return await rewriter.event(block)
-    except Exception:
-        log.exception("storing the images of an SSE event failed; relaying DashScope's URLs")
-        return block
 
 
 async def relay_response(
@@ -210,9 +179,12 @@ async def relay_response(
         length = resp.content_length
         rewrite = rewriter if resp.status == 200 else None
         whole = PARSE_LIMIT if rewrite is None else REWRITE_LIMIT
-        if "text/event-stream" not in ctype and length is not None and length <= whole:
+        sse = "text/event-stream" in ctype
+        # Storage needs the whole answer: one without a length is read up to the bound.
+        unsized = rewrite is not None and length is None and not sse
+        if not sse and (unsized or (length is not None and length <= whole)):
             try:
-                body = await resp.read()
+                body, done = await read_upto(resp, whole) if unsized else (await resp.read(), True)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 failure = map_client_error(exc)
                 metrics.upstream_errors.labels(upstream.name, failure.kind).inc()
@@ -221,6 +193,22 @@ async def relay_response(
                 else:
                     request[ANSWER] = RECEIVED  # DashScope refused it: no image to count
                 raise failure from None
+            if not done:
+                # Larger than storage can hold whole: relayed as it comes, images unkept.
+                log.warning("an answer without a length is too large to store its images")
+                headers[STORAGE_HEADER] = "degraded"
+                return await _stream(
+                    request,
+                    resp,
+                    headers,
+                    False,
+                    metrics,
+                    upstream,
+                    upstream_rid,
+                    settle,
+                    None,
+                    body,
+                )
             code = _error_code(resp.status, body)
             status, reason = resp.status, resp.reason
             if code:
@@ -241,18 +229,18 @@ async def relay_response(
             else:
                 request[ANSWER] = RECEIVED
                 if rewrite is not None:
-                    await _rewrite_body(rewrite, out, body)
+                    await rewrite_body(rewrite, out, body)
             return relayed
         return await _stream(
             request,
             resp,
             headers,
-            "text/event-stream" in ctype,
+            sse,
             metrics,
             upstream,
             upstream_rid,
             settle,
-            rewrite if "text/event-stream" in ctype else None,
+            rewrite if sse else None,
         )
     finally:
         resp.release()
@@ -268,6 +256,7 @@ async def _stream(
     upstream_rid: str | None,
     settle: Settle | None,
     rewriter: Rewriter | None = None,
+    prefix: bytes = b"",
 ) -> Relayed:
     sniffer: SseSniffer | BodySniffer = SseSniffer() if sse else BodySniffer()
     # Keep an error body's first bytes to learn its DashScope code.
@@ -298,7 +287,7 @@ async def _stream(
     try:
         # iter_any: each buffer as the socket delivered it (at most the reader's
         # high-water mark), without iter_chunked's re-slicing and joining.
-        async for chunk in resp.content.iter_any():
+        async for chunk in chunks_after(resp, prefix):
             sniffer.feed(chunk)
             if err_head is not None and len(err_head) < 4096:
                 err_head += chunk[: 4096 - len(err_head)]
@@ -307,7 +296,7 @@ async def _stream(
             if pending is not None:
                 pending += chunk
                 cut = sse_cut(pending)
-                chunk = await _rewrite_event(rewriter, bytes(pending[:cut]))
+                chunk = await rewrite_event(rewriter, bytes(pending[:cut]))
                 del pending[:cut]
             if client_alive and chunk:
                 try:
@@ -348,7 +337,7 @@ async def _stream(
             if held and complete:
                 await out.write(held)
             if pending and complete:
-                await out.write(await _rewrite_event(rewriter, bytes(pending)))
+                await out.write(await rewrite_event(rewriter, bytes(pending)))
             await out.write_eof()
     return relayed
 
