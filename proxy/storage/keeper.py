@@ -225,7 +225,12 @@ async def keeper_ctx(app: web.Application) -> AsyncIterator[None]:
     if config is None:
         yield
         return
-    backend, spool = make_backend(config)
+    try:
+        backend, spool = make_backend(config)
+    except ImportError as exc:
+        # The `s3` extra is missing: the gateway refuses to start, saying what to install.
+        log.error("%s", exc)
+        raise
     metrics = StorageMetrics(app[METRICS].registry, backend.kind)
     try:
         await backend.open()
