@@ -227,3 +227,28 @@ def test_an_answer_without_a_length_is_read_whole_and_rewritten(
     assert is_link(gw, url), url
     assert requests.get(url, timeout=5).content.startswith(b"\x89PNG")
     assert gw.images("team-a", "qwen-image-2.0") == 1
+
+
+def test_a_redirect_to_a_foreign_host_is_not_followed(
+    behind: Callable[[str, str], Gateway],
+    loop_thread: LoopThread,
+    images_dir: Path,
+    other_host: ImageHost,
+) -> None:
+    target = f"http://127.0.0.2:{other_host.live.port}/latest/meta-data"
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound(target)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", redirect)
+    redirector = loop_thread.serve(app)  # on 127.0.0.1: an allowed host
+    try:
+        gw = behind(redirector.url, storage_yaml(images_dir))
+        rsp = generate(gw)
+        assert rsp.status_code == 200
+        assert rsp.headers["X-DashScope-Proxy-Storage"] == "degraded"
+        assert other_host.hits == []  # the hop to a foreign host was checked, and refused
+        assert errors(gw, "host") == 1 and stored(gw) == 0
+    finally:
+        loop_thread.stop(redirector)
