@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -77,13 +78,6 @@ class Keeper:
         self.metrics = metrics
         self._jobs: dict[str, asyncio.Task[StoredObject]] = {}
 
-    def name_of(self, ref: str) -> str | None:
-        """The object name of an image reference (None: inline data that is no image)."""
-        if is_url(ref):
-            return url_name(self.config.signing_key, ref)
-        inline = inline_image(ref, self.config.max_image_bytes)
-        return inline.name if inline is not None else None
-
     async def keep(self, refs: Sequence[str], policy: FetchPolicy) -> list[Outcome]:
         """Every image of one answer kept, in order, within `policy.timeout_seconds`."""
         jobs: list[asyncio.Task[StoredObject] | str] = [self._job(ref, policy) for ref in refs]
@@ -102,8 +96,11 @@ class Keeper:
                 exc = job.exception()
                 if exc is None:
                     outcome = Outcome(job.result())
-                else:
-                    outcome = Outcome(None, getattr(exc, "reason", "store"))
+                elif isinstance(exc, FetchFailed):
+                    outcome = Outcome(None, exc.reason)
+                else:  # a bug, not an outage: logged in full, the client keeps its image
+                    log.error("storing an image failed", exc_info=exc)
+                    outcome = Outcome(None, "store")
             if outcome.reason is not None:
                 self.metrics.error(outcome.reason)
                 log.warning("an image was delivered with DashScope's URL: %s", outcome.reason)
@@ -123,13 +120,12 @@ class Keeper:
         if job is None:
             job = asyncio.create_task(self._store(name, ref, data, policy))
             self._jobs[name] = job
-            job.add_done_callback(self._finished)
+            job.add_done_callback(functools.partial(self._finished, name))
         return job
 
-    def _finished(self, job: asyncio.Task[StoredObject]) -> None:
-        for name, running in list(self._jobs.items()):
-            if running is job:
-                del self._jobs[name]
+    def _finished(self, name: str, job: asyncio.Task[StoredObject]) -> None:
+        if self._jobs.get(name) is job:
+            del self._jobs[name]
         if not job.cancelled():
             job.exception()  # retrieved: a job that outlived its answer fails quietly
 
