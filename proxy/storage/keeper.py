@@ -37,7 +37,14 @@ from proxy.runtime import METRICS, RUNTIME, SESSION
 from proxy.storage.backend import StorageBackend, StorageUnavailable, StoredObject
 from proxy.storage.backends import make_backend
 from proxy.storage.metrics import StorageMetrics
-from proxy.storage.names import CONTENT_TYPES, content_type_of, inline_image, is_url, url_name
+from proxy.storage.names import (
+    CONTENT_TYPES,
+    Inline,
+    content_type_of,
+    inline_image,
+    is_url,
+    url_name,
+)
 from proxy.storage.names import sniff_extension as sniff
 from proxy.upstream.fetch import FetchFailed, FetchPolicy, fetch_to_file
 
@@ -80,7 +87,14 @@ class Keeper:
 
     async def keep(self, refs: Sequence[str], policy: FetchPolicy) -> list[Outcome]:
         """Every image of one answer kept, in order, within `policy.timeout_seconds`."""
-        jobs: list[asyncio.Task[StoredObject] | str] = [self._job(ref, policy) for ref in refs]
+        # Inline images are decoded and hashed in a worker thread: tens of MB of base64
+        # would otherwise hold the event loop.
+        inline = {
+            ref: await asyncio.to_thread(inline_image, ref, self.config.max_image_bytes)
+            for ref in refs
+            if not is_url(ref)
+        }
+        jobs = [self._job(ref, inline.get(ref), policy) for ref in refs]
         tasks = {job for job in jobs if not isinstance(job, str)}
         if tasks:
             await asyncio.wait(tasks, timeout=policy.timeout_seconds)
@@ -107,14 +121,15 @@ class Keeper:
             out.append(outcome)
         return out
 
-    def _job(self, ref: str, policy: FetchPolicy) -> asyncio.Task[StoredObject] | str:
+    def _job(
+        self, ref: str, inline: Inline | None, policy: FetchPolicy
+    ) -> asyncio.Task[StoredObject] | str:
         if is_url(ref):
             name = url_name(self.config.signing_key, ref)
             data: bytes | None = None
+        elif inline is None:
+            return "invalid_inline"
         else:
-            inline = inline_image(ref, self.config.max_image_bytes)
-            if inline is None:
-                return "invalid_inline"
             name, data = inline.name, inline.data
         job = self._jobs.get(name)
         if job is None:
