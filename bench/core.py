@@ -218,8 +218,10 @@ class Bench:
         workers: int = 1,
         tasks: dict[str, object] | None = None,
         state: Path | None = None,
+        extra: str = "",
     ) -> str:
-        """The gateway's config; `tasks`: its `tasks:` section, `state`: its state file."""
+        """The gateway's config; `tasks`: its `tasks:` section, `state`: its state file,
+        `extra`: more sections (YAML text)."""
         n = self._n = self._n + 1
         teams = "\n".join(
             f'  - name: team-{i:02d}\n    key_sha256: "{i:064x}"\n'
@@ -227,7 +229,8 @@ class Bench:
             for i in range(1, 9)
         )
         section = "".join(f"\n  {k}: {json.dumps(v)}" for k, v in (tasks or {}).items())
-        return f"""
+        return (
+            f"""
 server:
   host: 127.0.0.1
   port: {port}
@@ -260,7 +263,10 @@ pricing:
       per_image: 0.03
 state:
   path: {state or self.tmp / f"state-{n}.db"}
-""" + (f"tasks:{section}\n" if section else "")
+"""
+            + (f"tasks:{section}\n" if section else "")
+            + extra
+        )
 
     def usage_log(self, n: int) -> Path:
         return self.tmp / f"usage-{n}.jsonl"
@@ -272,12 +278,13 @@ state:
         pinned: bool = True,
         tasks: dict[str, object] | None = None,
         state: Path | None = None,
+        extra: str = "",
     ) -> Iterator[Proc]:
         """The gateway as a real process; its access log (stdout) goes to /dev/null.
         `proc.extra["usage_log"]` is its usage ledger."""
         port = procs.free_port()
         cfg = self.tmp / f"gateway-{port}.yaml"
-        cfg.write_text(self.gateway_yaml(port, workers, tasks, state))
+        cfg.write_text(self.gateway_yaml(port, workers, tasks, state, extra))
         usage = self.usage_log(self._n)
         with procs.running(
             "gateway",

@@ -27,6 +27,7 @@ from .idempotency import idempotency
 from .procs import Proc
 from .reconcile import reconciler
 from .redis_topology import redis_topology
+from .storage import storage
 from .usage_report import usage_report
 
 Scenario = Callable[[Bench], ScenarioResult]
@@ -447,4 +448,5 @@ SCENARIOS: dict[str, Scenario] = {
     "usage": usage_report,
     "redis": redis_topology,
     "idempotency": idempotency,
+    "storage": storage,
 }

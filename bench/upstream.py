@@ -14,9 +14,11 @@ Routes (any method):
                           its image URL points at /img/<image-bytes>.png here
         X-Bench-Hold: S   answer after S seconds (the long-generation case)
         X-Bench-Pad: N    answer with a valid JSON body of about N bytes
+        X-Bench-Image: N  its image is a new one each time: /img/<counter>/<N>.png
+                          (image storage keeps each image once, by URL)
     /api/v1/tasks/ID      a SUCCEEDED task (image_count 1) that names ID (an id of
                           letters, digits, `-` and `_`; any other id: `bench-task`)
-    /img/N.png            N bytes starting with the PNG signature
+    /img/N.png            N bytes starting with the PNG signature (also /img/TAG/N.png)
     anything else         404 in DashScope's error shape
 """
 
@@ -96,6 +98,7 @@ class Answers:
         self._padded: dict[int, bytes] = {}
         self._images: dict[int, bytes] = {}
         self._noise = os.urandom(1024 * 1024)
+        self._fresh = 0
 
     def task_answer(self, task_id: bytes) -> bytes:
         if _TASK_ID.fullmatch(task_id) is None:
@@ -116,14 +119,22 @@ class Answers:
             out = self._images[size] = _http("200 OK", body[:size], b"image/png")
         return out
 
-    def answer(self, path: bytes, pad: int) -> bytes:
+    def fresh(self, size: int) -> bytes:
+        """A sync answer whose image URL has never been handed out before."""
+        self._fresh += 1
+        url = self.image_url.rsplit("/", 1)[0] + f"/{self._fresh}/{size}.png"
+        return _http("200 OK", sync_answer(url))
+
+    def answer(self, path: bytes, pad: int, image: int = 0) -> bytes:
         if path.startswith(b"/api/v1/services/"):
+            if image:
+                return self.fresh(image)
             return self.padded(pad) if pad else self.sync
         if path.startswith(b"/api/v1/tasks/"):
             return self.task_answer(path[14:].split(b"?", 1)[0])
         if path.startswith(b"/img/") and path.endswith(b".png"):
             try:
-                size = int(path[5:-4])
+                size = int(path[5:-4].rsplit(b"/", 1)[-1])
             except ValueError:
                 return self.not_found
             return self.image(min(max(size, 8), 256 * 1024 * 1024))
@@ -159,6 +170,7 @@ class _Conn(asyncio.Protocol):
             length = 0
             hold = 0.0
             pad = 0
+            image = 0
             try:
                 for line in lines[1:]:
                     name, _, value = line.partition(b":")
@@ -169,6 +181,8 @@ class _Conn(asyncio.Protocol):
                         hold = float(value)
                     elif name == b"x-bench-pad":
                         pad = int(value)
+                    elif name == b"x-bench-image":
+                        image = int(value)
                     elif name == b"transfer-encoding":
                         raise ValueError("chunked request bodies are not supported")
             except ValueError:
@@ -179,7 +193,7 @@ class _Conn(asyncio.Protocol):
             if len(buf) < end + 4 + length:
                 return
             del buf[: end + 4 + length]
-            answer = self._answers.answer(path, pad)
+            answer = self._answers.answer(path, pad, image)
             if hold > 0:
                 self._loop.call_later(hold, self._send, answer)
             else:

@@ -12,8 +12,11 @@ How a request flows (one straight line, one module per step):
         failover    try candidates by priority/weight; breakers, caps, safe retries
         relay       stream the answer back unchanged while sniffing usage
         metering    usage.image_count -> Meter (metric + listeners); once per task
+        keeping     with `storage:`, after metering: each image fetched into the store
+                    (storage.keeper) and its URL replaced by a signed gateway link
         tasks       who created which task, where (TaskStore)
         state       where tasks and limit counters live: SQLite (local) or Redis
+    GET /images/{name} (fronts.images): the stored copies, by signed link, no bearer key
 
 Pure logic (config parsing, header filtering, usage extraction, error bodies) is
 plain functions over plain values; handlers only wire them to sockets. The

@@ -40,7 +40,7 @@ from proxy.errors import (
     too_large,
     unknown_path,
 )
-from proxy.fronts import aliyun, native, ops
+from proxy.fronts import aliyun, images, native, ops
 from proxy.fronts.openai import images as openai_images
 from proxy.metering import Meter
 from proxy.metrics import Metrics
@@ -59,6 +59,7 @@ from proxy.runtime import (
     RuntimeHolder,
 )
 from proxy.state.backends import open_state
+from proxy.storage.keeper import keeper_ctx
 from proxy.upstream.call import make_session
 from proxy.upstream.health import UPSTREAMS, UpstreamHealth
 from proxy.upstream.relay import ABORTED, ANSWER, AWAITED, answer_lost, lost_reason
@@ -280,9 +281,11 @@ def create_app(
     app.cleanup_ctx.append(limits_ctx)
     app.cleanup_ctx.append(ledger_ctx)
     app.cleanup_ctx.append(reconciler_ctx)  # meters through the ledger: stops first
+    app.cleanup_ctx.append(keeper_ctx)  # app[KEEPER] with `storage:`; uses the session
     native.add_routes(app)
     openai_images.add_routes(app)
     aliyun.add_routes(app)
+    images.add_routes(app)
     ops.add_routes(app)
     return app
 

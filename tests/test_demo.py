@@ -81,6 +81,10 @@ def test_demo_examples_work_when_pasted(demo: tuple[str, str]) -> None:
         )
         assert out.returncode == 0, out.stderr
         assert "http" in out.stdout, out.stdout
+        # Storage is on in the demo: the images are the gateway's own links.
+        link = re.search(r"http://\S+/images/\S+?(?=['\],\s])", out.stdout)
+        assert link and link.group(0).startswith(base + "/images/"), out.stdout
+        assert requests.get(link.group(0), timeout=5).content.startswith(b"\x89PNG")
     metrics = subprocess.run(
         ["bash", "-c", curls[-1]], capture_output=True, text=True, timeout=30
     ).stdout

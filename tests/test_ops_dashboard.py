@@ -81,6 +81,8 @@ def test_dashboard_covers_the_operator_questions() -> None:
         r"dashscope_proxy_config_last_reload_successful",
         r"dashscope_proxy_config_reloads_total",
         r"dashscope_proxy_config_last_reload_success_timestamp_seconds",
+        r"sum by \(backend, reason\) \(rate\(dashscope_proxy_storage_errors_total",
+        r"dashscope_proxy_stored_images_total",
     ]
     for pattern in wanted:
         assert re.search(pattern, exprs), pattern
@@ -101,6 +103,11 @@ def test_every_queried_metric_exists_in_a_live_gateway(launcher: Launcher) -> No
             f"    key: {KEY_A}\n",
             f"    key: {KEY_A}\n    limits: {{requests_per_minute: 1, images_per_day: 100}}\n",
         )
+    )
+    # Storage on, so its series exist (the image row).
+    text += (
+        f"storage:\n  path: {launcher.tmp / 'images'}\n"
+        "  signing_key: dashboard-test-signing-key-01\n"
     )
     launcher.config_path.write_text(text)
     gw = GatewayProcess(launcher.config_path)

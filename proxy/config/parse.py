@@ -43,6 +43,8 @@ from proxy.config.model import (
 from proxy.config.pricing import parse_pricing
 from proxy.config.sections import Problems, Section, interpolate
 from proxy.config.state import parse_state
+from proxy.config.storage import FIELDS as STORAGE_FIELDS
+from proxy.config.storage import parse_storage
 
 # libyaml's safe loader when PyYAML has it: ~10x faster on a config with a
 # thousand keys, which a reload parses while the gateway serves.
@@ -243,7 +245,7 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
         "",
         p,
         {"server", "upstreams", "keys", "models", "state", "openai", "tasks", "pricing"}
-        | {"idempotency"},
+        | {"idempotency", "storage"},
     )
 
     server = _parse_server(root.section("server", set(ServerConfig.__dataclass_fields__)))
@@ -302,6 +304,11 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
     tasks = _parse_tasks(root.section("tasks", set(TasksConfig.__dataclass_fields__)))
     pricing = parse_pricing(root.section("pricing", {"currency", "models"}))
     idempotency = parse_idempotency(root.section("idempotency", IDEMPOTENCY_FIELDS), upstreams)
+    storage = (
+        parse_storage(root.section("storage", STORAGE_FIELDS))
+        if root.data.get("storage") is not None
+        else None
+    )
     if p.items:
         raise ConfigError(p.items)
     return Config(
@@ -314,6 +321,7 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
         openai=openai,
         pricing=pricing,
         idempotency=idempotency,
+        storage=storage,
     )
 
 

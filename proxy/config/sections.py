@@ -14,7 +14,10 @@ from typing import Any
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Fields whose value a problem message must never echo (problems are logged on reload).
-_SECRET_FIELDS = frozenset({"key", "api_key", "password", "sentinel_password"})
+_SECRET_FIELDS = frozenset(
+    {"key", "api_key", "password", "sentinel_password", "signing_key", "secret_access_key"}
+    | {"access_key_id"}
+)
 
 
 class Problems:

@@ -35,6 +35,7 @@ from aiohttp import web
 
 from proxy.config.model import KeyConfig, UpstreamConfig
 from proxy.core.admission import task_created, task_ended
+from proxy.core.keeping import rewriter_for
 from proxy.core.pricing import cost_of
 from proxy.metering import BodyFacts
 from proxy.runtime import METER, METRICS, RUNTIME, TASKS, RequestContext, Runtime
@@ -363,13 +364,19 @@ async def relay_settled(
     model: str,
     call: UpstreamCall,
 ) -> web.StreamResponse:
-    """Relay a service call's answer unchanged, settling it (task, images) before its end."""
+    """Relay a service call's answer unchanged (but for image links, with `storage:`),
+    settling it (task, images) before its end."""
     upstream = call.upstream
 
     async def settled(relayed: Relayed) -> None:
         await settle(request, ctx, key, model, upstream, relayed)
 
     relayed = await relay_response(
-        request, call.response, request.app[METRICS], upstream, settle=settled
+        request,
+        call.response,
+        request.app[METRICS],
+        upstream,
+        settle=settled,
+        rewriter=rewriter_for(request),
     )
     return relayed.response

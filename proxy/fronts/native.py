@@ -31,6 +31,7 @@ from proxy.core.inbound import (
     uses_uploads,
     valid_task_id,
 )
+from proxy.core.keeping import rewriter_for
 from proxy.core.limits import requested_images
 from proxy.core.settlement import origin, relay_settled, settle_task
 from proxy.errors import (
@@ -147,7 +148,12 @@ async def poll_task(
     # Pinned: the task exists only on the upstream that created it.
     async with _task_call(request, upstream, record.task_id) as call:
         return await relay_response(
-            request, call.response, request.app[METRICS], upstream, settle=settled
+            request,
+            call.response,
+            request.app[METRICS],
+            upstream,
+            settle=settled,
+            rewriter=rewriter_for(request),
         )
 
 

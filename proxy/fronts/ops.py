@@ -25,6 +25,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from proxy.jsonutil import dumps
 from proxy.runtime import METRICS, RUNTIME, SESSION, STATE
+from proxy.storage.backend import StorageUnavailable
+from proxy.storage.keeper import KEEPER
 from proxy.upstream.health import UPSTREAMS
 from proxy.upstream.probe import apply, probe_all
 
@@ -53,6 +55,8 @@ def openapi_handler() -> Handler:
 
 
 log = logging.getLogger(__name__)
+# The image store's readiness check: well below a Kubernetes probe's 1 s default.
+STORAGE_CHECK_SECONDS = 0.5
 
 # Route names of this front end (the middleware passes them straight through).
 ROUTES = frozenset({"ops.metrics", "ops.healthz", "ops.readyz"})
@@ -81,12 +85,27 @@ async def readyz(request: web.Request) -> web.Response:
     problems = fatal + [f"upstream {name}: DashScope rejected its API key" for name in rejected]
     degraded = request.app[STATE].problems() if STATE in request.app else []
     degraded += [f"upstream {name}: circuit open" for name in health.open_circuits(upstreams)]
+    degraded += await _storage_problems(request.app)
     body = {
         "status": ("not ready" if fatal else "degraded" if problems or degraded else "ready"),
         "problems": problems,
         "degraded": degraded,
     }
     return web.json_response(body, status=503 if fatal else 200)
+
+
+async def _storage_problems(app: web.Application) -> list[str]:
+    """The image store failing: answers keep DashScope's URLs meanwhile (still serving).
+    Bounded well below a probe's timeout, so a slow store never fails readiness."""
+    keeper = app.get(KEEPER)
+    if keeper is None:
+        return []
+    try:
+        async with asyncio.timeout(STORAGE_CHECK_SECONDS):
+            await keeper.backend.check()
+    except (StorageUnavailable, TimeoutError):
+        return [f"storage ({keeper.backend.kind}): unavailable, images keep DashScope's URLs"]
+    return []
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

@@ -1,7 +1,8 @@
 """`dashscope-proxy demo`: the simulator and the gateway in one process, no account needed.
 
 Starts the bundled DashScope simulator on 127.0.0.1, a gateway in front of it
-with a fresh demo key, and prints examples that work when pasted.
+with a fresh demo key and local image storage (so answers carry the gateway's own
+image links), and prints examples that work when pasted.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ state:
   path: {state}
 openai:
   default_response_format: url
+storage:
+  backend: local
+  path: {images}
+  signing_key: {signing_key}
 """
 
 
@@ -49,6 +54,7 @@ dashscope-proxy demo is running.
   gateway   {base}        (DashScope API at {base}/api/v1, OpenAI API at {base}/v1)
   demo key  {key}
   metrics   {base}/metrics
+  images    kept by the gateway: answers link to {base}/images/...
 
 Try it (paste into another terminal):
 
@@ -101,6 +107,9 @@ async def _run(host: str, port: int, sim_port: int) -> int:
                 key=key,
                 state=Path(tmp) / "state.db",
                 usage=Path(tmp) / "usage.jsonl",
+                images=Path(tmp) / "images",
+                # Per run: the demo's links work while it runs, like its key.
+                signing_key=secrets.token_hex(16),
             ),
             {},
         )

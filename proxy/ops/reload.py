@@ -86,6 +86,7 @@ def restart_required(startup: Config, new: Config) -> list[str]:
             # The URL may carry a password: name the field, not the value.
             shown = "changed" if name in ("url", "password") else f"{before!r} -> {after!r}"
             out.append(f"state.{name}: {shown}")
+    out.extend(_storage_restart(startup, new))
     # The ClientSession lives as long as the app, so in-flight requests keep
     # their connections and new upstreams simply work. Its connector's per-host
     # ceiling is sized once, from the startup config; per-upstream caps below
@@ -97,6 +98,31 @@ def restart_required(startup: Config, new: Config) -> list[str]:
             f"upstreams[].max_connections: raised to {new_cap}, above the connection "
             f"pool's startup ceiling of {old_cap} per host"
         )
+    return out
+
+
+# `storage:` fields the image store is opened with; the link fields (`signing_key`,
+# `public_base_url`, `link_ttl_seconds`, `retention_days`, `max_image_bytes`) apply at once.
+_STORE_FIELDS = ("backend", "path", "bucket", "endpoint_url", "region", "prefix")
+_STORE_SECRETS = ("access_key_id", "secret_access_key")
+
+
+def _storage_restart(startup: Config, new: Config) -> list[str]:
+    old_s, new_s = startup.storage, new.storage
+    if old_s is None and new_s is not None:
+        return ["storage: turned on (images are kept from the next start)"]
+    if old_s is None or new_s is None:
+        return []  # turned off: applies at once, links already handed out keep working
+    out = [
+        f"storage.{name}: {getattr(old_s, name)!r} -> {getattr(new_s, name)!r}"
+        for name in _STORE_FIELDS
+        if getattr(old_s, name) != getattr(new_s, name)
+    ]
+    out += [
+        f"storage.{name}: changed"
+        for name in _STORE_SECRETS
+        if getattr(old_s, name) != getattr(new_s, name)
+    ]
     return out
 
 
@@ -117,7 +143,7 @@ def describe_changes(old: Config, new: Config) -> str:
         parts.append("models changed")
     if old.server != new.server:
         parts.append("server changed")
-    for name in ("openai", "pricing", "tasks"):
+    for name in ("openai", "pricing", "tasks", "storage"):
         if getattr(old, name) != getattr(new, name):
             parts.append(f"{name} changed")
     return "; ".join(parts) or "no effective change"

@@ -13,6 +13,10 @@ generated and the count must not be lost. If DashScope fails mid-relay after
 the response has started, the client connection is closed so the client sees a
 truncated body rather than a "complete" corrupt one.
 
+With `storage:` a 200 answer's images are replaced by the gateway's links after
+settlement, through the `upstream.rewriting.Rewriter` the caller passes: JSON answers
+are then read whole (up to `REWRITE_LIMIT`), SSE events go out in blocks of complete events.
+
 What cannot be counted is counted as such (`answer_lost`): a 2xx generation
 answer or task poll that never arrives whole (read timeout, truncated, not
 JSON, cut at the end of a drain) may hold images DashScope bills, so it grows
@@ -42,6 +46,16 @@ from proxy.metrics import Metrics
 from proxy.runtime import CTX, METER, TASKS
 from proxy.state.tasks import TERMINAL
 from proxy.upstream.call import UpstreamFailure, map_client_error, response_headers
+from proxy.upstream.rewriting import (
+    REWRITE_LIMIT,
+    STORAGE_HEADER,
+    Rewriter,
+    chunks_after,
+    read_upto,
+    rewrite_body,
+    rewrite_event,
+    sse_cut,
+)
 
 log = logging.getLogger(__name__)
 
@@ -174,12 +188,15 @@ async def relay_response(
     upstream: UpstreamConfig,
     extra_headers: dict[str, str] | None = None,
     settle: Settle | None = None,
+    rewriter: Rewriter | None = None,
 ) -> Relayed:
     """Relay `resp` to the client; always releases `resp`.
 
     `settle` (metering, task recording) runs once the upstream body is complete
     and *before* the client receives the end of the response, so a client that
-    has read the whole answer can rely on the count being recorded.
+    has read the whole answer can rely on the count being recorded. `rewriter`
+    (storage) then replaces the images of a 200 answer: JSON answers up to
+    `REWRITE_LIMIT` are read whole for it, SSE events pass through it block by block.
     """
     upstream_rid = resp.headers.get("x-request-id") or resp.headers.get("x-dashscope-request-id")
     try:
@@ -188,9 +205,14 @@ async def relay_response(
             headers.update(extra_headers)
         ctype = resp.headers.get("Content-Type", "")
         length = resp.content_length
-        if "text/event-stream" not in ctype and length is not None and length <= PARSE_LIMIT:
+        rewrite = rewriter if resp.status == 200 else None
+        whole = PARSE_LIMIT if rewrite is None else REWRITE_LIMIT
+        sse = "text/event-stream" in ctype
+        # Storage needs the whole answer: one without a length is read up to the bound.
+        unsized = rewrite is not None and length is None and not sse
+        if not sse and (unsized or (length is not None and length <= whole)):
             try:
-                body = await resp.read()
+                body, done = await read_upto(resp, whole) if unsized else (await resp.read(), True)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 failure = map_client_error(exc)
                 metrics.upstream_errors.labels(upstream.name, failure.kind).inc()
@@ -199,6 +221,22 @@ async def relay_response(
                 else:
                     request[ANSWER] = RECEIVED  # DashScope refused it: no image to count
                 raise failure from None
+            if not done:
+                # Larger than storage can hold whole: relayed as it comes, images unkept.
+                log.warning("an answer without a length is too large to store its images")
+                headers[STORAGE_HEADER] = "degraded"
+                return await _stream(
+                    request,
+                    resp,
+                    headers,
+                    False,
+                    metrics,
+                    upstream,
+                    upstream_rid,
+                    settle,
+                    None,
+                    body,
+                )
             code = _error_code(resp.status, body)
             status, reason = resp.status, resp.reason
             if code:
@@ -218,16 +256,19 @@ async def relay_response(
                 await answer_lost(request, "invalid_json")
             else:
                 request[ANSWER] = RECEIVED
+                if rewrite is not None:
+                    await rewrite_body(rewrite, out, body)
             return relayed
         return await _stream(
             request,
             resp,
             headers,
-            "text/event-stream" in ctype,
+            sse,
             metrics,
             upstream,
             upstream_rid,
             settle,
+            rewrite if sse else None,
         )
     finally:
         resp.release()
@@ -242,6 +283,8 @@ async def _stream(
     upstream: UpstreamConfig,
     upstream_rid: str | None,
     settle: Settle | None,
+    rewriter: Rewriter | None = None,
+    prefix: bytes = b"",
 ) -> Relayed:
     sniffer: SseSniffer | BodySniffer = SseSniffer() if sse else BodySniffer()
     # Keep an error body's first bytes to learn its DashScope code.
@@ -268,15 +311,22 @@ async def _stream(
     hold = out.content_length is not None
     held: bytes | None = None
     capture = request.get(CAPTURE)
+    # With storage, SSE goes out in blocks of complete events, each rewritten.
+    pending = bytearray() if rewriter is not None else None
     try:
         # iter_any: each buffer as the socket delivered it (at most the reader's
         # high-water mark), without iter_chunked's re-slicing and joining.
-        async for chunk in resp.content.iter_any():
+        async for chunk in chunks_after(resp, prefix):
             sniffer.feed(chunk)
             if err_head is not None and len(err_head) < 4096:
                 err_head += chunk[: 4096 - len(err_head)]
             if hold:
                 chunk, held = held or b"", chunk
+            if pending is not None:
+                pending += chunk
+                cut = sse_cut(pending)
+                chunk = await rewrite_event(rewriter, bytes(pending[:cut]))
+                del pending[:cut]
             if capture is not None and chunk:
                 capture.add(chunk)  # what the client gets (or would, were it still there)
             if client_alive and chunk:
@@ -311,16 +361,20 @@ async def _stream(
             await answer_lost(request, "invalid_json")
     if request.get(ANSWER) != LOST:
         request[ANSWER] = RECEIVED
+    # The answer's last bytes: the chunk held back, or SSE's last (unterminated) block.
+    tail = b""
+    if complete:
+        tail = await rewrite_event(rewriter, bytes(pending)) if pending else held or b""
     if capture is not None:
-        if held and complete:
-            capture.add(held)
+        if tail:
+            capture.add(tail)
         await capture.seal(out, complete)
     if failure is not None:
         _abort(request)
     elif client_alive:
         with contextlib.suppress(*_CLIENT_GONE):
-            if held and complete:
-                await out.write(held)
+            if tail:
+                await out.write(tail)
             await out.write_eof()
     return relayed
 

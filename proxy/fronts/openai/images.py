@@ -26,8 +26,10 @@ stands and the client gets an error naming the image it could not get.
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import BodyPartReader, web
@@ -46,6 +48,7 @@ from proxy.core.inbound import (
     valid_task_id,
 )
 from proxy.core.input_limits import check_prompt
+from proxy.core.keeping import keep_images, read_kept, storage_headers
 from proxy.errors import (
     no_upstream,
     too_large,
@@ -87,8 +90,10 @@ _FILE_PARTS = frozenset({"image", "image[]", "mask", "markup"})
 _MAX_FIELD_BYTES = 64 * 1024
 
 
-def _json(body: object, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=dumps(body), content_type="application/json")
+def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=dumps(body), content_type="application/json", headers=headers
+    )
 
 
 # --------------------------------------------------------------------- generations
@@ -150,7 +155,8 @@ async def _generate(
         )
     rt.models.seen_succeeding(req.model)
     ctx.model_label = rt.models.label(req.model)
-    return _json(await _result(request, rt, created, answer, req.response_format))
+    result = await _result(request, rt, created, answer, req.response_format)
+    return _json(result, headers=storage_headers(request))
 
 
 def _meta(req: ImageRequest, created: int, *, sync: bool) -> str:
@@ -172,15 +178,28 @@ def _meta(req: ImageRequest, created: int, *, sync: bool) -> str:
 async def _result(
     request: web.Request, rt: Runtime, created: int, answer: Any, response_format: str
 ) -> dict[str, Any]:
-    """The OpenAI answer for a finished DashScope answer: every image, fetched for b64_json."""
+    """The OpenAI answer for a finished DashScope answer: every image, fetched for b64_json.
+
+    With `storage:` every image is kept first: `url` answers carry the gateway's links,
+    `b64_json` answers are read back from the store (DashScope is fetched once); an
+    image that could not be kept keeps DashScope's URL (or is fetched from it)."""
     images: list[ResultImage] = images_of(answer)
     if not images:
         raise upstream_bad_answer("DashScope reported success but returned no image.", "no_image")
+    kept = await keep_images(request, [i.url for i in images])
     b64 = None
     if response_format == "b64_json":
         config = rt.config
         policy = FetchPolicy.build(config.openai.image_fetch, config.upstreams)
-        b64 = await fetch_all(request.app[SESSION], [i.url for i in images], policy)
+        slots = kept if kept is not None else [None] * len(images)
+        data = [await read_kept(request, k.name, policy.max_bytes) if k else None for k in slots]
+        missing = [i.url for i, d in zip(images, data, strict=True) if d is None]
+        fetched = iter(await fetch_all(request.app[SESSION], missing, policy) if missing else [])
+        b64 = [
+            base64.b64encode(d).decode("ascii") if d is not None else next(fetched) for d in data
+        ]
+    elif kept is not None:
+        images = [replace(i, url=k.link) if k else i for i, k in zip(images, kept, strict=True)]
     return openai_response(created, images, b64, openai_usage(answer, len(images)))
 
 
@@ -218,7 +237,8 @@ async def get_task(request: web.Request) -> web.StreamResponse:
             str(meta.get("response_format", "url")),
         )
         body.update(data=result["data"], usage=result["usage"])
-    elif status in ("FAILED", "CANCELED"):
+        return _json(body, headers=storage_headers(request))
+    if status in ("FAILED", "CANCELED"):
         body["error"] = task_error(answer.body).openai_body()["error"]
     elif status == "UNKNOWN":
         body["error"] = {
