@@ -152,9 +152,11 @@ def scrape(port: int) -> dict[str, float]:
     """The image counter's sum and the reconciler's polls by outcome."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:  # noqa: S310
         text = resp.read().decode()
-    out: dict[str, float] = {"images": 0.0}
+    out: dict[str, float] = {"images": 0.0, "inflight": 0.0}
     for line in text.splitlines():
-        if line.startswith("dashscope_proxy_images_total{"):
+        if line.startswith("dashscope_proxy_inflight_requests{"):
+            out["inflight"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("dashscope_proxy_images_total{"):
             out["images"] += float(line.rsplit(" ", 1)[1])
         elif line.startswith("dashscope_proxy_reconciler_polls_total{"):
             outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
@@ -162,6 +164,24 @@ def scrape(port: int) -> dict[str, float]:
                 line.rsplit(" ", 1)[1]
             )
     return out
+
+
+def settled(port: int, timeout: float = 10.0) -> dict[str, float]:
+    """`scrape` once no request is in flight and the image counter has stopped moving.
+
+    The load generator stops at its deadline with requests still open; the gateway
+    finishes those and meters their images (a billed image counts even when its
+    client has gone), so a baseline taken at once could miss one of them.
+    """
+    deadline = time.monotonic() + timeout
+    last = scrape(port)
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = scrape(port)
+        if not now["inflight"] and now["images"] == last["images"]:
+            return now
+        last = now
+    return last
 
 
 def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
@@ -216,7 +236,7 @@ def reconciler(b: Bench) -> ScenarioResult:
         "(the bench upstream answers SUCCEEDED, 1 image)"
     )
     expected_ids = set(task_ids(n))
-    common = {"reconcile_after_seconds": 0.01}
+    common: dict[str, object] = {"reconcile_after_seconds": 0.01}
     for run in range(b.s.runs):
         # ---- the ceiling, CPU per task, and metering: all n tasks reconciled
         state = b.tmp / f"reconcile-run{run}.db"
@@ -233,7 +253,7 @@ def reconciler(b: Bench) -> ScenarioResult:
                 cpu.add("proxied request", (gw.cpu_seconds() - c0) * 1e6 / r["requests"])
             tail = LedgerTail(Path(str(gw.extra["usage_log"])))
             tail.read()
-            before = scrape(gw.port)
+            before = settled(gw.port)
             c0 = gw.cpu_seconds()
             started = trigger(state)
             tail.wait(n, max(60.0, n / 20), gw)

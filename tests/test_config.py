@@ -151,3 +151,40 @@ def test_cli_check_config_and_hash_key(tmp_path: Path) -> None:
     assert "keys: at least one key is required" in ko.stderr
     h = subprocess.run([*run, "hash-key"], input="team-a-secret\n", capture_output=True, text=True)
     assert h.stdout.strip() == sha256_hex("team-a-secret")
+
+
+# Run as `python -c`: the packages named are made unimportable first, as on a machine
+# installed without their extra.
+WITHOUT = (
+    "import sys\n"
+    "for name in sys.argv[1].split(','):\n"
+    "    sys.modules[name] = None\n"
+    "from proxy.__main__ import main\n"
+    "sys.exit(main(['check-config', sys.argv[2]]))\n"
+)
+
+
+def test_a_backend_whose_extra_is_missing_is_a_config_problem(tmp_path: Path) -> None:
+    path = tmp_path / "extras.yaml"
+    path.write_text(
+        "upstreams: [{name: a, base_url: 'https://h/api/v1', api_key: k}]\n"
+        "keys: [{name: t, key: team-a-secret}]\n"
+        "state: {backend: redis, url: 'redis://127.0.0.1:6379/0'}\n"
+        "storage: {backend: s3, bucket: images, signing_key: 0123456789abcdef}\n"
+    )
+    run = [sys.executable, "-c", WITHOUT]
+    missing = subprocess.run([*run, "aiobotocore,redis", str(path)], capture_output=True, text=True)
+    assert missing.returncode == 1, missing.stdout
+    assert (
+        "state.backend: redis needs redis, which is not installed: "
+        "pip install 'dashscope-proxy[redis]'" in missing.stderr
+    )
+    assert (
+        "storage.backend: s3 needs aiobotocore, which is not installed: "
+        "pip install 'dashscope-proxy[s3]'" in missing.stderr
+    )
+    assert "2 problem(s)" in missing.stderr
+    # The same file, with both extras installed (as the test extra does), is fine.
+    installed = subprocess.run([*run, "none", str(path)], capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr
+    assert "state backend redis" in installed.stdout

@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from proxy.config.extras import missing_extra
 from proxy.config.model import StateConfig
 from proxy.config.sections import Section
 
@@ -34,6 +35,8 @@ def parse_state(s: Section) -> StateConfig:
     url = s.text("url")
     sentinels = _sentinels(s)
     master = s.text("sentinel_master")
+    if backend == "redis" and (missing := missing_extra(backend)):
+        s.p.add(s.loc("backend"), missing)
     if backend == "redis" and not url and not sentinels:
         s.p.add(s.loc("url"), "is required with backend: redis (or sentinels)")
     if url and sentinels:

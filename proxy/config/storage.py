@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from proxy.config.extras import missing_extra
 from proxy.config.model import StorageConfig
 from proxy.config.sections import Section
 
@@ -31,6 +32,8 @@ def parse_storage(s: Section) -> StorageConfig:
     backend = s.text("backend", d.backend)
     if backend not in BACKENDS:
         s.p.add(s.loc("backend"), f"must be local or s3, got {backend!r}")
+    if backend == "s3" and (missing := missing_extra(backend)):
+        s.p.add(s.loc("backend"), missing)
     path = s.text("path", d.path)
     if backend == "local" and not path:
         s.p.add(s.loc("path"), "must be a directory path")
