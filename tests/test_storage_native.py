@@ -227,3 +227,60 @@ def test_a_large_inline_answer_is_read_whole_and_rewritten(gw: Gateway, images_d
     assert requests.get(url, timeout=5).content.startswith(b"\x89PNG")
     assert len(stored_files(images_dir)) == 1
     assert gw.images("team-a", "qwen-image-2.0") == 1
+
+
+def test_an_idempotent_replay_hands_out_the_stored_links(
+    gw: Gateway, sim: Live, images_dir: Path
+) -> None:
+    path = "/api/v1/services/aigc/multimodal-generation/generation"
+    body = {
+        "model": "qwen-image-2.0",
+        "input": {"messages": msgs("a kept answer")},
+        "parameters": {"n": 2},
+    }
+    headers = {"Authorization": f"Bearer {KEY_A}", "Idempotency-Key": "stored-once"}
+    first = requests.post(gw.url + path, json=body, headers=headers, timeout=10)
+    assert first.status_code == 200, first.text
+    urls = [c["message"]["content"][0]["image"] for c in first.json()["output"]["choices"]]
+    assert all(is_link(gw, u) for u in urls), urls
+    fetched = image_fetches(sim)
+    expire_originals(sim)  # DashScope's URLs are dead; only the stored copies remain
+    again = requests.post(gw.url + path, json=body, headers=headers, timeout=10)
+    assert again.status_code == 200 and again.headers["Idempotency-Replayed"] == "true"
+    assert again.content == first.content  # the kept answer is the one with our links
+    for url in urls:
+        got = requests.get(url, timeout=5)
+        assert got.status_code == 200 and got.content.startswith(b"\x89PNG")
+    assert image_fetches(sim) == fetched  # the replay stored nothing again
+    assert stored(gw) == 2 and len(stored_files(images_dir)) == 2
+    assert gw.images("team-a", "qwen-image-2.0") == 2  # counted once
+
+
+def test_an_idempotent_stream_replay_carries_the_stored_links(gw: Gateway, sim: Live) -> None:
+    def stream() -> list[str]:
+        chunks = list(
+            ImageGeneration.call(
+                model="wan2.6-image",
+                messages=[Message(role="user", content=[{"text": "a kept stream"}])],
+                stream=True,
+                enable_interleave=True,
+                max_images=2,
+                size="1280*1280",
+                headers={"Idempotency-Key": "stored-stream"},
+            )
+        )
+        assert all(c.status_code == 200 for c in chunks), chunks
+        return [
+            item["image"]
+            for c in chunks
+            for choice in c.output.choices or []
+            for item in choice.message.content or []
+            if isinstance(item, dict) and item.get("image")
+        ]
+
+    first = stream()
+    assert len(first) == 2 and all(is_link(gw, u) for u in first), first
+    expire_originals(sim)
+    assert stream() == first  # the kept stream is the rewritten one
+    assert all(requests.get(u, timeout=5).content.startswith(b"\x89PNG") for u in first)
+    assert gw.images("team-a", "wan2.6-image") == 2
