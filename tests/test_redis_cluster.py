@@ -95,6 +95,14 @@ def test_two_gateways_share_a_cluster_every_key_in_one_slot(
         assert node.hget(f"{CLUSTER_PREFIX}task:{lone}", "status") == "SUCCEEDED"
         time.sleep(0.6)  # another reconciler pass: still counted once
         assert images(gws, "team-c", "wan2.6-t2i") == 1
+        # An Idempotency-Key answered through gw1 is replayed by gw2, not run again.
+        keyed = {"Idempotency-Key": "cluster-once"}
+        first = post(gw1, body(n=2), C, **keyed)
+        again = post(gw2, body(n=2), C, **keyed)
+        assert first.status_code == 200 and "Idempotency-Replayed" not in first.headers
+        assert again.headers.get("Idempotency-Replayed") == "true", again.text
+        assert again.content == first.content
+        assert images(gws, "team-c", "qwen-image-2.0") == 2
         for gw in gws:
             assert requests.get(gw.url + "/readyz", timeout=5).json()["degraded"] == []
     finally:
@@ -104,7 +112,7 @@ def test_two_gateways_share_a_cluster_every_key_in_one_slot(
         assert_no_secret(gw.log_path.read_text())
     keys = recorder.keys()
     kinds = {k.removeprefix(CLUSTER_PREFIX).split(":")[0] for k in keys}
-    assert {"task", "tasks", "metered", "reconcile", "rpm", "conc", "used"} <= kinds, kinds
+    assert {"task", "tasks", "metered", "reconcile", "rpm", "conc", "used", "idem"} <= kinds, kinds
     assert all(k.startswith(CLUSTER_PREFIX) for k in keys), sorted(keys)
     node = redis_cluster.client()
     slots = {int(node.execute_command("CLUSTER", "KEYSLOT", k)) for k in keys}
