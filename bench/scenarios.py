@@ -262,7 +262,13 @@ def b64(b: Bench) -> ScenarioResult:
         mbps = res.metric(
             "throughput", "MB/s", target="(info) vs reference relaying a body of the same size"
         )
-        cpu = res.metric("CPU per response", "ms", higher_is_better=False)
+        cpu = res.metric(
+            "CPU per response",
+            "ms",
+            higher_is_better=False,
+            target="<= 1.5x reference",
+            check=lambda _v, r: r is not None and r <= 1.5,
+        )
         ref_req = sync_request(**{"X-Bench-Pad": str(size - 200)})
         with b.reference() as ref:
             b.warm(ref.port, [ref_req], connections=2)

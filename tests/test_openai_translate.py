@@ -4,6 +4,8 @@ image fetcher against a small real server (redirects, size cap, timeout)."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 from typing import Any
 
 import aiohttp
@@ -23,6 +25,7 @@ from proxy.fronts.openai.translate import (
     images_of,
     parse_request,
 )
+from proxy.jsonutil import base64_string, dumps, loads
 from proxy.upstream.fetch import FetchPolicy, fetch_all
 from tests.openai_helpers import png
 from tests.support import LoopThread
@@ -256,17 +259,16 @@ def test_fetcher_against_a_real_server(loop_thread: LoopThread) -> None:
     live = loop_thread.serve(app)
     policy = FetchPolicy(("127.0.0.1",), 100_000, 0.5)
 
-    async def run(paths: list[str], pol: FetchPolicy = policy) -> list[str] | GatewayError:
+    async def run(paths: list[str], pol: FetchPolicy = policy) -> list[object] | GatewayError:
         async with aiohttp.ClientSession() as session:
             try:
                 return await fetch_all(session, [live.url + p for p in paths], pol)
             except GatewayError as err:
                 return err
 
-    import base64
-
     got = loop_thread.run(run(["/ok", "/hop"]))
-    assert isinstance(got, list) and [base64.b64decode(g) for g in got] == [image, image]
+    assert isinstance(got, list)
+    assert [base64.b64decode(g, validate=True) for g in loads(dumps(got))] == [image, image]
     for paths, reason in (
         (["/ok", "/away"], "data[1] (2 of 2) for b64_json: host 'localhost'"),
         (["/loop"], "more than 3 redirects"),
@@ -280,3 +282,13 @@ def test_fetcher_against_a_real_server(loop_thread: LoopThread) -> None:
     err = loop_thread.run(run(["/ok"], small))
     assert isinstance(err, GatewayError) and "larger than 100 bytes" in err.message
     loop_thread.stop(live)
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 1000, 3 * 1024 * 1024 + 1])
+def test_base64_string_is_the_standard_encoding_inside_the_answer(size: int) -> None:
+    data = os.urandom(size)
+    answer = dumps({"data": [{"b64_json": base64_string(data), "revised_prompt": 'é\n"'}]})
+    item = loads(answer)["data"][0]
+    assert item["b64_json"] == base64.b64encode(data).decode("ascii")
+    assert base64.b64decode(item["b64_json"], validate=True) == data
+    assert item["revised_prompt"] == 'é\n"'

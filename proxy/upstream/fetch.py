@@ -23,7 +23,6 @@ metering (the images were generated and billed before any fetch).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -37,6 +36,7 @@ from yarl import URL
 
 from proxy.config.model import ImageFetchConfig, UpstreamConfig
 from proxy.errors import fetch_error
+from proxy.jsonutil import base64_string
 
 # DashScope serves result images directly; a short chain covers CDN hops.
 MAX_REDIRECTS = 3
@@ -84,18 +84,19 @@ class FetchFailed(Exception):
 
 async def fetch_all(
     session: aiohttp.ClientSession, urls: Sequence[str], policy: FetchPolicy
-) -> list[str]:
-    """Every image as base64, in order; a GatewayError naming the first image that failed."""
+) -> list[object]:
+    """Every image as a base64 JSON string value (`jsonutil.base64_string`), in order; a
+    GatewayError naming the first image that failed."""
     results = await asyncio.gather(
         *(_fetch(session, url, policy) for url in urls), return_exceptions=True
     )
-    out: list[str] = []
+    out: list[object] = []
     for i, result in enumerate(results):
         if isinstance(result, FetchFailed):
             raise fetch_error(i, len(urls), str(result))
         if isinstance(result, BaseException):
             raise result
-        out.append(base64.b64encode(result).decode("ascii"))
+        out.append(base64_string(result))
     return out
 
 

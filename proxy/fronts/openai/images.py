@@ -26,7 +26,6 @@ stands and the client gets an error naming the image it could not get.
 
 from __future__ import annotations
 
-import base64
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -70,7 +69,7 @@ from proxy.fronts.openai.translate import (
     parse_request,
     task_object,
 )
-from proxy.jsonutil import dumps, loads
+from proxy.jsonutil import base64_string, dumps, loads
 from proxy.runtime import (
     SESSION,
     TASKS,
@@ -195,9 +194,7 @@ async def _result(
         data = [await read_kept(request, k.name, policy.max_bytes) if k else None for k in slots]
         missing = [i.url for i, d in zip(images, data, strict=True) if d is None]
         fetched = iter(await fetch_all(request.app[SESSION], missing, policy) if missing else [])
-        b64 = [
-            base64.b64encode(d).decode("ascii") if d is not None else next(fetched) for d in data
-        ]
+        b64 = [base64_string(d) if d is not None else next(fetched) for d in data]
     elif kept is not None:
         images = [replace(i, url=k.link) if k else i for i, k in zip(images, kept, strict=True)]
     return openai_response(created, images, b64, openai_usage(answer, len(images)))

@@ -277,12 +277,13 @@ def openai_usage(body: Any, images: int) -> dict[str, Any]:
 
 
 def openai_response(
-    created: int, images: list[ResultImage], b64: list[str] | None, usage: dict[str, Any]
+    created: int, images: list[ResultImage], b64: list[object] | None, usage: dict[str, Any]
 ) -> dict[str, Any]:
-    """`{"created", "data", "usage"}`; `b64` holds the fetched images for `b64_json`."""
-    data: list[dict[str, str]] = []
+    """`{"created", "data", "usage"}`; `b64` holds the fetched images for `b64_json`, as
+    JSON string values (`jsonutil.base64_string`)."""
+    data: list[dict[str, object]] = []
     for i, image in enumerate(images):
-        item = {"b64_json": b64[i]} if b64 is not None else {"url": image.url}
+        item: dict[str, object] = {"b64_json": b64[i]} if b64 is not None else {"url": image.url}
         if image.revised_prompt:
             item["revised_prompt"] = image.revised_prompt
         data.append(item)
