@@ -22,6 +22,7 @@ from proxy.metering import PARSE_LIMIT, BodySniffer, UsageEvent, facts_from_byte
 from proxy.metrics import Metrics
 from proxy.ops.accesslog import AccessLog, rfc3339
 from proxy.ops.ledger import UsageLedger
+from proxy.state.limiter import day_period, month_period
 
 
 @settings(max_examples=60, deadline=None)
@@ -173,3 +174,17 @@ async def test_ledger_to_a_pipe_goes_through_the_thread_in_batches(tmp_path: Pat
     reader.join(5)
     ids = [json.loads(line)["request_id"] for line in bytes(received).splitlines()]
     assert ids == [f"req-{i:05d}" for i in range(300)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ts=st.one_of(
+        st.floats(-2e9, 4e9, allow_nan=False),
+        # Either side of a UTC midnight, and a month's first second.
+        st.integers(-20_000, 40_000).map(lambda d: d * 86400.0),
+        st.integers(-20_000, 40_000).map(lambda d: d * 86400.0 - 0.001),
+    )
+)
+def test_cached_periods_are_the_utc_day_and_month(ts: float) -> None:
+    assert day_period(ts) == time.strftime("%Y%m%d", time.gmtime(ts))
+    assert month_period(ts) == time.strftime("%Y%m", time.gmtime(ts))

@@ -36,6 +36,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Protocol
 
 from proxy.config.model import LimitsConfig
@@ -51,14 +52,22 @@ RPM, CONCURRENCY = "requests_per_minute", "concurrent_requests"
 IMAGES_DAY, IMAGES_MONTH = "images_per_day", "images_per_month"
 
 
+@lru_cache(maxsize=64)
+def _periods(day_index: int) -> tuple[str, str]:
+    """The UTC day and month of day number `day_index` since the epoch (POSIX time has
+    no leap seconds: every UTC day is 86,400 of its seconds)."""
+    t = time.gmtime(day_index * 86400)
+    return time.strftime("%Y%m%d", t), time.strftime("%Y%m", t)
+
+
 def day_period(ts: float) -> str:
     """`20250131`: the UTC day a timestamp falls in."""
-    return time.strftime("%Y%m%d", time.gmtime(ts))
+    return _periods(math.floor(ts / 86400))[0]
 
 
 def month_period(ts: float) -> str:
     """`202501`: the UTC month a timestamp falls in."""
-    return time.strftime("%Y%m", time.gmtime(ts))
+    return _periods(math.floor(ts / 86400))[1]
 
 
 def seconds_to_next_day(ts: float) -> int:
