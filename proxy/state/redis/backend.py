@@ -36,6 +36,7 @@ from proxy.state.tasks import TERMINAL
 log = logging.getLogger(__name__)
 
 PUSH_BATCH = 200  # spooled rows handed to Redis per pipeline
+PUSH_ROUNDS = 3  # extra pushes of what was spooled during the push, before Redis is used again
 
 
 class RedisState(StateBackend):
@@ -152,17 +153,31 @@ class RedisState(StateBackend):
         return tasks.spooled or bool(tasks.unfinished) or self.redis_limiter.spooled
 
     async def reconcile(self) -> None:
-        """Write what was kept locally to Redis, then use Redis again. Raises on failure."""
-        await self.push_tasks()
-        await self.redis_limiter.push_spool()
+        """Write what was kept locally to Redis, then use Redis again. Raises on failure.
+
+        Requests keep spooling while the push runs (Redis is still marked down), and a
+        task in this replica's spool is one other replicas cannot see: so the spool is
+        pushed again (a few rounds) before Redis is used again, and what was spooled
+        during the last round is pushed at once after, not a monitor tick later."""
+        await self._push_spool()
         if not self._up:
+            for _ in range(PUSH_ROUNDS):
+                if not self.spool_pending:
+                    break
+                await self._push_spool()
             outage = time.time() - (self._down_since or time.time())
             log.warning("redis reachable again after %.0fs: local state reconciled", outage)
             self._up = True
             self._down_since = None
             self.recovered_at = time.monotonic()
             self.metrics.state_backend_up.set(1)
-        # Rows spooled while we pushed are picked up on the next monitor tick.
+            if self.spool_pending:
+                await self._push_spool()
+        # Anything still spooled (a claim left unfinished) is retried on the next tick.
+
+    async def _push_spool(self) -> None:
+        await self.push_tasks()
+        await self.redis_limiter.push_spool()
 
     # ------------------------------------------------------------- the handover
 
