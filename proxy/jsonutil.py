@@ -23,6 +23,9 @@ try:
 except ImportError:  # pragma: no cover - exercised when the [fast] extra is absent
     import base64 as _base64  # type: ignore[no-redef]
 
+# orjson's already-serialised value (orjson >= 3.9.8), or None: then a str is returned.
+_FRAGMENT = getattr(orjson, "Fragment", None)
+
 JSONDecodeError = ValueError  # both json.JSONDecodeError and orjson.JSONDecodeError subclass it
 
 
@@ -35,9 +38,8 @@ def dumps(obj: Any) -> bytes:
 def base64_string(data: bytes) -> object:
     """`data` as a base64 JSON string value, for an answer `dumps` writes."""
     text = _base64.b64encode(data)
-    fragment = getattr(orjson, "Fragment", None)
-    if fragment is not None:
-        return fragment(b'"' + text + b'"')
+    if _FRAGMENT is not None:
+        return _FRAGMENT(b'"' + text + b'"')
     return text.decode("ascii")
 
 

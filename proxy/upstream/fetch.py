@@ -36,7 +36,6 @@ from yarl import URL
 
 from proxy.config.model import ImageFetchConfig, UpstreamConfig
 from proxy.errors import fetch_error
-from proxy.jsonutil import base64_string
 
 # DashScope serves result images directly; a short chain covers CDN hops.
 MAX_REDIRECTS = 3
@@ -84,19 +83,18 @@ class FetchFailed(Exception):
 
 async def fetch_all(
     session: aiohttp.ClientSession, urls: Sequence[str], policy: FetchPolicy
-) -> list[object]:
-    """Every image as a base64 JSON string value (`jsonutil.base64_string`), in order; a
-    GatewayError naming the first image that failed."""
+) -> list[bytes]:
+    """Every image's bytes, in order; a GatewayError naming the first image that failed."""
     results = await asyncio.gather(
         *(_fetch(session, url, policy) for url in urls), return_exceptions=True
     )
-    out: list[object] = []
+    out: list[bytes] = []
     for i, result in enumerate(results):
         if isinstance(result, FetchFailed):
             raise fetch_error(i, len(urls), str(result))
         if isinstance(result, BaseException):
             raise result
-        out.append(base64_string(result))
+        out.append(result)
     return out
 
 

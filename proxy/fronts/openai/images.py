@@ -194,7 +194,7 @@ async def _result(
         data = [await read_kept(request, k.name, policy.max_bytes) if k else None for k in slots]
         missing = [i.url for i, d in zip(images, data, strict=True) if d is None]
         fetched = iter(await fetch_all(request.app[SESSION], missing, policy) if missing else [])
-        b64 = [base64_string(d) if d is not None else next(fetched) for d in data]
+        b64 = [base64_string(d if d is not None else next(fetched)) for d in data]
     elif kept is not None:
         images = [replace(i, url=k.link) if k else i for i, k in zip(images, kept, strict=True)]
     return openai_response(created, images, b64, openai_usage(answer, len(images)))
