@@ -65,7 +65,7 @@ def rps(b: Bench) -> ScenarioResult:
         "requests/s @64",
         "req/s",
         target=">= 1.0x reference",
-        check=lambda v, r: r is not None and r >= 1.0,
+        check=_ratio_ge(1.0),
     )
     cpu = res.metric("CPU per request", "us", higher_is_better=False)
     fresh = res.metric(
@@ -73,7 +73,7 @@ def rps(b: Bench) -> ScenarioResult:
         "us",
         higher_is_better=False,
         target="<= 1.1x reference",
-        check=lambda v, r: r is not None and r <= 1.1,
+        check=_ratio_le(1.1),
     )
     with _proxies(b) as targets:
         ports = {"direct": b.upstream_port} | {k: p.port for k, p in targets.items()}
@@ -136,6 +136,16 @@ def _le(limit: float) -> Callable[[float, float | None], bool]:
     return lambda v, _r: v <= limit
 
 
+def _ratio_le(limit: float) -> Callable[[float, float | None], bool]:
+    """Met when the ratio to the same run's reference is at most `limit`."""
+    return lambda _v, r: r is not None and r <= limit
+
+
+def _ratio_ge(limit: float) -> Callable[[float, float | None], bool]:
+    """Met when the ratio to the same run's reference is at least `limit`."""
+    return lambda _v, r: r is not None and r >= limit
+
+
 # --------------------------------------------------------------------------- hold
 
 
@@ -152,7 +162,7 @@ def hold(b: Bench) -> ScenarioResult:
         "KB",
         higher_is_better=False,
         target="<= 1.0x reference",
-        check=lambda _v, r: r is not None and r <= 1.0,
+        check=_ratio_le(1.0),
     )
     req = sync_request(**{"X-Bench-Hold": f"{seconds:g}"})
     starts: dict[str, Callable[[], contextlib.AbstractContextManager[Proc]]] = {
@@ -196,7 +206,7 @@ def relay(b: Bench) -> ScenarioResult:
         "throughput",
         "MB/s",
         target=">= 0.9x reference",
-        check=lambda _v, r: r is not None and r >= 0.9,
+        check=_ratio_ge(0.9),
     )
     cpu = res.metric(
         "CPU per response", "ms", higher_is_better=False, target="<= 20 ms", check=_le(20.0)
@@ -267,7 +277,7 @@ def b64(b: Bench) -> ScenarioResult:
             "ms",
             higher_is_better=False,
             target="<= 1.5x reference",
-            check=lambda _v, r: r is not None and r <= 1.5,
+            check=_ratio_le(1.5),
         )
         ref_req = sync_request(**{"X-Bench-Pad": str(size - 200)})
         with b.reference() as ref:
@@ -389,7 +399,7 @@ def workers(b: Bench) -> ScenarioResult:
             "req/s",
             ratio_to="workers=1",
             target=">= 1.7x workers=1",
-            check=lambda _v, r: r is not None and r >= 1.7,
+            check=_ratio_ge(1.7),
         )
         eff = res.metric("requests per gateway CPU-second", "req", ratio_to="workers=1")
         with b.gateway(workers=1, pinned=False) as gw1:

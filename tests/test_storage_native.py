@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import dashscope
 import pytest
@@ -140,15 +141,18 @@ def test_task_polls_share_one_object_and_are_resigned(
     assert requests.get(first, timeout=5).content == requests.get(second, timeout=5).content
 
 
-def test_sse_events_carry_links(gw: Gateway) -> None:
+def stream_images(text: str, **headers: str) -> tuple[list[Any], list[str]]:
+    """An interleaved wan2.6-image stream of two images through the DashScope SDK: its
+    chunks (each asserted 200) and the image URLs they carry, in order."""
     chunks = list(
         ImageGeneration.call(
             model="wan2.6-image",
-            messages=[Message(role="user", content=[{"text": "a tutorial"}])],
+            messages=[Message(role="user", content=[{"text": text}])],
             stream=True,
             enable_interleave=True,
             max_images=2,
             size="1280*1280",
+            headers=headers,
         )
     )
     assert all(c.status_code == 200 for c in chunks), chunks
@@ -159,6 +163,11 @@ def test_sse_events_carry_links(gw: Gateway) -> None:
         for item in choice.message.content or []
         if isinstance(item, dict) and item.get("image")
     ]
+    return chunks, images
+
+
+def test_sse_events_carry_links(gw: Gateway) -> None:
+    chunks, images = stream_images("a tutorial")
     assert len(images) == 2, chunks
     assert all(is_link(gw, u) for u in images), images
     assert chunks[-1].usage["image_count"] == 2
@@ -258,25 +267,7 @@ def test_an_idempotent_replay_hands_out_the_stored_links(
 
 def test_an_idempotent_stream_replay_carries_the_stored_links(gw: Gateway, sim: Live) -> None:
     def stream() -> list[str]:
-        chunks = list(
-            ImageGeneration.call(
-                model="wan2.6-image",
-                messages=[Message(role="user", content=[{"text": "a kept stream"}])],
-                stream=True,
-                enable_interleave=True,
-                max_images=2,
-                size="1280*1280",
-                headers={"Idempotency-Key": "stored-stream"},
-            )
-        )
-        assert all(c.status_code == 200 for c in chunks), chunks
-        return [
-            item["image"]
-            for c in chunks
-            for choice in c.output.choices or []
-            for item in choice.message.content or []
-            if isinstance(item, dict) and item.get("image")
-        ]
+        return stream_images("a kept stream", **{"Idempotency-Key": "stored-stream"})[1]
 
     first = stream()
     assert len(first) == 2 and all(is_link(gw, u) for u in first), first

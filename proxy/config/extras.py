@@ -15,7 +15,8 @@ EXTRAS = {"redis": ("redis", "redis"), "s3": ("aiobotocore", "s3")}
 
 
 def missing_extra(backend: str) -> str | None:
-    """A problem message when `backend` needs a package that is not installed."""
+    """A problem message when `backend` needs a package that is not installed (None for
+    a built-in backend, or an unknown one: that is its own problem)."""
     if backend not in EXTRAS:
         return None
     package, extra = EXTRAS[backend]

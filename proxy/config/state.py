@@ -35,7 +35,7 @@ def parse_state(s: Section) -> StateConfig:
     url = s.text("url")
     sentinels = _sentinels(s)
     master = s.text("sentinel_master")
-    if backend == "redis" and (missing := missing_extra(backend)):
+    if missing := missing_extra(backend):
         s.p.add(s.loc("backend"), missing)
     if backend == "redis" and not url and not sentinels:
         s.p.add(s.loc("url"), "is required with backend: redis (or sentinels)")

@@ -32,7 +32,7 @@ def parse_storage(s: Section) -> StorageConfig:
     backend = s.text("backend", d.backend)
     if backend not in BACKENDS:
         s.p.add(s.loc("backend"), f"must be local or s3, got {backend!r}")
-    if backend == "s3" and (missing := missing_extra(backend)):
+    if missing := missing_extra(backend):
         s.p.add(s.loc("backend"), missing)
     path = s.text("path", d.path)
     if backend == "local" and not path:
