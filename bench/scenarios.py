@@ -64,16 +64,14 @@ def rps(b: Bench) -> ScenarioResult:
     m = res.metric(
         "requests/s @64",
         "req/s",
-        target=">= 1.0x reference",
-        check=_ratio_ge(1.0),
+        **ratio_at_least(1.0),
     )
     cpu = res.metric("CPU per request", "us", higher_is_better=False)
     fresh = res.metric(
         "CPU per request, new connection",
         "us",
         higher_is_better=False,
-        target="<= 1.1x reference",
-        check=_ratio_le(1.1),
+        **ratio_at_most(1.1),
     )
     with _proxies(b) as targets:
         ports = {"direct": b.upstream_port} | {k: p.port for k, p in targets.items()}
@@ -136,14 +134,20 @@ def _le(limit: float) -> Callable[[float, float | None], bool]:
     return lambda v, _r: v <= limit
 
 
-def _ratio_le(limit: float) -> Callable[[float, float | None], bool]:
-    """Met when the ratio to the same run's reference is at most `limit`."""
-    return lambda _v, r: r is not None and r <= limit
+def ratio_at_most(limit: float, of: str = "reference") -> dict[str, Any]:
+    """A metric's `target` and `check`: the ratio to `of` (same run) at most `limit`."""
+    return {
+        "target": f"<= {limit:.1f}x {of}",
+        "check": lambda _v, r: r is not None and r <= limit,
+    }
 
 
-def _ratio_ge(limit: float) -> Callable[[float, float | None], bool]:
-    """Met when the ratio to the same run's reference is at least `limit`."""
-    return lambda _v, r: r is not None and r >= limit
+def ratio_at_least(limit: float, of: str = "reference") -> dict[str, Any]:
+    """A metric's `target` and `check`: the ratio to `of` (same run) at least `limit`."""
+    return {
+        "target": f">= {limit:.1f}x {of}",
+        "check": lambda _v, r: r is not None and r >= limit,
+    }
 
 
 # --------------------------------------------------------------------------- hold
@@ -161,8 +165,7 @@ def hold(b: Bench) -> ScenarioResult:
         "memory per in-flight request",
         "KB",
         higher_is_better=False,
-        target="<= 1.0x reference",
-        check=_ratio_le(1.0),
+        **ratio_at_most(1.0),
     )
     req = sync_request(**{"X-Bench-Hold": f"{seconds:g}"})
     starts: dict[str, Callable[[], contextlib.AbstractContextManager[Proc]]] = {
@@ -205,8 +208,7 @@ def relay(b: Bench) -> ScenarioResult:
     mbps = res.metric(
         "throughput",
         "MB/s",
-        target=">= 0.9x reference",
-        check=_ratio_ge(0.9),
+        **ratio_at_least(0.9),
     )
     cpu = res.metric(
         "CPU per response", "ms", higher_is_better=False, target="<= 20 ms", check=_le(20.0)
@@ -276,8 +278,7 @@ def b64(b: Bench) -> ScenarioResult:
             "CPU per response",
             "ms",
             higher_is_better=False,
-            target="<= 1.5x reference",
-            check=_ratio_le(1.5),
+            **ratio_at_most(1.5),
         )
         ref_req = sync_request(**{"X-Bench-Pad": str(size - 200)})
         with b.reference() as ref:
@@ -398,8 +399,7 @@ def workers(b: Bench) -> ScenarioResult:
             "requests/s @128",
             "req/s",
             ratio_to="workers=1",
-            target=">= 1.7x workers=1",
-            check=_ratio_ge(1.7),
+            **ratio_at_least(1.7, "workers=1"),
         )
         eff = res.metric("requests per gateway CPU-second", "req", ratio_to="workers=1")
         with b.gateway(workers=1, pinned=False) as gw1:
