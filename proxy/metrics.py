@@ -194,6 +194,7 @@ class Metrics:
         self._cost_children: dict[tuple[str, str, str], Counter] = {}
         self._inflight_children: dict[str, Gauge] = {}
         self._upstream_children: dict[tuple[str, str], Histogram] = {}
+        self._remaining_children: dict[tuple[str, str], Gauge] = {}
         # Resilience (proxy.upstream.failover, proxy.core.limits, proxy.state.local). Every label
         # comes from the config (upstream and key names) or a closed set.
         self.upstream_up = Gauge(
@@ -352,6 +353,13 @@ class Metrics:
         g = self._inflight_children.get(route)
         if g is None:
             g = self._inflight_children[route] = self.inflight.labels(route)
+        return g
+
+    def remaining_gauge(self, key: str, window: str) -> Gauge:
+        """The `quota_remaining` child, cached (set on every admitted and metered request)."""
+        g = self._remaining_children.get((key, window))
+        if g is None:
+            g = self._remaining_children[(key, window)] = self.quota_remaining.labels(key, window)
         return g
 
     def upstream_timer(self, upstream: str, endpoint: str) -> Histogram:

@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from proxy.metering import PARSE_LIMIT, BodySniffer, UsageEvent, facts_from_byte
 from proxy.metrics import Metrics
 from proxy.ops.accesslog import AccessLog, rfc3339
 from proxy.ops.ledger import UsageLedger
+from proxy.runtime import RequestContext
 from proxy.state.limiter import day_period, month_period
 
 
@@ -69,11 +71,23 @@ def test_body_sniffer_agrees_with_a_full_parse(
     )
 
 
-def test_access_log_timestamp_cache_matches_rfc3339() -> None:
-    log = AccessLog(io.BytesIO())
+def test_the_cached_rfc3339_formats_like_strftime() -> None:
     now = time.time()
-    for ts in (now, now + 0.9996, now + 1, 0.0, 1.5, 1763780000.0004):
-        assert log._ts(ts) == rfc3339(ts)
+    # Repeats, neighbours and out-of-order seconds all go through the per-second cache.
+    stamps = [now, now + 0.9996, now + 1, 0.0, 1.5, 1763780000.0004, now, now - 3600.25, now + 1]
+    for ts in stamps:
+        whole = int(ts)
+        want = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        assert rfc3339(ts) == f"{want}.{min(int((ts - whole) * 1000), 999):03d}Z"
+
+
+def test_the_access_log_line_carries_an_rfc3339_timestamp() -> None:
+    out = io.BytesIO()
+    before = time.time()
+    AccessLog(out).write(RequestContext(request_id="r", route="x"), "POST", 200, 0.01, False)
+    ts = json.loads(out.getvalue())["ts"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", ts)
+    assert rfc3339(before)[:19] <= ts[:19] <= rfc3339(time.time())[:19]
 
 
 def test_keyring_memoised_allowlist_answers_like_the_globs() -> None:

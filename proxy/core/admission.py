@@ -71,15 +71,15 @@ async def admit(request: web.Request, key: KeyConfig, *, model: str, images: int
     for: its highest price is what a spend limit reserves per image.
     """
     limits = key.limits
-    caps = spend_caps(limits)
-    if not has_limits(limits) and caps is None:
+    caps, limited = spend_caps(limits), has_limits(limits)
+    if not limited and caps is None:
         return
     app = request.app
     ctx = request[CTX]
     limiter = app[STATE].limiter
     metrics = app[METRICS]
     name, token, now = key.name, ctx.request_id, time.time()
-    if has_limits(limits):
+    if limited:
         reserve = images if has_quota(limits) else 0
         decision = await limiter.admit(name, limits, token, reserve, now)
         set_remaining(metrics, name, limits, decision.used_day, decision.used_month)
@@ -132,9 +132,9 @@ def set_remaining(
     metrics: Metrics, key: str, limits: LimitsConfig, used_day: int, used_month: int
 ) -> None:
     if limits.images_per_day is not None:
-        metrics.quota_remaining.labels(key, DAY).set(max(0, limits.images_per_day - used_day))
+        metrics.remaining_gauge(key, DAY).set(max(0, limits.images_per_day - used_day))
     if limits.images_per_month is not None:
-        metrics.quota_remaining.labels(key, MONTH).set(max(0, limits.images_per_month - used_month))
+        metrics.remaining_gauge(key, MONTH).set(max(0, limits.images_per_month - used_month))
 
 
 def usage_listener(app: web.Application) -> UsageListener:

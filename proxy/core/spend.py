@@ -18,6 +18,7 @@ Pure functions only; `proxy.core.admission` applies them.
 
 from __future__ import annotations
 
+import functools
 import math
 
 from proxy.config.model import LimitsConfig
@@ -38,8 +39,10 @@ def spend_key(key: str) -> str:
     return key + ":spend"
 
 
+@functools.lru_cache(maxsize=1024)
 def spend_caps(limits: LimitsConfig) -> LimitsConfig | None:
-    """Pure: the spend limits as limiter caps in nano-units, or None without any."""
+    """Pure: the spend limits as limiter caps in nano-units, or None without any.
+    (Memoised: asked on every request and every metered image.)"""
     if limits.spend_per_day is None and limits.spend_per_month is None:
         return None
     return LimitsConfig(

@@ -25,6 +25,7 @@ one `write` so lines of several workers sharing stdout do not interleave.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -41,8 +42,14 @@ log = logging.getLogger(__name__)
 def rfc3339(ts: float) -> str:
     """`2026-11-22T02:50:46.123Z` for a Unix time."""
     whole = int(ts)
-    millis = min(int((ts - whole) * 1000), 999)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+    return f"{_date_time(whole)}.{min(int((ts - whole) * 1000), 999):03d}Z"
+
+
+@functools.lru_cache(maxsize=8)
+def _date_time(whole: int) -> str:
+    """The date-time part of `rfc3339`, formatted once per second rather than per line
+    (lines of one second share it; a few recent seconds are kept for out-of-order ones)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
 
 
 class AccessLog:
@@ -51,23 +58,12 @@ class AccessLog:
     def __init__(self, stream: IO[bytes]) -> None:
         self._stream = stream
         self._pid = os.getpid()
-        # rfc3339's date-time part, formatted once per second rather than per line.
-        self._second = -1
-        self._prefix = ""
-
-    def _ts(self, now: float) -> str:
-        """`rfc3339(now)`, with the strftime cached for the current second."""
-        whole = int(now)
-        if whole != self._second:
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-            self._second = whole
-        return f"{self._prefix}.{min(int((now - whole) * 1000), 999):03d}Z"
 
     def write(
         self, ctx: RequestContext, method: str, status: int, seconds: float, log_prompts: bool
     ) -> None:
         line: dict[str, Any] = {
-            "ts": self._ts(time.time()),
+            "ts": rfc3339(time.time()),
             "request_id": ctx.request_id,
             "dashscope_request_id": ctx.upstream_request_id,
             "key": ctx.key,

@@ -62,12 +62,12 @@ def _periods(day_index: int) -> tuple[str, str]:
 
 def day_period(ts: float) -> str:
     """`20250131`: the UTC day a timestamp falls in."""
-    return _periods(math.floor(ts / 86400))[0]
+    return _periods(math.floor(ts) // 86400)[0]
 
 
 def month_period(ts: float) -> str:
     """`202501`: the UTC month a timestamp falls in."""
-    return _periods(math.floor(ts / 86400))[1]
+    return _periods(math.floor(ts) // 86400)[1]
 
 
 def seconds_to_next_day(ts: float) -> int:
@@ -80,7 +80,9 @@ def seconds_to_next_month(ts: float) -> int:
     return max(1, math.ceil(calendar.timegm((year, month, 1, 0, 0, 0)) - ts))
 
 
+@lru_cache(maxsize=1024)
 def has_limits(limits: LimitsConfig) -> bool:
+    """Does `limits` set any request or image limit? (Memoised: asked on every request.)"""
     return any(
         v is not None
         for v in (
