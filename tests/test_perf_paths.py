@@ -25,6 +25,7 @@ from proxy.ops.accesslog import AccessLog, rfc3339
 from proxy.ops.ledger import UsageLedger
 from proxy.runtime import RequestContext
 from proxy.state.limiter import day_period, month_period
+from proxy.state.local import LocalStore, PersistedLimiter, current_periods
 
 
 @settings(max_examples=60, deadline=None)
@@ -202,3 +203,37 @@ async def test_ledger_to_a_pipe_goes_through_the_thread_in_batches(tmp_path: Pat
 def test_cached_periods_are_the_utc_day_and_month(ts: float) -> None:
     assert day_period(ts) == time.strftime("%Y%m%d", time.gmtime(ts))
     assert month_period(ts) == time.strftime("%Y%m", time.gmtime(ts))
+
+
+class _TimedStore(LocalStore):
+    """The real store; remembers when each batch of quota usage went to SQLite."""
+
+    writes: list[float]
+
+    async def add_usage_rows(self, usage: dict[tuple[str, str], int]) -> None:
+        self.writes.append(time.monotonic())
+        await super().add_usage_rows(usage)
+
+
+async def test_quota_usage_is_written_in_batches_under_steady_metering(tmp_path: Path) -> None:
+    """Steady metering for 1 s with a 0.1 s linger: one write per linger (each write
+    lingers first, not only the first one), and every image on disk at the end."""
+    store = _TimedStore(str(tmp_path / "state.db"))
+    store.writes = []
+    await store.open()
+    limiter = PersistedLimiter(store)
+    limiter.FLUSH_LINGER_SECONDS = 0.1
+    try:
+        start, images = time.monotonic(), 0
+        while time.monotonic() - start < 1.0:
+            await limiter.record_usage("k", 1, [f"r{images}"], time.time())
+            images += 1
+            await asyncio.sleep(0.0005)
+        await limiter.close()
+        day = current_periods(time.time())[0]
+        assert (await store.load_usage([day]))[("k", day)] == images
+        gaps = [b - a for a, b in zip(store.writes, store.writes[1:], strict=False)]
+        assert 5 <= len(store.writes) <= 13, (len(store.writes), images)
+        assert min(gaps[:-1]) >= 0.09, gaps  # the last one is close()'s, at once
+    finally:
+        await store.close()

@@ -296,9 +296,15 @@ class PersistedLimiter(LocalLimiter):
         return used
 
     async def _flush(self) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), self.FLUSH_LINGER_SECONDS)
-        while self._pending:
+        # Linger before *every* write, not only the first: what is metered while a
+        # write is on the thread waits for the next batch instead of being written at
+        # once, so a busy gateway writes about 1 / FLUSH_LINGER_SECONDS transactions a
+        # second rather than one per thread round trip.
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.FLUSH_LINGER_SECONDS)
+            if not self._pending:
+                return
             batch, self._pending = self._pending, {}
             try:
                 await self._store.add_usage_rows(batch)
