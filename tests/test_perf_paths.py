@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 import os
 import re
 import threading
@@ -17,14 +18,14 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from proxy.auth import KeyRing
-from proxy.config import KeyConfig, sha256_hex
+from proxy.config import KeyConfig, LimitsConfig, sha256_hex
 from proxy.errors import GatewayError
 from proxy.metering import PARSE_LIMIT, BodySniffer, UsageEvent, facts_from_bytes
 from proxy.metrics import Metrics
 from proxy.ops.accesslog import AccessLog, rfc3339
 from proxy.ops.ledger import UsageLedger
 from proxy.runtime import RequestContext
-from proxy.state.limiter import day_period, month_period
+from proxy.state.limiter import TASK_HOLD_SECONDS, LocalLimiter, day_period, month_period
 from proxy.state.local import LocalStore, PersistedLimiter, current_periods
 
 
@@ -237,3 +238,55 @@ async def test_quota_usage_is_written_in_batches_under_steady_metering(tmp_path:
         assert min(gaps[:-1]) >= 0.09, gaps  # the last one is close()'s, at once
     finally:
         await store.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["admit", "release", "hold", "settle", "usage", "wait"]),
+            st.integers(0, 30),  # which request / task
+            st.integers(1, 4),  # images
+        ),
+        max_size=120,
+    )
+)
+def test_the_reserved_sum_is_what_a_scan_of_the_reservations_gives(
+    ops: list[tuple[str, int, int]],
+) -> None:
+    """The limiter keeps the reserved images as a running sum with expiring task holds;
+    after any sequence of admissions, releases, task holds (which lapse after
+    TASK_HOLD_SECONDS), settlements and metered usage it equals summing what a plain
+    dict of live reservations holds, as every admission sees it."""
+    limits = LimitsConfig(images_per_day=10**9)
+    lim = LocalLimiter()
+    model: dict[str, tuple[int, float]] = {}  # token -> (images, expiry)
+    now = 1_800_000_000.0
+
+    def live() -> int:
+        return sum(n for n, exp in model.values() if exp > now)
+
+    for op, i, images in ops:
+        token, task = f"r{i}", f"t:task{i}"
+        if op == "admit":
+            decision = lim.admit_now("k", limits, token, images, now)
+            assert decision.allowed and decision.reserved == live()
+            model[token] = (images, math.inf)
+        elif op == "release":
+            lim.release("k", token)
+            model.pop(token, None)
+        elif op == "hold":
+            lim.hold_now("k", token, f"task{i}", now)
+            held = model.pop(token, None)
+            if held is not None:
+                model[task] = (held[0], now + TASK_HOLD_SECONDS)
+        elif op == "settle":
+            asyncio.run(lim.settle_task("k", f"task{i}"))
+            model.pop(task, None)
+        elif op == "usage":
+            lim.add_usage("k", images, [token, task], now)
+            model.pop(token, None)
+            model.pop(task, None)
+        else:
+            now += TASK_HOLD_SECONDS * images / 3
+        assert lim.reserved_now("k", now) == live()

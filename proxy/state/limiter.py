@@ -31,6 +31,7 @@ request plumbing (`proxy.core.admission`).
 from __future__ import annotations
 
 import calendar
+import heapq
 import math
 import time
 from collections import deque
@@ -177,12 +178,58 @@ class Limiter(Protocol):
         """Images used this UTC day and month."""
 
 
+class Reservations:
+    """Images reserved per token (a request in flight, or `t:<task id>` for a task),
+    each with an expiry (request-scoped ones never expire: they are released).
+
+    Admission reads the sum on every request, so the sum is kept as reservations come
+    and go, and task holds expire through a heap: O(log n) per change, not a scan of
+    every request and task in flight (thousands of held requests or outstanding tasks).
+    """
+
+    __slots__ = ("_expiring", "_held", "total")
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[int, float]] = {}
+        self._expiring: list[tuple[float, str]] = []  # (expiry, token); may hold stale ones
+        self.total = 0
+
+    def add(self, token: str, images: int, expiry: float = math.inf) -> None:
+        self.pop(token)
+        self._held[token] = (images, expiry)
+        self.total += images
+        if expiry != math.inf:
+            heapq.heappush(self._expiring, (expiry, token))
+            if len(self._expiring) > 2 * len(self._held) + 64:
+                # Mostly entries of holds already settled: rebuild from what is held.
+                self._expiring = [(e, t) for t, (_, e) in self._held.items() if e != math.inf]
+                heapq.heapify(self._expiring)
+
+    def pop(self, token: str) -> tuple[int, float] | None:
+        held = self._held.pop(token, None)
+        if held is not None:
+            self.total -= held[0]
+        return held
+
+    def sum_at(self, now: float) -> int:
+        """Images reserved at `now`, expired holds dropped."""
+        heap = self._expiring
+        while heap and heap[0][0] <= now:
+            expiry, token = heapq.heappop(heap)
+            held = self._held.get(token)
+            if held is not None and held[1] == expiry:
+                self.pop(token)
+        return self.total
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
 @dataclass(slots=True)
 class _KeyState:
     recent: deque[float] = field(default_factory=deque)  # admission times, last minute
     inflight: set[str] = field(default_factory=set)  # request tokens
-    # token -> (images, expiry); request-scoped tokens never expire (released).
-    reserved: dict[str, tuple[int, float]] = field(default_factory=dict)
+    reserved: Reservations = field(default_factory=Reservations)
 
 
 class LocalLimiter:
@@ -206,11 +253,7 @@ class LocalLimiter:
         )
 
     def reserved_now(self, key: str, now: float) -> int:
-        st = self._state(key)
-        expired = [t for t, (_, exp) in st.reserved.items() if exp <= now]
-        for t in expired:
-            del st.reserved[t]
-        return sum(n for n, _ in st.reserved.values())
+        return self._state(key).reserved.sum_at(now)
 
     def admit_now(
         self, key: str, limits: LimitsConfig, token: str, images: int, now: float
@@ -235,7 +278,7 @@ class LocalLimiter:
                 st.recent.append(now)
             st.inflight.add(token)
             if images and has_quota(limits):
-                st.reserved[token] = (images, math.inf)
+                st.reserved.add(token, images)
         return decision
 
     async def admit(
@@ -246,26 +289,26 @@ class LocalLimiter:
     def release(self, key: str, token: str) -> None:
         st = self._state(key)
         st.inflight.discard(token)
-        st.reserved.pop(token, None)
+        st.reserved.pop(token)
 
     def hold_now(self, key: str, token: str, task_id: str, now: float) -> None:
         st = self._state(key)
-        held = st.reserved.pop(token, None)
+        held = st.reserved.pop(token)
         if held is not None:
-            st.reserved["t:" + task_id] = (held[0], now + TASK_HOLD_SECONDS)
+            st.reserved.add("t:" + task_id, held[0], now + TASK_HOLD_SECONDS)
 
     async def hold_for_task(self, key: str, token: str, task_id: str, now: float) -> None:
         self.hold_now(key, token, task_id, now)
 
     async def settle_task(self, key: str, task_id: str) -> None:
-        self._state(key).reserved.pop("t:" + task_id, None)
+        self._state(key).reserved.pop("t:" + task_id)
 
     def add_usage(
         self, key: str, images: int, tokens: Iterable[str], now: float
     ) -> tuple[int, int]:
         st = self._state(key)
         for t in tokens:
-            st.reserved.pop(t, None)
+            st.reserved.pop(t)
         for period in ("d:" + day_period(now), "m:" + month_period(now)):
             self.used[(key, period)] = self.used.get((key, period), 0) + images
         return self.used_now(key, now)
