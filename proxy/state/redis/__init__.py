@@ -11,7 +11,9 @@ made by `common.Keys`, the connection by `connect`):
   `d` + the claim; `dsp:pending` (sorted set by claim time) lists the pending
   ones, so a claim whose owner died before counting it is finished elsewhere.
 - `dsp:rpm:<key>` (admission times), `dsp:conc:<key>` (in-flight leases),
-  `dsp:resv:<key>` + `dsp:resvn:<key>` (image reservations) and
+  `dsp:resv:<key>` (reservation expiries) + `dsp:resvs:<key>` (images reserved, and
+  their running sum in field `#`; `dsp:resvn:<key>`: the same without a sum, as written
+  before it, read while it drains) and
   `dsp:used:<key>:d:<YYYYMMDD>` / `:m:<YYYYMM>` (images used, UTC): per-key
   limits. Admission is one Lua script (check every limit, then record), so
   concurrent requests on several replicas cannot both take the last slot.

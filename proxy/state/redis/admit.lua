@@ -1,4 +1,7 @@
--- KEYS: rpm, conc, resv, resvn, used_d, used_m
+-- KEYS: rpm, conc, resv, resvn, used_d, used_m, resvs
+--   resvs: token -> images reserved, and their sum in field '#' (kept by every script that
+--   changes it, so admission reads one field); resvn: the same without a sum, as gateways
+--   before the sum wrote it (read while it drains, during and after a rolling update)
 -- ARGV: rpm_limit, conc_limit, day_limit, month_limit (-1: none), images, token,
 --       lease_ms, window_ms, hold_ms
 -- -> {code (0 admitted, else _LIMIT_CODES), now_ms, recent, oldest_ms, inflight,
@@ -15,6 +18,14 @@ local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
 if #expired > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
   redis.call('HDEL', KEYS[4], unpack(expired))
+  local freed = 0
+  for _, v in ipairs(redis.call('HMGET', KEYS[7], unpack(expired))) do
+    if v then freed = freed + tonumber(v) end
+  end
+  if freed > 0 then
+    redis.call('HDEL', KEYS[7], unpack(expired))
+    redis.call('HINCRBY', KEYS[7], '#', -freed)
+  end
 end
 local recent = redis.call('ZCARD', KEYS[1])
 local oldest = -1
@@ -22,8 +33,10 @@ if recent > 0 then oldest = tonumber(redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSC
 local inflight = redis.call('ZCARD', KEYS[2])
 local used_d = tonumber(redis.call('GET', KEYS[5]) or '0')
 local used_m = tonumber(redis.call('GET', KEYS[6]) or '0')
-local reserved = 0
-for _, v in ipairs(redis.call('HVALS', KEYS[4])) do reserved = reserved + tonumber(v) end
+local reserved = tonumber(redis.call('HGET', KEYS[7], '#') or '0')
+if redis.call('HLEN', KEYS[4]) > 0 then
+  for _, v in ipairs(redis.call('HVALS', KEYS[4])) do reserved = reserved + tonumber(v) end
+end
 local code = 0
 if rpm_limit >= 0 and recent >= rpm_limit then code = 1
 elseif conc_limit >= 0 and inflight >= conc_limit then code = 2
@@ -39,9 +52,11 @@ if code == 0 then
   redis.call('PEXPIRE', KEYS[2], lease)
   if images > 0 and (day_limit >= 0 or month_limit >= 0) then
     redis.call('ZADD', KEYS[3], now + lease, token)
-    redis.call('HSET', KEYS[4], token, images)
+    local prior = tonumber(redis.call('HGET', KEYS[7], token) or '0')
+    redis.call('HSET', KEYS[7], token, images)
+    redis.call('HINCRBY', KEYS[7], '#', images - prior)
     redis.call('PEXPIRE', KEYS[3], hold)
-    redis.call('PEXPIRE', KEYS[4], hold)
+    redis.call('PEXPIRE', KEYS[7], hold)
   end
 end
 return {code, now, recent, oldest, inflight, used_d, used_m, reserved}

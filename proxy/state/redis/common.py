@@ -93,10 +93,17 @@ class Keys:
         """The claim of `task_id` and the set of pending claims."""
         return [self.metered(task_id), self.pending]
 
-    def limits(self, key: str) -> tuple[str, str, str, str]:
-        """A key's admission times, in-flight leases, reservations and reserved counts."""
+    def limits(self, key: str) -> tuple[str, str, str, str, str]:
+        """A key's admission times, in-flight leases, reservation expiries, reserved counts
+        written before their running sum (drained), and reserved counts with their sum."""
         p = self.prefix
-        return f"{p}rpm:{key}", f"{p}conc:{key}", f"{p}resv:{key}", f"{p}resvn:{key}"
+        return (
+            f"{p}rpm:{key}",
+            f"{p}conc:{key}",
+            f"{p}resv:{key}",
+            f"{p}resvn:{key}",
+            f"{p}resvs:{key}",
+        )
 
     def used(self, key: str, period: str) -> str:
         """Images a key used in `period` (`d:<YYYYMMDD>` or `m:<YYYYMM>`, UTC)."""

@@ -38,7 +38,8 @@ class RedisLimiter:
         self._orphans: set[tuple[str, str]] = set()
         self.spooled = False
 
-    def _keys(self, key: str) -> tuple[str, str, str, str]:
+    def _keys(self, key: str) -> tuple[str, str, str, str, str]:
+        """rpm, conc, resv, resvn, resvs (see `Keys.limits` and admit.lua)."""
         return self._s.keys.limits(key)
 
     def _used_keys(self, key: str, now: float) -> tuple[str, str]:
@@ -52,10 +53,11 @@ class RedisLimiter:
             return -1 if v is None else v
 
         reserve = images if has_quota(limits) else 0
+        *limit_keys, sums = self._keys(key)
         script = self._s.scripts["admit"]
         result = await self._s.call(
             lambda: script(
-                keys=[*self._keys(key), *self._used_keys(key, now)],
+                keys=[*limit_keys, *self._used_keys(key, now), sums],
                 args=[
                     arg(limits.requests_per_minute),
                     arg(limits.concurrent_requests),
@@ -110,9 +112,8 @@ class RedisLimiter:
         self._s.spawn(self._release_remote(key, [token]))
 
     async def _release_remote(self, key: str, tokens: list[str]) -> None:
-        conc, resv, resvn = self._keys(key)[1:]
         script = self._s.scripts["release"]
-        done = await self._s.call(lambda: script(keys=[conc, resv, resvn], args=tokens))
+        done = await self._s.call(lambda: script(keys=list(self._keys(key)[1:]), args=tokens))
         if done is None:
             self._orphans.update((key, t) for t in tokens)
 
@@ -120,27 +121,26 @@ class RedisLimiter:
         if token in self._local_tokens:
             self.local.hold_now(key, token, task_id, now)
             return
-        _, _, resv, resvn = self._keys(key)
         script = self._s.scripts["hold"]
         await self._s.call(
-            lambda: script(keys=[resv, resvn], args=[token, "t:" + task_id, _ms(TASK_HOLD_SECONDS)])
+            lambda: script(
+                keys=list(self._keys(key)[2:]), args=[token, "t:" + task_id, _ms(TASK_HOLD_SECONDS)]
+            )
         )
 
     async def settle_task(self, key: str, task_id: str) -> None:
         await self.local.settle_task(key, task_id)
-        conc, resv, resvn = self._keys(key)[1:]
         script = self._s.scripts["release"]
-        await self._s.call(lambda: script(keys=[conc, resv, resvn], args=["t:" + task_id]))
+        await self._s.call(lambda: script(keys=list(self._keys(key)[1:]), args=["t:" + task_id]))
 
     async def record_usage(
         self, key: str, images: int, tokens: Iterable[str], now: float
     ) -> tuple[int, int]:
         toks = list(tokens)
-        _, _, resv, resvn = self._keys(key)
         script = self._s.scripts["usage"]
         result = await self._s.call(
             lambda: script(
-                keys=[*self._used_keys(key, now), resv, resvn],
+                keys=[*self._used_keys(key, now), *self._keys(key)[2:]],
                 args=[images, DAY_TTL, MONTH_TTL, *toks],
             )
         )
@@ -185,8 +185,7 @@ class RedisLimiter:
                 by_key.setdefault(key, []).append(token)
             script = self._s.scripts["release"]
             for key, tokens in by_key.items():
-                conc, resv, resvn = self._keys(key)[1:]
-                await script(keys=[conc, resv, resvn], args=tokens)
+                await script(keys=list(self._keys(key)[1:]), args=tokens)
             self._orphans.clear()
         # Cleared before the drain: usage spooled while this push runs sets it again, so
         # the next monitor tick pushes it (cleared after, it would be stranded).
