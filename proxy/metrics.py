@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Generic, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -30,6 +31,7 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from proxy import __version__
@@ -188,13 +190,6 @@ class Metrics:
             "Usage ledger lines that could not be written (the image metric still counted them).",
             registry=registry,
         )
-        self._req_children: dict[tuple[str, str, str, str], Counter] = {}
-        self._dur_children: dict[tuple[str, str], Histogram] = {}
-        self._img_children: dict[tuple[str, str], Counter] = {}
-        self._cost_children: dict[tuple[str, str, str], Counter] = {}
-        self._inflight_children: dict[str, Gauge] = {}
-        self._upstream_children: dict[tuple[str, str], Histogram] = {}
-        self._remaining_children: dict[tuple[str, str], Gauge] = {}
         # Resilience (proxy.upstream.failover, proxy.core.limits, proxy.state.local). Every label
         # comes from the config (upstream and key names) or a closed set.
         self.upstream_up = Gauge(
@@ -296,6 +291,14 @@ class Metrics:
             registry=registry,
         )
         self.state_backend_up.set(1)
+        # The children the request path touches, cached per label values.
+        self._requests_of = Children(self.requests)
+        self._durations_of = Children(self.request_duration)
+        self.image_counter = Children(self.images)
+        self.cost_counter = Children(self.cost)
+        self.inflight_gauge = Children(self.inflight)
+        self.remaining_gauge = Children(self.quota_remaining)
+        self.upstream_timer = Children(self.upstream_duration)
 
     def config_loaded(self, when: float) -> None:
         """A config was loaded (at startup) or reloaded successfully at `when`."""
@@ -317,28 +320,8 @@ class Metrics:
                 self.image_counter(key, model)
 
     def count_request(self, route: str, key: str, model: str, code: int, seconds: float) -> None:
-        k = (route, key, model, str(code))
-        child = self._req_children.get(k)
-        if child is None:
-            child = self._req_children[k] = self.requests.labels(*k)
-        child.inc()
-        d = self._dur_children.get((route, model))
-        if d is None:
-            d = self._dur_children[(route, model)] = self.request_duration.labels(route, model)
-        d.observe(seconds)
-
-    def image_counter(self, key: str, model: str) -> Counter:
-        c = self._img_children.get((key, model))
-        if c is None:
-            c = self._img_children[(key, model)] = self.images.labels(key, model)
-        return c
-
-    def cost_counter(self, key: str, model: str, currency: str) -> Counter:
-        k = (key, model, currency)
-        c = self._cost_children.get(k)
-        if c is None:
-            c = self._cost_children[k] = self.cost.labels(*k)
-        return c
+        self._requests_of(route, key, model, str(code)).inc()
+        self._durations_of(route, model).observe(seconds)
 
     def precreate_cost(
         self, key_names: Iterable[str], models: Iterable[str], currency: str
@@ -349,27 +332,25 @@ class Metrics:
             for model in wanted:
                 self.cost_counter(key, model, currency)
 
-    def inflight_gauge(self, route: str) -> Gauge:
-        g = self._inflight_children.get(route)
-        if g is None:
-            g = self._inflight_children[route] = self.inflight.labels(route)
-        return g
 
-    def remaining_gauge(self, key: str, window: str) -> Gauge:
-        """The `quota_remaining` child, cached (set on every admitted and metered request)."""
-        g = self._remaining_children.get((key, window))
-        if g is None:
-            g = self._remaining_children[(key, window)] = self.quota_remaining.labels(key, window)
-        return g
+M = TypeVar("M", bound=MetricWrapperBase)
 
-    def upstream_timer(self, upstream: str, endpoint: str) -> Histogram:
-        """The `upstream_duration` child, cached (labels() validates on every call)."""
-        h = self._upstream_children.get((upstream, endpoint))
-        if h is None:
-            h = self._upstream_children[(upstream, endpoint)] = self.upstream_duration.labels(
-                upstream, endpoint
-            )
-        return h
+
+class Children(Generic[M]):
+    """A labelled metric's children, cached per label values: `labels()` validates and
+    looks its arguments up on every call, and the request path asks several per request."""
+
+    __slots__ = ("_cache", "_metric")
+
+    def __init__(self, metric: M) -> None:
+        self._metric = metric
+        self._cache: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *labels: str) -> M:
+        child = self._cache.get(labels)
+        if child is None:
+            child = self._cache[labels] = self._metric.labels(*labels)
+        return child
 
 
 class BoundedCodes:

@@ -221,9 +221,6 @@ class Reservations:
                 self.pop(token)
         return self.total
 
-    def __len__(self) -> int:
-        return len(self._held)
-
 
 @dataclass(slots=True)
 class _KeyState:

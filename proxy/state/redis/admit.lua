@@ -1,4 +1,4 @@
--- KEYS: rpm, conc, resv, resvn, used_d, used_m, resvs
+-- KEYS: rpm, conc, resv, resvn, resvs, used_d, used_m
 --   resvs: token -> images reserved, and their sum in field '#' (kept by every script that
 --   changes it, so admission reads one field); resvn: the same without a sum, as gateways
 --   before the sum wrote it (read while it drains, during and after a rolling update)
@@ -19,21 +19,21 @@ if #expired > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
   redis.call('HDEL', KEYS[4], unpack(expired))
   local freed = 0
-  for _, v in ipairs(redis.call('HMGET', KEYS[7], unpack(expired))) do
+  for _, v in ipairs(redis.call('HMGET', KEYS[5], unpack(expired))) do
     if v then freed = freed + tonumber(v) end
   end
   if freed > 0 then
-    redis.call('HDEL', KEYS[7], unpack(expired))
-    redis.call('HINCRBY', KEYS[7], '#', -freed)
+    redis.call('HDEL', KEYS[5], unpack(expired))
+    redis.call('HINCRBY', KEYS[5], '#', -freed)
   end
 end
 local recent = redis.call('ZCARD', KEYS[1])
 local oldest = -1
 if recent > 0 then oldest = tonumber(redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]) end
 local inflight = redis.call('ZCARD', KEYS[2])
-local used_d = tonumber(redis.call('GET', KEYS[5]) or '0')
-local used_m = tonumber(redis.call('GET', KEYS[6]) or '0')
-local reserved = tonumber(redis.call('HGET', KEYS[7], '#') or '0')
+local used_d = tonumber(redis.call('GET', KEYS[6]) or '0')
+local used_m = tonumber(redis.call('GET', KEYS[7]) or '0')
+local reserved = tonumber(redis.call('HGET', KEYS[5], '#') or '0')
 if redis.call('HLEN', KEYS[4]) > 0 then
   for _, v in ipairs(redis.call('HVALS', KEYS[4])) do reserved = reserved + tonumber(v) end
 end
@@ -52,11 +52,11 @@ if code == 0 then
   redis.call('PEXPIRE', KEYS[2], lease)
   if images > 0 and (day_limit >= 0 or month_limit >= 0) then
     redis.call('ZADD', KEYS[3], now + lease, token)
-    local prior = tonumber(redis.call('HGET', KEYS[7], token) or '0')
-    redis.call('HSET', KEYS[7], token, images)
-    redis.call('HINCRBY', KEYS[7], '#', images - prior)
+    local prior = tonumber(redis.call('HGET', KEYS[5], token) or '0')
+    redis.call('HSET', KEYS[5], token, images)
+    redis.call('HINCRBY', KEYS[5], '#', images - prior)
     redis.call('PEXPIRE', KEYS[3], hold)
-    redis.call('PEXPIRE', KEYS[7], hold)
+    redis.call('PEXPIRE', KEYS[5], hold)
   end
 end
 return {code, now, recent, oldest, inflight, used_d, used_m, reserved}

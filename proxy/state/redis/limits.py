@@ -53,11 +53,10 @@ class RedisLimiter:
             return -1 if v is None else v
 
         reserve = images if has_quota(limits) else 0
-        *limit_keys, sums = self._keys(key)
         script = self._s.scripts["admit"]
         result = await self._s.call(
             lambda: script(
-                keys=[*limit_keys, *self._used_keys(key, now), sums],
+                keys=[*self._keys(key), *self._used_keys(key, now)],
                 args=[
                     arg(limits.requests_per_minute),
                     arg(limits.concurrent_requests),
