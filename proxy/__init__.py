@@ -2,8 +2,8 @@
 
 How a request flows (one straight line, one module per step):
 
-    __main__  -> server (loop, socket, signals) -> app (routes, the one middleware)
-    middleware: request id, in-flight gauge, error rendering (errors), metrics, access log
+    __main__  -> server (loop, socket, signals) -> app (routes, the request pipeline)
+    pipeline:   request id, in-flight gauge, error rendering (errors), metrics, access log
     handler (native | openai | aliyun):
         auth        bearer key -> configured key (constant time), model allowlist
         inbound     bounded body read, JSON, model (input_limits: prompt and header caps)

@@ -1,8 +1,9 @@
-"""create_app(config): routes, the one middleware, and the lifecycles of shared resources.
+"""create_app(config): routes, the request pipeline, and the lifecycles of shared resources.
 
-The middleware is the only place that renders errors (in the caller's
-dialect, and only before a response has started), counts requests, tracks
-in-flight requests and writes the access line. Shared resources are created
+The pipeline (`pipeline`, around every API route's handler) is the only place
+that renders errors (in the caller's dialect, and only before a response has
+started), counts requests, tracks in-flight requests and writes the access
+line. Shared resources are created
 in cleanup contexts and closed after `yield`, in reverse order.
 
 `Activity` is what the drain (proxy.ops.server) waits on: the requests in
@@ -20,7 +21,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import IO, Any
 
 from aiohttp import web
@@ -54,7 +55,9 @@ from proxy.runtime import (
     SESSION,
     STATE,
     TASKS,
+    Handler,
     RequestContext,
+    Routes,
     Runtime,
     RuntimeHolder,
 )
@@ -66,7 +69,6 @@ from proxy.upstream.relay import ABORTED, ANSWER, AWAITED, answer_lost, lost_rea
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
 
 
@@ -171,80 +173,86 @@ def new_request_id() -> str:
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
-@web.middleware
-async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    route = request.match_info.route.name or "unmatched"
-    app = request.app
-    if route in ops.ROUTES:
-        if route == "ops.metrics":
-            app[ACTIVITY].scraped()
-        return await handler(request)
-    ctx = RequestContext(request_id=new_request_id(), route=route)
-    request[CTX] = ctx
-    metrics = app[METRICS]
-    gauge = metrics.inflight_gauge(route)
-    gauge.inc()
-    activity = app[ACTIVITY]
-    task = asyncio.current_task()
-    if task is not None:
-        activity.begin(task)
-    status = 500
-    try:
-        try:
-            response = await handler(request)
-        except GatewayError as exc:
-            ctx.error_code = ctx.error_code or exc.code
-            reason = lost_reason(exc)
-            if reason is not None:
-                # Failed after it was sent (no answer, or none whole): DashScope may
-                # have generated images. Once per request (the relay may have already).
-                await answer_lost(request, reason)
-            response = render_error(exc, dialect_for(route, request.path), ctx.request_id)
-        except web.HTTPException as exc:
-            if isinstance(exc, web.HTTPMethodNotAllowed) and request.method == "OPTIONS":
-                # RFC 9110: OPTIONS describes what the path takes, and is no error.
-                allow = ", ".join(sorted({*exc.allowed_methods, "OPTIONS"}))
-                response = web.Response(status=204, headers={"Allow": allow})
-            else:
-                mapped = _http_exception_to_gateway(exc, request)
-                ctx.error_code = mapped.code
-                response = render_error(mapped, dialect_for(route, request.path), ctx.request_id)
-        except asyncio.CancelledError:
-            status = 499  # the connection closes without an answer
-            if app[RUNTIME].draining and _awaiting_dashscope(request, ctx):
-                # Cut at the end of the drain while DashScope was answering.
-                await answer_lost(request, "drain_cut")
-            await idempotency.finish(request, None)
-            raise
-        except ConnectionResetError:
-            status = 499  # client closed request (nginx's convention)
-            await idempotency.finish(request, None)
-            raise
-        except Exception:
-            log.exception("unhandled error in %s (request %s)", route, ctx.request_id)
-            internal = internal_error()
-            ctx.error_code = internal.code
-            response = render_error(internal, dialect_for(route, request.path), ctx.request_id)
-        # Kept (if it reached DashScope) before the client can read it and repeat it.
-        await idempotency.finish(request, response)
-        # A client that went away while DashScope answered: the handler ran on (the
-        # images are counted), but the client got nothing.
-        status = 499 if _client_gone(request) else response.status
-        return response
-    finally:
+def pipeline(handler: Handler, route: str) -> Handler:
+    """`handler`, of the route named `route` (a metric label), in the request pipeline:
+    the only place that renders errors, counts requests, runs the request's cleanups
+    and writes its access line. Every API route is added through it (`Routes`)."""
+
+    # The whole pipeline is this one coroutine per request (see `Routes`).
+    async def in_pipeline(request: web.Request) -> web.StreamResponse:
+        app = request.app
+        ctx = RequestContext(request_id=new_request_id(), route=route)
+        request[CTX] = ctx
+        metrics = app[METRICS]
+        gauge = metrics.inflight_gauge(route)
+        gauge.inc()
+        activity = app[ACTIVITY]
+        task = asyncio.current_task()
         if task is not None:
-            activity.end(task)
-        gauge.dec()
-        for cleanup in ctx.cleanups:  # limits: the concurrency slot, the reservation
+            activity.begin(task)
+        status = 500
+        try:
             try:
-                cleanup()
+                response = await handler(request)
+            except GatewayError as exc:
+                ctx.error_code = ctx.error_code or exc.code
+                reason = lost_reason(exc)
+                if reason is not None:
+                    # Failed after it was sent (no answer, or none whole): DashScope may
+                    # have generated images. Once per request (the relay may have already).
+                    await answer_lost(request, reason)
+                response = render_error(exc, dialect_for(route, request.path), ctx.request_id)
+            except web.HTTPException as exc:
+                if isinstance(exc, web.HTTPMethodNotAllowed) and request.method == "OPTIONS":
+                    # RFC 9110: OPTIONS describes what the path takes, and is no error.
+                    allow = ", ".join(sorted({*exc.allowed_methods, "OPTIONS"}))
+                    response = web.Response(status=204, headers={"Allow": allow})
+                else:
+                    mapped = _http_exception_to_gateway(exc, request)
+                    ctx.error_code = mapped.code
+                    response = render_error(
+                        mapped, dialect_for(route, request.path), ctx.request_id
+                    )
+            except asyncio.CancelledError:
+                status = 499  # the connection closes without an answer
+                if app[RUNTIME].draining and _awaiting_dashscope(request, ctx):
+                    # Cut at the end of the drain while DashScope was answering.
+                    await answer_lost(request, "drain_cut")
+                await idempotency.finish(request, None)
+                raise
+            except ConnectionResetError:
+                status = 499  # client closed request (nginx's convention)
+                await idempotency.finish(request, None)
+                raise
             except Exception:
-                log.exception("request cleanup failed (request %s)", ctx.request_id)
-        seconds = time.perf_counter() - ctx.started
-        metrics.count_request(route, ctx.key, ctx.model_label, status, seconds)
-        config = app[RUNTIME].current.config
-        if config.server.access_log:
-            app[ACCESS_LOG].write(ctx, request.method, status, seconds, config.server.log_prompts)
+                log.exception("unhandled error in %s (request %s)", route, ctx.request_id)
+                internal = internal_error()
+                ctx.error_code = internal.code
+                response = render_error(internal, dialect_for(route, request.path), ctx.request_id)
+            # Kept (if it reached DashScope) before the client can read it and repeat it.
+            await idempotency.finish(request, response)
+            # A client that went away while DashScope answered: the handler ran on (the
+            # images are counted), but the client got nothing.
+            status = 499 if _client_gone(request) else response.status
+            return response
+        finally:
+            if task is not None:
+                activity.end(task)
+            gauge.dec()
+            for cleanup in ctx.cleanups:  # limits: the concurrency slot, the reservation
+                try:
+                    cleanup()
+                except Exception:
+                    log.exception("request cleanup failed (request %s)", ctx.request_id)
+            seconds = time.perf_counter() - ctx.started
+            metrics.count_request(route, ctx.key, ctx.model_label, status, seconds)
+            config = app[RUNTIME].current.config
+            if config.server.access_log:
+                app[ACCESS_LOG].write(
+                    ctx, request.method, status, seconds, config.server.log_prompts
+                )
+
+    return in_pipeline
 
 
 def create_app(
@@ -261,9 +269,7 @@ def create_app(
     """
     # The body limit is enforced by inbound.read_body (from Content-Length, before
     # reading); aiohttp's own cap is set above it so it never answers first.
-    app = web.Application(
-        middlewares=[gateway_middleware], client_max_size=config.server.max_body_bytes + 1024 * 1024
-    )
+    app = web.Application(client_max_size=config.server.max_body_bytes + 1024 * 1024)
     app[RUNTIME] = RuntimeHolder(Runtime.build(config))
     metrics = Metrics(registry if registry is not None else CollectorRegistry(), metrics_dir)
     metrics.precreate([k.name for k in config.keys], [])
@@ -282,12 +288,39 @@ def create_app(
     app.cleanup_ctx.append(ledger_ctx)
     app.cleanup_ctx.append(reconciler_ctx)  # meters through the ledger: stops first
     app.cleanup_ctx.append(keeper_ctx)  # app[KEEPER] with `storage:`; uses the session
-    native.add_routes(app)
-    openai_images.add_routes(app)
-    aliyun.add_routes(app)
-    images.add_routes(app)
-    ops.add_routes(app)
+    routes = Routes(app.router, pipeline)
+    native.add_routes(routes)
+    openai_images.add_routes(app, routes)
+    aliyun.add_routes(routes)
+    images.add_routes(routes)
+    ops.add_routes(app, routes, metrics=_scraped(activity))
+    # Last: what no route above takes (a 404, or a 405 on a known path) is answered by
+    # the pipeline too, in the caller's dialect.
+    app.router.add_route("*", "/{path:.*}", pipeline(_unrouted, "unmatched"))
     return app
+
+
+async def _unrouted(request: web.Request) -> web.StreamResponse:
+    """No route takes the request: 405 if its path is a route's with other methods
+    (what aiohttp's router answers), else 404."""
+    allowed: set[str] = set()
+    catch_all = request.match_info.route.resource
+    for resource in request.app.router.resources():
+        if resource is not catch_all:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
+
+
+def _scraped(activity: Activity) -> Handler:
+    """`/metrics`, noting each scrape for the drain (`Activity.scrape_after`)."""
+
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        activity.scraped()
+        return await ops.metrics_endpoint(request)
+
+    return metrics
 
 
 async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -311,12 +344,6 @@ def create_metrics_app(app: web.Application) -> web.Application:
     `/readyz` on `app`'s services, nothing else. Built once `app` has started (its state
     backend exists); it is not closed with the API listener, so scrapes go on through the
     drain."""
-    activity = app[ACTIVITY]
-
-    async def metrics(request: web.Request) -> web.StreamResponse:
-        activity.scraped()
-        return await ops.metrics_endpoint(request)
-
     ops_app = web.Application()
     ops_app[RUNTIME] = app[RUNTIME]
     ops_app[METRICS] = app[METRICS]
@@ -325,5 +352,5 @@ def create_metrics_app(app: web.Application) -> web.Application:
         ops_app[STATE] = app[STATE]
     ops_app.router.add_get("/healthz", ops.healthz, name="ops.healthz")
     ops_app.router.add_get("/readyz", ops.readyz, name="ops.readyz")
-    ops_app.router.add_get("/metrics", metrics, name="ops.metrics")
+    ops_app.router.add_get("/metrics", _scraped(app[ACTIVITY]), name="ops.metrics")
     return ops_app

@@ -6,7 +6,7 @@ DashScope SDKs can read, used under `/api/v1`) and OpenAI's
 `{"error": {"message", "type", "code"}}` (used under `/v1` and `/aliyun/v1`,
 the shape the OpenAI SDK maps to its exception classes).
 
-Handlers raise; `render_error` is called by the error middleware only, and only
+Handlers raise; `render_error` is called by the request pipeline only, and only
 before a response has started. Nothing here knows about sockets.
 """
 

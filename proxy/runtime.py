@@ -10,7 +10,7 @@ off the app under typed `AppKey`s; per-request facts under a `RequestKey`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -60,7 +60,8 @@ class RuntimeHolder:
 
 @dataclass(slots=True)
 class RequestContext:
-    """Per-request facts filled in along the way, read by the metrics/log middleware."""
+    """Per-request facts filled in along the way, read by the request pipeline (metrics,
+    access log) when the request ends."""
 
     request_id: str
     route: str
@@ -76,7 +77,7 @@ class RequestContext:
     error_code: str | None = None
     images: int = 0
     prompt: str | None = None
-    # Run by the middleware when the request ends, however it ends (limits release
+    # Run by the request pipeline when the request ends, however it ends (limits release
     # their concurrency slot here). Synchronous and must not raise.
     cleanups: list[Callable[[], None]] = field(default_factory=list)
 
@@ -88,3 +89,29 @@ TASKS = web.AppKey("tasks", TaskStore)
 METER = web.AppKey("meter", Meter)
 STATE = web.AppKey("state", StateBackend)
 CTX = web.RequestKey("ctx", RequestContext)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Pipeline = Callable[[Handler, str], Handler]
+
+
+class Routes:
+    """Where a front end adds its routes. Each handler is put in the gateway's request
+    pipeline (`proxy.app.pipeline`: errors in the caller's dialect, request metrics,
+    limits released, the access line) once, when it is added.
+
+    A wrapper per route rather than an aiohttp middleware: a middleware is two more
+    coroutines (and aiohttp's own per-app one) kept alive by every request for as long
+    as DashScope takes to answer, which is memory per request in flight.
+    """
+
+    def __init__(self, router: web.UrlDispatcher, pipeline: Pipeline) -> None:
+        self._router = router
+        self._pipeline = pipeline
+
+    def get(self, path: str, handler: Handler, *, name: str) -> None:
+        """GET (and HEAD, which aiohttp answers with the headers alone) on `path`."""
+        self._router.add_get(path, self._pipeline(handler, name), name=name)
+
+    def post(self, path: str, handler: Handler, *, name: str) -> None:
+        self._router.add_post(path, self._pipeline(handler, name), name=name)

@@ -8,7 +8,7 @@ anything reaches DashScope. It checks and records `requests_per_minute`,
 Redis) and refuses with 429 (`Throttling.RateQuota` /
 `Throttling.AllocationQuota` under /api/v1, `rate_limit_error` under /v1)
 with `Retry-After`. The concurrency slot and the request's image reservation
-are released by the middleware when the request ends, however it ends.
+are released by the request pipeline when the request ends, however it ends.
 
 The rest of the module keeps reservations true to what happens next:
 `task_created` (an async submit was accepted: the reservation follows the
@@ -44,7 +44,7 @@ from proxy.core.spend import (
 from proxy.metering import UsageEvent, UsageListener
 from proxy.metrics import Metrics
 from proxy.runtime import CTX, METER, METRICS, RUNTIME, STATE, Runtime
-from proxy.state.limiter import DAY, IMAGES_DAY, MONTH, has_limits, has_quota
+from proxy.state.limiter import DAY, IMAGES_DAY, MONTH, Limiter, has_limits, has_quota
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +53,16 @@ GAUGE_REFRESH_SECONDS = 15.0
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """A request admitted under limits: `token` names its slot and reservation."""
+    """A request admitted under limits: `token` names its slot and reservation. Calling
+    it releases both: it is the request's cleanup, run however the request ends."""
 
+    limiter: Limiter
     key: str
     token: str
     images: int
+
+    def __call__(self) -> None:
+        self.limiter.release(self.key, self.token)
 
 
 ADMISSION = web.RequestKey("admission", Admission)
@@ -86,8 +91,8 @@ async def admit(request: web.Request, key: KeyConfig, *, model: str, images: int
         if not decision.allowed:
             metrics.limit_rejections.labels(name, decision.limit or "unknown").inc()
             raise refusal(decision, limits, images)
-        request[ADMISSION] = Admission(name, token, reserve)
-        ctx.cleanups.append(lambda: limiter.release(name, token))
+        request[ADMISSION] = admitted = Admission(limiter, name, token, reserve)
+        ctx.cleanups.append(admitted)
     if caps is not None:
         pricing = app[RUNTIME].current.config.pricing
         units = reservation(images, highest_price(pricing, model))
@@ -96,8 +101,8 @@ async def admit(request: web.Request, key: KeyConfig, *, model: str, images: int
             limit = SPEND_DAY if decision.limit == IMAGES_DAY else SPEND_MONTH
             metrics.limit_rejections.labels(name, limit).inc()
             raise spend_refusal(decision, limits, pricing.currency, units, now)
-        request[SPEND_ADMISSION] = Admission(spend_key(name), token, units)
-        ctx.cleanups.append(lambda: limiter.release(spend_key(name), token))
+        request[SPEND_ADMISSION] = admitted = Admission(limiter, spend_key(name), token, units)
+        ctx.cleanups.append(admitted)
 
 
 async def task_created(request: web.Request, task_id: str) -> None:

@@ -16,7 +16,7 @@ body, before admission (so a replay uses no limit or quota):
   could generate the images twice.
 
 What is kept is what the client received, captured at the two places answers leave
-the gateway: the middleware (`finish`, every `web.Response`, the errors it rendered
+the gateway: the request pipeline (`finish`, every `web.Response`, the errors it rendered
 included) and the relay's streamed answers (`upstream.relay.Capture`, sealed before
 the client sees the end). It is kept only if the request reached DashScope
 (`RequestContext.sent`, set by failover); refusals made before that (limits,
@@ -148,7 +148,7 @@ def _too_large(size: int, limit: int) -> str:
 
 async def finish(request: web.Request, response: web.StreamResponse | None) -> None:
     """The request ended with `response` (None: cut without one): keep its answer if it
-    reached DashScope, else release the claim. Called by the middleware for every
+    reached DashScope, else release the claim. Called by the request pipeline for every
     request; a no-op without a claim or once the relay sealed it. Never raises."""
     claimed = request.get(CLAIMED)
     if claimed is None or claimed.done:

@@ -12,12 +12,13 @@ key polls (and meters) them.
 
 A model that no configured upstream serves is refused with the hosted
 platform's exact envelope. Other errors the gateway raises here
-are OpenAI-envelope too (the middleware picks the dialect by path); DashScope's
+are OpenAI-envelope too (the pipeline picks the dialect by path); DashScope's
 own errors pass through unchanged, as the platform documents.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -33,6 +34,7 @@ from proxy.core.limits import requested_images
 from proxy.core.settlement import relay_settled
 from proxy.errors import only_aliyun
 from proxy.jsonutil import dumps
+from proxy.runtime import Routes
 from proxy.upstream.call import request_headers
 from proxy.upstream.failover import call_with_failover
 
@@ -81,7 +83,7 @@ async def generations(request: web.Request) -> web.StreamResponse:
         # the hosted platform's exact answer, before any upstream call.
         raise only_aliyun()
     # A repeat with a kept answer gets it here, before any limit is used.
-    content = lambda: json_fingerprint(ctx.route, request.headers, req.body)  # noqa: E731
+    content = partial(json_fingerprint, ctx.route, request.headers, req.body)
     replayed = await begin(request, rt, req.key, content)
     if replayed is not None:
         return replayed
@@ -104,6 +106,9 @@ async def generations(request: web.Request) -> web.StreamResponse:
         return headers
 
     payload = req.raw if body == req.body else dumps(body)
+    key, model = req.key, req.model
+    # Not kept alive while DashScope works (memory per request in flight).
+    del req, body, content, opening
     async with call_with_failover(
         request,
         candidates,
@@ -114,8 +119,8 @@ async def generations(request: web.Request) -> web.StreamResponse:
         payload,
         pinned=uses_uploads(request),
     ) as call:
-        return await relay_settled(request, ctx, rt, req.key, req.model, call)
+        return await relay_settled(request, ctx, rt, key, model, call)
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/aliyun/v1/images/generations", generations, name="aliyun.generations")
+def add_routes(r: Routes) -> None:
+    r.post("/aliyun/v1/images/generations", generations, name="aliyun.generations")

@@ -19,7 +19,7 @@ import time
 from aiohttp import web
 
 from proxy.jsonutil import dumps
-from proxy.runtime import RUNTIME
+from proxy.runtime import RUNTIME, Routes
 from proxy.storage.backend import StorageUnavailable
 from proxy.storage.keeper import KEEPER
 from proxy.storage.links import verify
@@ -111,6 +111,5 @@ async def get_image(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def add_routes(app: web.Application) -> None:
-    # add_get also answers HEAD (aiohttp sends the headers without the body).
-    app.router.add_get("/images/{name}", get_image, name="images.get")
+def add_routes(r: Routes) -> None:
+    r.get("/images/{name}", get_image, name="images.get")  # and HEAD

@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
+from functools import partial
 
 from aiohttp import web
 
@@ -49,6 +49,7 @@ from proxy.runtime import (
     METRICS,
     TASKS,
     RequestContext,
+    Routes,
     Runtime,
 )
 from proxy.state.tasks import TERMINAL, TaskRecord
@@ -57,24 +58,29 @@ from proxy.upstream.failover import UpstreamCall, call_pinned, call_with_failove
 from proxy.upstream.relay import Relayed, relay_response
 
 log = logging.getLogger(__name__)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _CN_TZ = timezone(timedelta(hours=8))  # DashScope's list times are Beijing time
 
 
-async def service_call(request: web.Request, service: str) -> web.StreamResponse:
-    """POST /api/v1/services/aigc/...: sync, SSE and async submits alike."""
+async def service_call(request: web.Request) -> web.StreamResponse:
+    """POST /api/v1/services/aigc/...: sync, SSE and async submits alike (the route's
+    name says which service)."""
     ctx, rt, _ = opening = open_request(request)
+    service = SERVICE_PATHS[ctx.route]
     req = await read_native_request(request, opening)
     candidates = rt.router.candidates(req.model)
     if not candidates:
         raise no_upstream(req.model)
     images = requested_images(req.model, req.body.get("parameters"))
     # A repeat with a kept answer gets it here, before any limit is used.
-    content = lambda: json_fingerprint(ctx.route, request.headers, req.body)  # noqa: E731
+    content = partial(json_fingerprint, ctx.route, request.headers, req.body)
     replayed = await begin(request, rt, req.key, content)
     if replayed is not None:
         return replayed
     await admit(request, req.key, model=req.model, images=images)
+    key, model, raw = req.key, req.model, req.raw
+    # A request waits on DashScope for seconds to a minute: its parsed body is not
+    # kept alive meanwhile (memory per request in flight).
+    del req, content, opening
     # Failover across the model's upstreams while nothing reached the client
     # (proxy.upstream.failover says what is retried); `oss://` inputs stay pinned.
     async with call_with_failover(
@@ -84,10 +90,10 @@ async def service_call(request: web.Request, service: str) -> web.StreamResponse
         "POST",
         service,
         lambda u: request_headers(request.headers, u.api_key),
-        req.raw,
+        raw,
         pinned=uses_uploads(request),
     ) as call:
-        return await relay_settled(request, ctx, rt, req.key, req.model, call)
+        return await relay_settled(request, ctx, rt, key, model, call)
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -306,20 +312,12 @@ async def uploads(request: web.Request) -> web.StreamResponse:
     return relayed.response
 
 
-def add_routes(app: web.Application, prefix: str = "/api/v1") -> None:
-    r = app.router
+def add_routes(r: Routes, prefix: str = "/api/v1") -> None:
     # One resource per service, so the route name (a metric label) is fixed.
     for name, path in SERVICE_PATHS.items():
-        r.add_post(prefix + path, _service_handler(path), name=name)
-    r.add_get(prefix + "/tasks/{task_id}", get_task, name="tasks.get")
-    r.add_post(prefix + "/tasks/{task_id}/cancel", cancel_task, name="tasks.cancel")
+        r.post(prefix + path, service_call, name=name)
+    r.get(prefix + "/tasks/{task_id}", get_task, name="tasks.get")
+    r.post(prefix + "/tasks/{task_id}/cancel", cancel_task, name="tasks.cancel")
     # The SDK calls /tasks, the docs show /tasks/: one resource for both.
-    r.add_get(prefix + "/tasks{slash:/?}", list_tasks, name="tasks.list")
-    r.add_get(prefix + "/uploads", uploads, name="uploads")
-
-
-def _service_handler(path: str) -> Handler:
-    async def handler(request: web.Request) -> web.StreamResponse:
-        return await service_call(request, path)
-
-    return handler
+    r.get(prefix + "/tasks{slash:/?}", list_tasks, name="tasks.list")
+    r.get(prefix + "/uploads", uploads, name="uploads")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from importlib import resources
 
 import yaml
@@ -24,13 +24,11 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from proxy.jsonutil import dumps
-from proxy.runtime import METRICS, RUNTIME, SESSION, STATE
+from proxy.runtime import METRICS, RUNTIME, SESSION, STATE, Handler, Routes
 from proxy.storage.backend import StorageUnavailable
 from proxy.storage.keeper import KEEPER
 from proxy.upstream.health import UPSTREAMS
 from proxy.upstream.probe import apply, probe_all
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def load_document() -> dict[str, object]:
@@ -57,9 +55,6 @@ def openapi_handler() -> Handler:
 log = logging.getLogger(__name__)
 # The image store's readiness check: well below a Kubernetes probe's 1 s default.
 STORAGE_CHECK_SECONDS = 0.5
-
-# Route names of this front end (the middleware passes them straight through).
-ROUTES = frozenset({"ops.metrics", "ops.healthz", "ops.readyz"})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -131,9 +126,11 @@ async def _startup_probe(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(app: web.Application, r: Routes, metrics: Handler = metrics_endpoint) -> None:
+    """The probes and `/metrics` (`metrics`: its handler) are outside the request
+    pipeline: not counted, not logged, cheap. The OpenAPI document is an API route."""
     app.cleanup_ctx.append(_startup_probe)
     app.router.add_get("/healthz", healthz, name="ops.healthz")
     app.router.add_get("/readyz", readyz, name="ops.readyz")
-    app.router.add_get("/metrics", metrics_endpoint, name="ops.metrics")
-    app.router.add_get("/openapi.json", openapi_handler(), name="ops.openapi")
+    app.router.add_get("/metrics", metrics, name="ops.metrics")
+    r.get("/openapi.json", openapi_handler(), name="ops.openapi")

@@ -10,6 +10,7 @@ reaches a client, because it can contain the upstream URL.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Iterable, Mapping
 
@@ -17,7 +18,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.catalogue import is_dashscope_model
-from proxy.config.model import Config, UpstreamConfig
+from proxy.config.model import Config, TimeoutsConfig, UpstreamConfig
 from proxy.errors import GatewayError, no_upstream, upstream_timeout, upstream_unavailable
 from proxy.jsonutil import loads
 from proxy.metrics import Metrics
@@ -71,9 +72,15 @@ def request_headers(incoming: Mapping[str, str], api_key: str) -> CIMultiDict[st
     for name, value in incoming.items():
         if name.lower() not in drop:
             out.add(name, value)
-    out["Authorization"] = f"Bearer {api_key}"
+    out["Authorization"] = _bearer(api_key)
     out["Accept-Encoding"] = "identity"
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _bearer(api_key: str) -> str:
+    # One string per upstream key, not one more kept by every request in flight.
+    return f"Bearer {api_key}"
 
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
@@ -120,7 +127,12 @@ def map_client_error(exc: BaseException) -> UpstreamFailure:
 
 
 def client_timeout(upstream: UpstreamConfig) -> aiohttp.ClientTimeout:
-    t = upstream.timeouts
+    return _client_timeout(upstream.timeouts)
+
+
+@functools.lru_cache(maxsize=256)
+def _client_timeout(t: TimeoutsConfig) -> aiohttp.ClientTimeout:
+    # One (immutable) ClientTimeout per distinct setting, not one kept by every request.
     return aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.read)
 
 

@@ -50,6 +50,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -102,8 +103,7 @@ def _counts_as_failure(status: int) -> bool:
     return status == 429 or status >= 500
 
 
-@contextlib.asynccontextmanager
-async def call_with_failover(
+def call_with_failover(
     request: web.Request,
     candidates: Sequence[UpstreamConfig],
     endpoint: str,
@@ -114,7 +114,7 @@ async def call_with_failover(
     *,
     params: object = None,
     pinned: bool = False,
-) -> AsyncIterator[UpstreamCall]:
+) -> AbstractAsyncContextManager[UpstreamCall]:
     """Call the first candidate that takes the request, failing over as the module doc says.
 
     `path` is appended to the upstream's `base_url`; `headers(upstream)` builds the
@@ -126,51 +126,54 @@ async def call_with_failover(
     if not candidates:
         raise upstream_unavailable_now(1, "No upstream serves this request.")
     app = request.app
-    walk = _Walk(
+    return _Walk(
         app[UPSTREAMS],
         app[METRICS],
         app[SESSION],
         request.get(CTX),
-        _Request(endpoint, method, path, headers, body, params),
+        candidates,
+        pinned,
+        endpoint,
+        method,
+        path,
+        headers,
+        body,
+        params,
     )
-    chosen = await walk.first(walk.health.order(candidates, pinned=pinned), pinned=pinned)
-    try:
-        yield chosen
-    finally:
-        chosen.response.release()
-        walk.health.gate(chosen.upstream.name).leave()
 
 
-@dataclass(frozen=True, slots=True)
-class _Request:
-    """What is sent to whichever upstream takes it."""
+@dataclass(slots=True)
+class _Walk:
+    """One request's walk over its candidates, and what its steps share: an async
+    context manager (a plain class, not a generator: thousands wait on DashScope at
+    once, and each generator frame and its wrapper is memory held per request)."""
 
+    health: UpstreamHealth
+    metrics: Metrics
+    session: aiohttp.ClientSession
+    ctx: RequestContext | None
+    candidates: Sequence[UpstreamConfig]
+    pinned: bool
+    # What is sent to whichever upstream takes it.
     endpoint: str
     method: str
     path: str
     headers: HeadersFor
     body: bytes | None
     params: object
-
-
-@dataclass(slots=True)
-class _Walk:
-    """One request's walk over its candidates, and what its steps share."""
-
-    health: UpstreamHealth
-    metrics: Metrics
-    session: aiohttp.ClientSession
-    ctx: RequestContext | None
-    req: _Request
     # (from_upstream, reason): counted as failovers once another upstream is tried.
     pending: list[tuple[str, str]] = field(default_factory=list)
     busy: list[UpstreamConfig] = field(default_factory=list)
     last_failure: UpstreamFailure | None = None
     soonest: float = math.inf  # when an open circuit may take a probe
     rejected: list[str] = field(default_factory=list)  # upstreams that refused their key
+    chosen: UpstreamCall | None = None
 
-    async def first(self, order: list[UpstreamConfig], *, pinned: bool) -> UpstreamCall:
-        """The first upstream in `order` that takes the request, or the error to raise."""
+    async def __aenter__(self) -> UpstreamCall:
+        """The first candidate that takes the request (its slot held until the exit),
+        or the error to raise."""
+        pinned = self.pinned
+        order = self.health.order(self.candidates, pinned=pinned)
         for index, u in enumerate(order):
             if not self._available(u):
                 continue
@@ -187,6 +190,7 @@ class _Walk:
             more = not pinned and (bool(self.busy) or self._any_available(order[index + 1 :]))
             outcome = await self.attempt(u, more)
             if isinstance(outcome, UpstreamCall):
+                self.chosen = outcome
                 return outcome
             if outcome == "circuit_open":  # another request took the probe meanwhile
                 self.soonest = min(self.soonest, 1.0)
@@ -197,8 +201,16 @@ class _Walk:
             if await self.health.gate(u.name).enter(capacity(u), u.timeouts.connect):
                 outcome = await self.attempt(u, False)
                 if isinstance(outcome, UpstreamCall):
+                    self.chosen = outcome
                     return outcome
         raise self._no_answer()
+
+    async def __aexit__(self, *exc: object) -> None:
+        chosen = self.chosen
+        if chosen is not None:
+            self.chosen = None
+            chosen.response.release()
+            self.health.gate(chosen.upstream.name).leave()
 
     def _available(self, u: UpstreamConfig) -> bool:
         """Is `u`'s circuit letting requests through? (If not, noted as a failover.)"""
@@ -227,18 +239,17 @@ class _Walk:
         self.pending.clear()
         if self.ctx is not None:
             self.ctx.upstream = u.name
-        req = self.req
         try:
             resp = await call_upstream(
                 self.session,
                 self.metrics,
                 u,
-                req.endpoint,
-                req.method,
-                u.base_url + req.path,
-                req.headers(u),
-                req.body,
-                params=req.params,
+                self.endpoint,
+                self.method,
+                u.base_url + self.path,
+                self.headers(u),
+                self.body,
+                params=self.params,
             )
         except UpstreamFailure as failure:
             self.health.record(u, ok=False)

@@ -23,7 +23,7 @@ JSON, cut at the end of a drain) may hold images DashScope bills, so it grows
 `dashscope_proxy_unmetered_answers_total{reason}` and writes a ledger line with
 `"images": null`. Answers with an error status never do: DashScope refused them.
 The request's `ANSWER` state says where it stands with DashScope, so the
-middleware (a failure before any answer, a drain cut) records it once.
+pipeline (a failure before any answer, a drain cut) records it once.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ LOST_REASONS = {
 }
 # Where a request stands with DashScope: an answer awaited, received whole (and
 # settled), or lost (already counted as unmetered). The native path leaves it unset
-# until the relay has the whole answer; the middleware then goes by `ctx.upstream`
+# until the relay has the whole answer; the pipeline then goes by `ctx.upstream`
 # (set once a call is made).
 AWAITED, RECEIVED, LOST = "awaited", "received", "lost"
 ANSWER = web.RequestKey("upstream_answer", str)

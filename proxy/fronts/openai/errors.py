@@ -8,7 +8,7 @@ happened and what to do. DashScope's own code is kept as the OpenAI `code`
 (users look it up in DashScope's docs), except for content inspection, which
 uses OpenAI's `content_policy_violation`.
 
-Pure: no I/O. The middleware renders these (`errors.render_error`).
+Pure: no I/O. The request pipeline renders these (`errors.render_error`).
 """
 
 from __future__ import annotations

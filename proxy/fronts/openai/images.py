@@ -15,7 +15,7 @@
 Every handler is the same straight line: authenticate, parse and validate
 (pure, `openai_translate`), resolve the route (`model_table`), call DashScope
 (`generation`), translate back, fetch images for `b64_json` (`image_fetch`).
-Errors are raised as `GatewayError`s; the middleware renders them in the
+Errors are raised as `GatewayError`s; the request pipeline renders them in the
 OpenAI envelope.
 
 Metering: once per generated image, when DashScope reports it (sync answer,
@@ -74,6 +74,7 @@ from proxy.runtime import (
     SESSION,
     TASKS,
     RequestContext,
+    Routes,
     Runtime,
 )
 from proxy.state.tasks import TaskRecord
@@ -383,10 +384,9 @@ async def list_models(request: web.Request) -> web.StreamResponse:
     return _json({"object": "list", "data": data})
 
 
-def add_routes(app: web.Application, prefix: str = "/v1") -> None:
-    r = app.router
-    r.add_post(prefix + "/images/generations", generations, name="openai.generations")
-    r.add_get(prefix + "/images/generations/{task_id}", get_task, name="openai.tasks.get")
-    r.add_post(prefix + "/images/edits", edits, name="openai.edits")
-    r.add_get(prefix + "/models", list_models, name="openai.models")
-    usage.add_routes(app, prefix)  # GET /v1/usage
+def add_routes(app: web.Application, r: Routes, prefix: str = "/v1") -> None:
+    r.post(prefix + "/images/generations", generations, name="openai.generations")
+    r.get(prefix + "/images/generations/{task_id}", get_task, name="openai.tasks.get")
+    r.post(prefix + "/images/edits", edits, name="openai.edits")
+    r.get(prefix + "/models", list_models, name="openai.models")
+    usage.add_routes(app, r, prefix)  # GET /v1/usage

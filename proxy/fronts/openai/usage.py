@@ -38,7 +38,7 @@ from proxy.core.inbound import open_request
 from proxy.core.pricing import SPEND, PeriodSpend, amount, day_start, month_start, spend_ctx
 from proxy.core.spend import spend_caps, spend_key
 from proxy.jsonutil import dumps
-from proxy.runtime import STATE
+from proxy.runtime import STATE, Routes
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ async def usage(request: web.Request) -> web.StreamResponse:
     return web.Response(body=dumps(body), content_type="application/json")
 
 
-def add_routes(app: web.Application, prefix: str = "/v1") -> None:
+def add_routes(app: web.Application, r: Routes, prefix: str = "/v1") -> None:
     """The route, and the spend book it reads (a `Meter` listener for the app's life)."""
-    app.router.add_get(prefix + "/usage", usage, name="openai.usage")
+    r.get(prefix + "/usage", usage, name="openai.usage")
     app.cleanup_ctx.append(spend_ctx)
