@@ -164,6 +164,11 @@ def hold(b: Bench) -> ScenarioResult:
     errs = res.metric(
         "connection errors", "", higher_is_better=False, target="= 0", check=lambda v, _r: v == 0
     )
+    # The memory figure is only per request if every request was in flight at once (a
+    # proxy slow to take in the burst would see the first ones answered first).
+    at_once = res.metric(
+        "held at the upstream at once", "req", target=f"= {n}", check=lambda v, _r: v >= n
+    )
     peak = res.metric("peak RSS", "MB", higher_is_better=False)
     per = res.metric(
         "memory per in-flight request",
@@ -183,11 +188,13 @@ def hold(b: Bench) -> ScenarioResult:
             with start() as proc:
                 b.warm(proc.port)
                 base = proc.rss_kb()
+                _peak_held(b.upstream_port)  # a new count
                 with Sampler(proc) as sampler:
                     r = b.load(proc.port, [req], connections=n, mode="once", timeout=seconds + 60)
                 top = max(sampler.rss + [proc.rss_kb()])
                 ok.add(name, r["ok"])
                 errs.add(name, r["errors"] + r["failed"])
+                at_once.add(name, _peak_held(b.upstream_port))
                 peak.add(name, top / 1024)
                 per.add(name, (top - base) / n)
                 if r["ok"] < n:
@@ -199,9 +206,17 @@ def hold(b: Bench) -> ScenarioResult:
                     res.notes.append(f"{name} died during the hold: {proc.log_tail(500)}")
     res.notes.append(
         "memory per in-flight request = (peak RSS - RSS after warm-up) / requests; "
-        "a fresh process per run"
+        "a fresh process per run; it is per request only if all were held at the upstream "
+        "at once (else raise --hold-seconds)"
     )
     return res
+
+
+def _peak_held(upstream_port: int) -> int:
+    """The most requests the bench upstream held at once since the last call."""
+    url = f"http://127.0.0.1:{upstream_port}/_bench/held"
+    with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - our own upstream
+        return int(json.loads(resp.read())["peak"])
 
 
 # -------------------------------------------------------------------------- relay

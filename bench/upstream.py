@@ -19,6 +19,8 @@ Routes (any method):
     /api/v1/tasks/ID      a SUCCEEDED task (image_count 1) that names ID (an id of
                           letters, digits, `-` and `_`; any other id: `bench-task`)
     /img/N.png            N bytes starting with the PNG signature (also /img/TAG/N.png)
+    /_bench/held          {"peak": N}: the most requests held (X-Bench-Hold) at once
+                          since the last call (which starts a new count)
     anything else         404 in DashScope's error shape
 """
 
@@ -99,6 +101,8 @@ class Answers:
         self._images: dict[int, bytes] = {}
         self._noise = os.urandom(1024 * 1024)
         self._fresh = 0
+        self.held = 0  # requests waiting out their X-Bench-Hold now
+        self.peak_held = 0
 
     def task_answer(self, task_id: bytes) -> bytes:
         if _TASK_ID.fullmatch(task_id) is None:
@@ -193,11 +197,22 @@ class _Conn(asyncio.Protocol):
             if len(buf) < end + 4 + length:
                 return
             del buf[: end + 4 + length]
-            answer = self._answers.answer(path, pad, image)
+            answers = self._answers
+            if path == b"/_bench/held":
+                peak, answers.peak_held = answers.peak_held, answers.held
+                self._send(_http("200 OK", json.dumps({"peak": peak}).encode()))
+                continue
+            answer = answers.answer(path, pad, image)
             if hold > 0:
-                self._loop.call_later(hold, self._send, answer)
+                answers.held += 1
+                answers.peak_held = max(answers.peak_held, answers.held)
+                self._loop.call_later(hold, self._answer_held, answer)
             else:
                 self._send(answer)
+
+    def _answer_held(self, data: bytes) -> None:
+        self._answers.held -= 1
+        self._send(data)
 
     def _send(self, data: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():
