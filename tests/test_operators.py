@@ -284,6 +284,25 @@ def test_405_names_the_methods_and_options_answers(start_gateway: GatewayFactory
     assert r.status_code == 204 and "GET" in r.headers["Allow"]
 
 
+def test_what_no_route_takes_is_counted_and_logged_as_unmatched(
+    start_gateway: GatewayFactory,
+) -> None:
+    gw = start_gateway()
+    assert requests.get(gw.url + "/nope", headers=A, timeout=5).status_code == 404
+    head = requests.head(gw.url + "/nope/deeper", timeout=5)
+    assert head.status_code == 404 and head.content == b""
+    assert requests.get(gw.url + MM, headers=A, timeout=5).status_code == 405
+    labels = {"route": "unmatched", "key": "anonymous", "model": "other"}
+    assert gw.metric("dashscope_proxy_requests_total", **labels, code="404") == 2
+    assert gw.metric("dashscope_proxy_requests_total", **labels, code="405") == 1
+    lines = [(line["route"], line["method"], line["status"]) for line in gw.log_lines()]
+    assert lines == [
+        ("unmatched", "GET", 404),
+        ("unmatched", "HEAD", 404),
+        ("unmatched", "GET", 405),
+    ], lines
+
+
 def test_metrics_carry_process_figures_and_the_version(start_gateway: GatewayFactory) -> None:
     from proxy import __version__
 
