@@ -167,6 +167,59 @@ async def test_ledger_appends_inline_until_a_write_is_slow_then_from_its_thread(
     assert [json.loads(x)["n"] for x in path.read_bytes().splitlines()] == [1, 2, 3, 4, 5]
 
 
+class _SlowSyncLedger(UsageLedger):
+    """A real ledger on a real file whose fsync takes 0.2 s longer (a busy disk), noting
+    for every append whether it ran on the event loop and whether an fsync was running."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, Metrics(CollectorRegistry()), fsync_seconds=0.3)
+        self.in_sync = threading.Event()
+        self.appends: list[tuple[str, bool]] = []
+
+    def _sync(self) -> None:
+        self.in_sync.set()
+        try:
+            time.sleep(0.2)
+            super()._sync()
+        finally:
+            self.in_sync.clear()
+
+    def _append_inline(self, data: bytes) -> int | None:
+        self.appends.append(("loop", self.in_sync.is_set()))
+        return super()._append_inline(data)
+
+    def _append_batch(self, data: bytes) -> int:
+        self.appends.append(("thread", self.in_sync.is_set()))
+        return super()._append_batch(data)
+
+
+async def test_ledger_never_appends_from_the_loop_during_an_fsync_and_returns_to_it_after(
+    tmp_path: Path,
+) -> None:
+    # An fsync's journal commit can hold a concurrent write() for milliseconds: the loop
+    # would stall, and the ledger would take it for a slow disk and leave the loop for
+    # its back-off. Lines metered during an fsync wait for the thread instead, and the
+    # appends after it run on the loop again.
+    path = tmp_path / "usage.jsonl"
+    ledger = _SlowSyncLedger(str(path))
+    await ledger.open()
+    n = 0
+    deadline = time.monotonic() + 1.2
+    while time.monotonic() < deadline:
+        await ledger(
+            UsageEvent("team-a", "m", "m", 1, "route", "up", f"req-{n:05d}", None, time.time())
+        )
+        n += 1
+        await asyncio.sleep(0.002)
+    await ledger.close()
+    assert ("loop", True) not in ledger.appends  # no append from the loop during an fsync
+    first_hop = [where for where, _ in ledger.appends].index("thread")  # during an fsync
+    assert ("loop", False) in ledger.appends[first_hop:]  # and back on the loop after it
+    assert ledger._inline_after == 0.0  # no back-off was started
+    ids = [json.loads(line)["request_id"] for line in path.read_bytes().splitlines()]
+    assert ids == [f"req-{i:05d}" for i in range(n)]
+
+
 async def test_ledger_to_a_pipe_goes_through_the_thread_in_batches(tmp_path: Path) -> None:
     fifo = tmp_path / "usage.fifo"
     os.mkfifo(fifo)

@@ -48,8 +48,12 @@ A line is appended from the event loop itself while appends are quick (a
 back costs more than the write). The first append slower than
 `INLINE_SECONDS` moves appends to one dedicated thread for
 `SLOW_BACKOFF_SECONDS`, so a stalling disk stalls the loop at most once per
-back-off; opening, rotation and `fsync` always run on that thread. Lines keep
-their order: a line goes inline only when nothing is queued for the thread.
+back-off; opening, rotation and `fsync` always run on that thread. While the
+thread is in `fsync`, lines wait for it instead (the journal commit an fsync
+starts can hold a concurrent `write()` for milliseconds: the loop would stall,
+and a busy but healthy disk would look like a stalling one). Lines keep their
+order: a line goes inline only when nothing is queued for the thread, and the
+queue goes back to inline appends as soon as they are allowed again.
 If a line cannot be written it is logged at ERROR level in full (it holds no
 secret: key and upstream *names*) and counted in
 `dashscope_proxy_usage_log_errors_total`; the image metric has already counted it.
@@ -128,6 +132,7 @@ class UsageLedger:
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
         self._thread_ops = 0  # open/reopen/close running on the thread: no inline append
+        self._syncing = False  # the thread is in fsync: no inline append (see _inline_ok)
         self._inline_after = 0.0  # monotonic time before which appends go to the thread
 
     # -- everything below `_` runs on the ledger thread --------------------------------
@@ -228,6 +233,33 @@ class UsageLedger:
                 line.decode("utf-8", "replace").rstrip(),
             )
 
+    def _inline_ok(self) -> bool:
+        """May an append run on the event loop now? Not while the thread opens, reopens
+        or closes the file, not during a back-off after a slow append, and not while
+        the thread is in `fsync`: the journal commit it starts can hold a concurrent
+        `write()` for milliseconds, which would stall the loop and look like a slow disk."""
+        return (
+            self._regular
+            and not self._thread_ops
+            and not self._syncing
+            and self._inline_after <= time.monotonic()
+        )
+
+    def _write_inline(self, data: bytes) -> int | None:
+        """`_append_inline`, timed: a slow one starts the back-off (appends go to the
+        thread for `SLOW_BACKOFF_SECONDS`)."""
+        started = time.perf_counter()
+        written = self._append_inline(data)
+        if written is not None and time.perf_counter() - started > INLINE_SECONDS:
+            self._inline_after = time.monotonic() + SLOW_BACKOFF_SECONDS
+            log.warning(
+                "usage ledger %s: a write took over %g ms; writing from a thread for %g s",
+                self.path,
+                INLINE_SECONDS * 1000,
+                SLOW_BACKOFF_SECONDS,
+            )
+        return written
+
     def _submit(self, line: bytes) -> asyncio.Future[None]:
         """Queue `line`; the future completes once it is in the kernel (or fails).
 
@@ -241,27 +273,13 @@ class UsageLedger:
         if self._closed:
             fut.set_exception(OSError(f"usage ledger {self.path} is closed"))
             return fut
-        if (
-            self._regular
-            and self._writer is None
-            and not self._thread_ops
-            and self._inline_after <= time.monotonic()
-        ):
-            started = time.perf_counter()
+        if self._writer is None and self._inline_ok():
             try:
-                written = self._append_inline(line)
+                written = self._write_inline(line)
             except OSError as exc:
                 fut.set_exception(exc)
                 return fut
             if written is not None:
-                if time.perf_counter() - started > INLINE_SECONDS:
-                    self._inline_after = time.monotonic() + SLOW_BACKOFF_SECONDS
-                    log.warning(
-                        "usage ledger %s: a write took over %g ms; writing from a thread for %g s",
-                        self.path,
-                        INLINE_SECONDS * 1000,
-                        SLOW_BACKOFF_SECONDS,
-                    )
                 if written == len(line):
                     fut.set_result(None)
                 else:  # a line cut short lands torn (repaired on the next open)
@@ -273,15 +291,20 @@ class UsageLedger:
         return fut
 
     async def _write_queued(self) -> None:
+        """Write what is queued, in order: from the event loop again as soon as that is
+        allowed (so the ledger does not stay on the thread while lines keep arriving
+        during each hop), else one thread hop per batch."""
         try:
             while self._queue:
                 batch, self._queue = self._queue, []
                 data = b"".join(line for line, _ in batch)
                 error: BaseException | None = None
                 try:
-                    written = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, partial(self._append_batch, data)
-                    )
+                    written = self._write_inline(data) if self._inline_ok() else None
+                    if written is None:
+                        written = await asyncio.get_running_loop().run_in_executor(
+                            self._executor, partial(self._append_batch, data)
+                        )
                 except Exception as exc:  # noqa: BLE001 - handed to every waiter
                     written, error = 0, exc
                 end = 0
@@ -302,10 +325,13 @@ class UsageLedger:
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(self._fsync_seconds)
+            self._syncing = True
             try:
                 await asyncio.get_running_loop().run_in_executor(self._executor, self._sync)
             except OSError as exc:
                 log.error("usage ledger %s: fsync failed (%s)", self.path, exc.strerror or exc)
+            finally:
+                self._syncing = False
 
     async def close(self) -> None:
         self._closed = True
