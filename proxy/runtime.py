@@ -100,9 +100,9 @@ class Routes:
     pipeline (`proxy.app.pipeline`: errors in the caller's dialect, request metrics,
     limits released, the access line) once, when it is added.
 
-    A wrapper per route rather than an aiohttp middleware: a middleware is two more
-    coroutines (and aiohttp's own per-app one) kept alive by every request for as long
-    as DashScope takes to answer, which is memory per request in flight.
+    A wrapper per route rather than an aiohttp middleware: with any middleware, aiohttp
+    adds its own per-application one, so every request keeps two coroutines instead of
+    one for as long as DashScope takes to answer (memory per request in flight).
     """
 
     def __init__(self, router: web.UrlDispatcher, pipeline: Pipeline) -> None:

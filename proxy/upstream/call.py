@@ -278,7 +278,7 @@ def key_headers(api_key: str) -> CIMultiDict[str]:
     """Headers of a request the gateway makes by itself (a background poll, a key probe):
     the upstream's key, a JSON answer, uncompressed (metering reads the bytes)."""
     headers: CIMultiDict[str] = CIMultiDict()
-    headers["Authorization"] = f"Bearer {api_key}"
+    headers["Authorization"] = _bearer(api_key)
     headers["Accept"] = "application/json"
     headers["Accept-Encoding"] = "identity"
     return headers
