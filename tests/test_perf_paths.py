@@ -147,22 +147,23 @@ async def test_ledger_appends_inline_until_a_write_is_slow_then_from_its_thread(
     path = tmp_path / "usage.jsonl"
     ledger = UsageLedger(str(path), Metrics(CollectorRegistry()))
     await ledger.open()
-    quick = ledger._submit(b'{"n": 0}\n')
-    assert quick.done() and quick.exception() is None  # in the kernel before returning
+    # None: in the kernel before returning (no future, no await).
+    assert ledger._submit(b'{"n": 0}\n') is None
+    assert path.read_bytes() == b'{"n": 0}\n'
     # A rotation: the inline path leaves it to the thread, which opens the new file.
     path.rename(tmp_path / "usage.jsonl.1")
     rotated = ledger._submit(b'{"n": 1}\n')
-    assert not rotated.done()
+    assert rotated is not None and not rotated.done()
     await rotated
     assert path.read_bytes() == b'{"n": 1}\n'
     # A write slower than the budget: appends move to the thread for the back-off.
     monkeypatch.setattr("proxy.ops.ledger.INLINE_SECONDS", -1.0)
-    slow = ledger._submit(b'{"n": 2}\n')
-    assert slow.done()
+    assert ledger._submit(b'{"n": 2}\n') is None  # written, but it starts the back-off
     monkeypatch.setattr("proxy.ops.ledger.INLINE_SECONDS", 10.0)
     after = [ledger._submit(f'{{"n": {i}}}\n'.encode()) for i in range(3, 6)]
-    assert not any(f.done() for f in after)
-    await asyncio.gather(*after)
+    queued = [f for f in after if f is not None]
+    assert len(queued) == 3 and not any(f.done() for f in queued)
+    await asyncio.gather(*queued)
     await ledger.close()
     assert [json.loads(x)["n"] for x in path.read_bytes().splitlines()] == [1, 2, 3, 4, 5]
 

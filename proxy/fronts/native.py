@@ -53,7 +53,7 @@ from proxy.runtime import (
     Runtime,
 )
 from proxy.state.tasks import TERMINAL, TaskRecord
-from proxy.upstream.call import request_headers
+from proxy.upstream.call import Forwarded, request_headers
 from proxy.upstream.failover import UpstreamCall, call_pinned, call_with_failover
 from proxy.upstream.relay import Relayed, relay_response
 
@@ -89,7 +89,7 @@ async def service_call(request: web.Request) -> web.StreamResponse:
         ctx.route,
         "POST",
         service,
-        lambda u: request_headers(request.headers, u.api_key),
+        Forwarded(request.headers),
         raw,
         pinned=uses_uploads(request),
     ) as call:
@@ -302,7 +302,7 @@ async def uploads(request: web.Request) -> web.StreamResponse:
         "uploads",
         "GET",
         "/uploads",
-        lambda u: request_headers(request.headers, u.api_key),
+        Forwarded(request.headers),
         None,
         params=request.rel_url.query,
         pinned=True,

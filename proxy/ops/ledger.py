@@ -221,9 +221,12 @@ class UsageLedger:
     async def __call__(self, event: UsageEvent | UnmeteredEvent) -> None:
         line = ledger_line(event)
         try:
-            # Shielded: once submitted the line is written even if the request
-            # is cancelled meanwhile (shutdown after the grace period).
-            await asyncio.shield(self._submit(line))
+            # Appended at once when it can be; else queued and shielded: once
+            # submitted the line is written even if the request is cancelled
+            # meanwhile (shutdown after the grace period).
+            pending = self._submit(line)
+            if pending is not None:
+                await asyncio.shield(pending)
         except OSError as exc:
             self._metrics.usage_log_errors.inc()
             log.error(
@@ -260,8 +263,9 @@ class UsageLedger:
             )
         return written
 
-    def _submit(self, line: bytes) -> asyncio.Future[None]:
-        """Queue `line`; the future completes once it is in the kernel (or fails).
+    def _submit(self, line: bytes) -> asyncio.Future[None] | None:
+        """Append `line` now (None: it is in the kernel; OSError: it failed), or queue it:
+        the future completes once it is in the kernel (or fails).
 
         One thread hop per *batch*, not per line: lines metered while a write
         is on the thread go out together in the next single write(), still in
@@ -269,22 +273,15 @@ class UsageLedger:
         (about a third of the gateway's CPU at 1,000 requests/s) into a few
         per second; at low rates a batch is one line, as before.
         """
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self._closed:
-            fut.set_exception(OSError(f"usage ledger {self.path} is closed"))
-            return fut
+            raise OSError(f"usage ledger {self.path} is closed")
         if self._writer is None and self._inline_ok():
-            try:
-                written = self._write_inline(line)
-            except OSError as exc:
-                fut.set_exception(exc)
-                return fut
+            written = self._write_inline(line)
             if written is not None:
-                if written == len(line):
-                    fut.set_result(None)
-                else:  # a line cut short lands torn (repaired on the next open)
-                    fut.set_exception(OSError(f"short write ({written} of {len(line)} bytes)"))
-                return fut
+                if written != len(line):  # a line cut short lands torn (repaired on the next open)
+                    raise OSError(f"short write ({written} of {len(line)} bytes)")
+                return None
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append((line, fut))
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_queued(), name="usage-ledger-write")

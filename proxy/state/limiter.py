@@ -128,26 +128,26 @@ def decide(
     images: int,
 ) -> Decision:
     """Pure: admit or refuse, given what the limiter counts right now."""
-
-    def seen(ok: bool, limit: str | None = None, retry: int = 1) -> Decision:
-        return Decision(ok, limit, retry, used_day, used_month, reserved)
-
     rpm = limits.requests_per_minute
     if rpm is not None and recent >= rpm:
         wait = (oldest + WINDOW_SECONDS - now) if oldest is not None else WINDOW_SECONDS
-        return seen(False, RPM, max(1, math.ceil(wait)))
+        return Decision(False, RPM, max(1, math.ceil(wait)), used_day, used_month, reserved)
     if limits.concurrent_requests is not None and inflight >= limits.concurrent_requests:
-        return seen(False, CONCURRENCY, 1)
-    for cap, used, limit, reset in (
-        (limits.images_per_day, used_day, IMAGES_DAY, seconds_to_next_day),
-        (limits.images_per_month, used_month, IMAGES_MONTH, seconds_to_next_month),
-    ):
-        if cap is not None and used + reserved + images > cap:
-            # Over on what was generated alone: only the window's end helps;
-            # else requests in flight may leave room when they settle.
-            retry = reset(now) if used + images > cap else RESERVED_RETRY_SECONDS
-            return seen(False, limit, retry)
-    return seen(True)
+        return Decision(False, CONCURRENCY, 1, used_day, used_month, reserved)
+    day_cap, month_cap = limits.images_per_day, limits.images_per_month
+    if day_cap is not None and used_day + reserved + images > day_cap:
+        # Over on what was generated alone: only the window's end helps;
+        # else requests in flight may leave room when they settle.
+        retry = seconds_to_next_day(now) if used_day + images > day_cap else RESERVED_RETRY_SECONDS
+        return Decision(False, IMAGES_DAY, retry, used_day, used_month, reserved)
+    if month_cap is not None and used_month + reserved + images > month_cap:
+        retry = (
+            seconds_to_next_month(now)
+            if used_month + images > month_cap
+            else RESERVED_RETRY_SECONDS
+        )
+        return Decision(False, IMAGES_MONTH, retry, used_day, used_month, reserved)
+    return Decision(True, None, 1, used_day, used_month, reserved)
 
 
 # ------------------------------------------------------------------- the limiter

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -75,6 +75,20 @@ def request_headers(incoming: Mapping[str, str], api_key: str) -> CIMultiDict[st
     out["Authorization"] = _bearer(api_key)
     out["Accept-Encoding"] = "identity"
     return out
+
+
+class Forwarded:
+    """The headers of a client request as sent to whichever upstream takes it (with that
+    upstream's key): the header builder of `call_with_failover` for a passthrough, one
+    small object per request rather than a closure and its cell."""
+
+    __slots__ = ("incoming",)
+
+    def __init__(self, incoming: Mapping[str, str]) -> None:
+        self.incoming = incoming
+
+    def __call__(self, upstream: UpstreamConfig) -> CIMultiDict[str]:
+        return request_headers(self.incoming, upstream.api_key)
 
 
 @functools.lru_cache(maxsize=256)
@@ -210,6 +224,38 @@ class UpstreamRouter:
         return self._by_name.get(name)
 
 
+def send_upstream(
+    session: aiohttp.ClientSession,
+    upstream: UpstreamConfig,
+    method: str,
+    url: str,
+    headers: CIMultiDict[str],
+    body: bytes | None,
+    params: object = None,
+) -> Awaitable[aiohttp.ClientResponse]:
+    """The request to `upstream`, to await: its response, or aiohttp's `ClientError` /
+    `TimeoutError` (give those to `upstream_failure`). Awaited where it is needed, so a
+    request waiting on DashScope holds no coroutine of ours for it."""
+    return session.request(
+        method,
+        url,
+        data=body,
+        headers=headers,
+        params=params,  # type: ignore[arg-type]
+        timeout=client_timeout(upstream),
+        allow_redirects=False,
+    )
+
+
+def upstream_failure(
+    metrics: Metrics, upstream: UpstreamConfig, exc: aiohttp.ClientError | TimeoutError
+) -> UpstreamFailure:
+    """A transport failure of `send_upstream`, counted, as the error to raise (502/504)."""
+    failure = map_client_error(exc)
+    metrics.upstream_errors.labels(upstream.name, failure.kind).inc()
+    return failure
+
+
 async def call_upstream(
     session: aiohttp.ClientSession,
     metrics: Metrics,
@@ -224,19 +270,9 @@ async def call_upstream(
     """Send one request upstream; transport failures raise `UpstreamFailure` (502/504)."""
     t0 = time.perf_counter()
     try:
-        resp = await session.request(
-            method,
-            url,
-            data=body,
-            headers=headers,
-            params=params,  # type: ignore[arg-type]
-            timeout=client_timeout(upstream),
-            allow_redirects=False,
-        )
+        resp = await send_upstream(session, upstream, method, url, headers, body, params)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        failure = map_client_error(exc)
-        metrics.upstream_errors.labels(upstream.name, failure.kind).inc()
-        raise failure from None
+        raise upstream_failure(metrics, upstream, exc) from None
     metrics.upstream_timer(upstream.name, endpoint).observe(time.perf_counter() - t0)
     return resp
 

@@ -51,7 +51,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -61,7 +61,14 @@ from proxy.config.model import UpstreamConfig
 from proxy.errors import GatewayError, upstream_key_rejected, upstream_unavailable_now
 from proxy.metrics import Metrics
 from proxy.runtime import CTX, METRICS, SESSION, RequestContext
-from proxy.upstream.call import UpstreamFailure, call_upstream, peek_error, rejects_key
+from proxy.upstream.call import (
+    UpstreamFailure,
+    call_upstream,
+    peek_error,
+    rejects_key,
+    send_upstream,
+    upstream_failure,
+)
 from proxy.upstream.health import UPSTREAMS, UpstreamHealth, capacity
 
 log = logging.getLogger(__name__)
@@ -162,44 +169,49 @@ class _Walk:
     body: bytes | None
     params: object
     # (from_upstream, reason): counted as failovers once another upstream is tried.
-    pending: list[tuple[str, str]] = field(default_factory=list)
-    busy: list[UpstreamConfig] = field(default_factory=list)
+    # Made when first needed (most requests never need them: memory per request).
+    pending: list[tuple[str, str]] | None = None
+    busy: list[UpstreamConfig] | None = None  # full ones, in order
     last_failure: UpstreamFailure | None = None
     soonest: float = math.inf  # when an open circuit may take a probe
-    rejected: list[str] = field(default_factory=list)  # upstreams that refused their key
+    rejected: list[str] | None = None  # upstreams that refused their key
     chosen: UpstreamCall | None = None
+    order: Sequence[UpstreamConfig] = ()  # this request's candidate order
 
     async def __aenter__(self) -> UpstreamCall:
         """The first candidate that takes the request (its slot held until the exit),
         or the error to raise."""
         pinned = self.pinned
-        order = self.health.order(self.candidates, pinned=pinned)
-        for index, u in enumerate(order):
+        order = self.order = self.health.order(self.candidates, pinned=pinned)
+        index = 0  # (no iterator object kept while DashScope answers)
+        while index < len(order):
+            u = order[index]
+            index += 1
             if not self._available(u):
                 continue
             gate = self.health.gate(u.name)
             if pinned:
                 # Pinned requests must land where their upload did: wait, never skip.
                 if not await gate.enter(capacity(u), u.timeouts.connect):
-                    self.busy.append(u)
+                    self._full(u)
                     break
             elif not gate.try_enter(capacity(u)):
-                self.busy.append(u)
-                self.pending.append((u.name, "busy"))
+                self._full(u)
+                self._failing_over(u.name, "busy")
                 continue
-            more = not pinned and (bool(self.busy) or self._any_available(order[index + 1 :]))
-            outcome = await self.attempt(u, more)
+            outcome = await self.attempt(u, None if pinned else index)
             if isinstance(outcome, UpstreamCall):
                 self.chosen = outcome
                 return outcome
             if outcome == "circuit_open":  # another request took the probe meanwhile
                 self.soonest = min(self.soonest, 1.0)
-            self.pending.append((u.name, outcome))
-        if self.busy and not pinned:
+            self._failing_over(u.name, outcome)
+        busy = self.busy
+        if busy and not pinned:
             # Every candidate was full, open or refused: wait for the preferred full one.
-            u = self.busy[0]
+            u = busy[0]
             if await self.health.gate(u.name).enter(capacity(u), u.timeouts.connect):
-                outcome = await self.attempt(u, False)
+                outcome = await self.attempt(u, None)
                 if isinstance(outcome, UpstreamCall):
                     self.chosen = outcome
                     return outcome
@@ -219,51 +231,74 @@ class _Walk:
         if breaker.available(now):
             return True
         self.soonest = min(self.soonest, breaker.retry_in(now))
-        self.pending.append((u.name, "circuit_open"))
+        self._failing_over(u.name, "circuit_open")
         return False
 
-    def _any_available(self, rest: Sequence[UpstreamConfig]) -> bool:
-        now = time.monotonic()
-        return any(self.health.breaker(v.name).available(now) for v in rest)
+    def _failing_over(self, name: str, reason: str) -> None:
+        """Upstream `name` did not take the request: a failover, once another is tried."""
+        if self.pending is None:
+            self.pending = []
+        self.pending.append((name, reason))
 
-    async def attempt(self, u: UpstreamConfig, more: bool) -> UpstreamCall | str:
+    def _full(self, u: UpstreamConfig) -> None:
+        if self.busy is None:
+            self.busy = []
+        self.busy.append(u)
+
+    def _more(self, rest: int | None) -> bool:
+        """Is there another upstream to fail over to, after `self.order[:rest]` (None:
+        this is the last try)? Asked only when a try fails, so it answers for that moment."""
+        if rest is None:
+            return False
+        if self.busy:
+            return True
+        now = time.monotonic()
+        return any(self.health.breaker(v.name).available(now) for v in self.order[rest:])
+
+    async def attempt(self, u: UpstreamConfig, rest: int | None) -> UpstreamCall | str:
         """One try, the upstream's slot held: the call to yield, or a failover reason
-        (the slot then released). Failures not worth another upstream are raised."""
+        (the slot then released). Failures not worth another upstream are raised.
+        `rest`: where in the order the upstreams after this one start (None: none may be
+        tried after it)."""
         gate = self.health.gate(u.name)
         breaker = self.health.breaker(u.name)
         if not breaker.begin(time.monotonic()):
             gate.leave()
             return "circuit_open"
-        for name, reason in self.pending:
-            self.metrics.upstream_failovers.labels(name, reason).inc()
-        self.pending.clear()
+        if self.pending:
+            for name, reason in self.pending:
+                self.metrics.upstream_failovers.labels(name, reason).inc()
+            self.pending = None
         if self.ctx is not None:
             self.ctx.upstream = u.name
+        t0 = time.perf_counter()
         try:
-            resp = await call_upstream(
+            # Awaited here, not in a helper coroutine: one frame less per request
+            # waiting on DashScope.
+            resp = await send_upstream(
                 self.session,
-                self.metrics,
                 u,
-                self.endpoint,
                 self.method,
                 u.base_url + self.path,
                 self.headers(u),
                 self.body,
-                params=self.params,
+                self.params,
             )
-        except UpstreamFailure as failure:
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            failure = upstream_failure(self.metrics, u, exc)
             self.health.record(u, ok=False)
             gate.leave()
             if failure.kind not in RETRYABLE_KINDS:
                 self._sent()  # it may have reached DashScope (a read timeout, say)
-            if more and failure.kind in RETRYABLE_KINDS:
+            if failure.kind in RETRYABLE_KINDS and self._more(rest):
                 self.last_failure = failure
                 return failure.kind
-            raise
+            raise failure from None
         except BaseException:
             breaker.abandon()
             gate.leave()
             raise
+        self.metrics.upstream_timer(u.name, self.endpoint).observe(time.perf_counter() - t0)
         self.health.record(u, ok=not _counts_as_failure(resp.status))
         if resp.status not in (401, 403, 429, 503):
             self._sent()
@@ -281,12 +316,12 @@ class _Walk:
                 self.metrics.upstream_errors.labels(u.name, code or str(resp.status)).inc()
                 resp.release()
                 gate.leave()
-                self.rejected.append(u.name)
+                self.rejected = [*(self.rejected or ()), u.name]
                 return "key_rejected"
             self._sent()  # DashScope's own 401/403 for the request (AccessDenied, say)
         elif resp.status < 400:
             self.health.key_accepted(u.name)
-        if more and resp.status in (429, 503):
+        if resp.status in (429, 503) and self._more(rest):
             try:
                 refused, code = (
                     await _peek_429(resp) if resp.status == 429 else (True, str(resp.status))

@@ -201,11 +201,13 @@ class UpstreamHealth:
         """Names of configured upstreams whose circuit is not closed (for /readyz)."""
         return [u.name for u in upstreams if not self.breaker(u.name).closed]
 
-    def order(self, candidates: Sequence[UpstreamConfig], *, pinned: bool) -> list[UpstreamConfig]:
+    def order(
+        self, candidates: Sequence[UpstreamConfig], *, pinned: bool
+    ) -> Sequence[UpstreamConfig]:
         """Priority groups in order; a weighted random order inside each (config order
-        when pinned). `candidates` are already sorted by priority."""
+        when pinned: `candidates` themselves, already sorted by priority, not a copy)."""
         if pinned or len(candidates) < 2:
-            return list(candidates)
+            return candidates
         out: list[UpstreamConfig] = []
         for _, group in itertools.groupby(candidates, key=lambda u: u.priority):
             members = list(group)
