@@ -15,7 +15,7 @@ the metering claim is atomic in SQLite and in Redis).
 
 Pacing: at most `tasks.reconcile_polls_per_second` polls start per second and
 `tasks.reconcile_concurrency` run at once per process, each through the
-upstream's own connection and concurrency cap (`failover.call_pinned`), so
+upstream's own connection and concurrency cap (`pinned.call_pinned`), so
 10,000 outstanding tasks are spread out instead of bursting DashScope. These
 polls never count against a key's rate limit and are counted on their own in
 `dashscope_proxy_reconciler_polls_total{upstream,outcome}`.
@@ -55,7 +55,7 @@ from proxy.runtime import METRICS, RUNTIME, TASKS
 from proxy.state import Claim, owner_gone, owner_id, same_host
 from proxy.state.tasks import TERMINAL, TaskRecord
 from proxy.upstream.call import key_headers
-from proxy.upstream.failover import call_pinned
+from proxy.upstream.pinned import call_pinned
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,8 @@ from proxy.runtime import (
 )
 from proxy.state.tasks import TERMINAL, TaskRecord
 from proxy.upstream.call import Forwarded, request_headers
-from proxy.upstream.failover import UpstreamCall, call_pinned, call_with_failover
+from proxy.upstream.failover import UpstreamCall, call_with_failover
+from proxy.upstream.pinned import call_pinned
 from proxy.upstream.relay import Relayed, relay_response
 
 log = logging.getLogger(__name__)

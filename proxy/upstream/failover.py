@@ -2,7 +2,7 @@
 
 `call_with_failover` is the one way a request that may go to any of several
 upstreams (a generation, an upload policy) reaches DashScope; `call_pinned`
-is the way a request that must reach one upstream (a poll or cancel of the
+(`proxy.upstream.pinned`) is the way a request that must reach one upstream (a poll or cancel of the
 task it created) does. Both are async context managers yielding the
 `UpstreamCall` (the upstream that answered and its response): the upstream's
 concurrency slot is held until the block exits, i.e. until the caller has
@@ -45,11 +45,10 @@ and relaying the answer (`relay`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
@@ -63,7 +62,6 @@ from proxy.metrics import Metrics
 from proxy.runtime import CTX, METRICS, SESSION, RequestContext
 from proxy.upstream.call import (
     UpstreamFailure,
-    call_upstream,
     peek_error,
     rejects_key,
     send_upstream,
@@ -106,7 +104,8 @@ async def _peek_429(resp: aiohttp.ClientResponse) -> tuple[bool, str]:
     return (True, "429") if code is None else (code.startswith("Throttling"), code)
 
 
-def _counts_as_failure(status: int) -> bool:
+def counts_as_failure(status: int) -> bool:
+    """Does this answer count against the upstream's circuit breaker?"""
     return status == 429 or status >= 500
 
 
@@ -299,7 +298,7 @@ class _Walk:
             gate.leave()
             raise
         self.metrics.upstream_timer(u.name, self.endpoint).observe(time.perf_counter() - t0)
-        self.health.record(u, ok=not _counts_as_failure(resp.status))
+        self.health.record(u, ok=not counts_as_failure(resp.status))
         if resp.status not in (401, 403, 429, 503):
             self._sent()
         if resp.status in (401, 403):
@@ -357,77 +356,3 @@ class _Walk:
             "Every DashScope upstream for this model is unavailable right now "
             "(circuit open); retry shortly.",
         )
-
-
-@contextlib.asynccontextmanager
-async def call_pinned(
-    app: web.Application,
-    upstream: UpstreamConfig,
-    endpoint: str,
-    method: str,
-    path: str,
-    headers: CIMultiDict[str],
-    body: bytes | None,
-    *,
-    params: object = None,
-) -> AsyncIterator[UpstreamCall]:
-    """Call exactly `upstream` (task polls and cancels: the task lives there).
-
-    Its cap applies (waiting up to the connect timeout for a slot) and its breaker:
-    while open, the caller gets 503 with Retry-After at once, which the DashScope
-    SDKs retry for polls, instead of a 502 that would end their wait for a task
-    that still exists. Takes the app, not a request: the reconciler polls with no
-    client request.
-    """
-    health = app[UPSTREAMS]
-    metrics = app[METRICS]
-    breaker = health.breaker(upstream.name)
-    gate = health.gate(upstream.name)
-    now = time.monotonic()
-    if not breaker.begin(now):
-        raise upstream_unavailable_now(
-            max(breaker.retry_in(now), 1.0),
-            "The DashScope upstream that holds this task is temporarily "
-            "unavailable; retry shortly.",
-        )
-    if not await gate.enter(capacity(upstream), upstream.timeouts.connect):
-        breaker.abandon()
-        raise upstream_unavailable_now(
-            1,
-            "The DashScope upstream that holds this task is at its "
-            "concurrency limit; retry shortly.",
-        )
-    try:
-        try:
-            resp = await call_upstream(
-                app[SESSION],
-                metrics,
-                upstream,
-                endpoint,
-                method,
-                upstream.base_url + path,
-                headers,
-                body,
-                params=params,
-            )
-        except UpstreamFailure:
-            health.record(upstream, ok=False)
-            raise
-        except BaseException:
-            breaker.abandon()
-            raise
-        health.record(upstream, ok=not _counts_as_failure(resp.status))
-        if resp.status in (401, 403):
-            code, message = await peek_error(resp)
-            if rejects_key(resp.status, code, message):
-                health.key_rejected(upstream.name)
-                resp.release()
-                raise upstream_key_rejected([upstream.name])
-        elif resp.status < 400:
-            health.key_accepted(upstream.name)
-        try:
-            yield UpstreamCall(upstream, resp)
-        finally:
-            resp.release()
-    finally:
-        gate.leave()

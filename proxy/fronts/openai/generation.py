@@ -42,7 +42,8 @@ from proxy.metering import facts_from_json
 from proxy.runtime import METRICS, RUNTIME, TASKS, RequestContext
 from proxy.state.tasks import TERMINAL, TaskRecord
 from proxy.upstream.call import UpstreamFailure, map_client_error
-from proxy.upstream.failover import call_pinned, call_with_failover
+from proxy.upstream.failover import call_with_failover
+from proxy.upstream.pinned import call_pinned
 from proxy.upstream.relay import ANSWER, AWAITED, RECEIVED, answer_lost, lost_reason
 
 # DashScope's JSON answers are a few KB; anything near this is not an answer.
