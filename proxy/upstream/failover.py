@@ -2,8 +2,8 @@
 
 `call_with_failover` is the one way a request that may go to any of several
 upstreams (a generation, an upload policy) reaches DashScope; `call_pinned`
-(`proxy.upstream.pinned`) is the way a request that must reach one upstream (a poll or cancel of the
-task it created) does. Both are async context managers yielding the
+(`proxy.upstream.pinned`) is the way a request that must reach one upstream
+(a poll or cancel of the task it created) does. Both are async context managers yielding the
 `UpstreamCall` (the upstream that answered and its response): the upstream's
 concurrency slot is held until the block exits, i.e. until the caller has
 relayed the body.
@@ -132,12 +132,13 @@ def call_with_failover(
     if not candidates:
         raise upstream_unavailable_now(1, "No upstream serves this request.")
     app = request.app
+    health = app[UPSTREAMS]
     return _Walk(
-        app[UPSTREAMS],
+        health,
         app[METRICS],
         app[SESSION],
         request.get(CTX),
-        candidates,
+        health.order(candidates, pinned=pinned),
         pinned,
         endpoint,
         method,
@@ -158,7 +159,7 @@ class _Walk:
     metrics: Metrics
     session: aiohttp.ClientSession
     ctx: RequestContext | None
-    candidates: Sequence[UpstreamConfig]
+    order: Sequence[UpstreamConfig]  # the candidates, in this request's order
     pinned: bool
     # What is sent to whichever upstream takes it.
     endpoint: str
@@ -175,13 +176,12 @@ class _Walk:
     soonest: float = math.inf  # when an open circuit may take a probe
     rejected: list[str] | None = None  # upstreams that refused their key
     chosen: UpstreamCall | None = None
-    order: Sequence[UpstreamConfig] = ()  # this request's candidate order
 
     async def __aenter__(self) -> UpstreamCall:
         """The first candidate that takes the request (its slot held until the exit),
         or the error to raise."""
         pinned = self.pinned
-        order = self.order = self.health.order(self.candidates, pinned=pinned)
+        order = self.order
         index = 0  # (no iterator object kept while DashScope answers)
         while index < len(order):
             u = order[index]
@@ -315,7 +315,9 @@ class _Walk:
                 self.metrics.upstream_errors.labels(u.name, code or str(resp.status)).inc()
                 resp.release()
                 gate.leave()
-                self.rejected = [*(self.rejected or ()), u.name]
+                if self.rejected is None:
+                    self.rejected = []
+                self.rejected.append(u.name)
                 return "key_rejected"
             self._sent()  # DashScope's own 401/403 for the request (AccessDenied, say)
         elif resp.status < 400:
