@@ -4,7 +4,7 @@
     python -m bench --quick              seconds-long smoke (CI): tiny counts, no speed claims
     python -m bench --only rps,latency   a subset (names: rps latency hold relay b64 soak workers
                                          reconciler usage redis idempotency
-                                         storage)
+                                         storage instructions)
     python -m bench --runs 5 --soak-seconds 600 --hold-seconds 10 --reconcile-tasks 50000
 
 Run from the repository root (it starts `python -m proxy` and `python -m bench.*`).

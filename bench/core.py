@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,27 @@ SYNC_BODY = json.dumps(
 )
 RELAY_BYTES = 6 * 1024 * 1024
 IMAGE_BYTES = 3 * 1024 * 1024
+
+
+# Every limit on, none reached: the bench pays for checking them (the bench key's
+# `limits:` and the price table, which spend limits need).
+LIMITS = """    limits:
+      requests_per_minute: 100000000
+      concurrent_requests: 1000000
+      images_per_day: 1000000000
+      images_per_month: 1000000000
+      spend_per_day: 1000000000
+      spend_per_month: 1000000000
+pricing:
+  currency: USD
+  models:
+    "qwen-image*":
+      per_image: 0.03
+    "wan2.6-*":
+      per_image: 0.03
+"""
+# What `gateway_yaml(without=...)` can turn off.
+FEATURES = ("access_log", "usage_log", "limits")
 
 
 def sync_request(key: str = GATEWAY_KEY, **headers: str) -> dict[str, Any]:
@@ -219,9 +240,13 @@ class Bench:
         tasks: dict[str, object] | None = None,
         state: Path | None = None,
         extra: str = "",
+        without: Collection[str] = (),
     ) -> str:
         """The gateway's config; `tasks`: its `tasks:` section, `state`: its state file,
-        `extra`: more sections (YAML text)."""
+        `extra`: more sections (YAML text); `without`: features turned off, of
+        `FEATURES` (what each costs, in the `instructions` scenario)."""
+        unknown = set(without) - set(FEATURES)
+        assert not unknown, unknown
         n = self._n = self._n + 1
         teams = "\n".join(
             f'  - name: team-{i:02d}\n    key_sha256: "{i:064x}"\n'
@@ -235,8 +260,8 @@ server:
   host: 127.0.0.1
   port: {port}
   workers: {workers}
-  access_log: true
-  usage_log: {self.usage_log(n)}
+  access_log: {"false" if "access_log" in without else "true"}
+  usage_log: {"null" if "usage_log" in without else self.usage_log(n)}
 upstreams:
   - name: bench
     base_url: http://127.0.0.1:{self.upstream_port}/api/v1
@@ -246,22 +271,7 @@ keys:
 {teams}
   - name: bench
     key: {GATEWAY_KEY}
-    # Every limit on, none reached: the bench pays for checking them.
-    limits:
-      requests_per_minute: 100000000
-      concurrent_requests: 1000000
-      images_per_day: 1000000000
-      images_per_month: 1000000000
-      spend_per_day: 1000000000
-      spend_per_month: 1000000000
-pricing:
-  currency: USD
-  models:
-    "qwen-image*":
-      per_image: 0.03
-    "wan2.6-*":
-      per_image: 0.03
-state:
+{"" if "limits" in without else LIMITS}state:
   path: {state or self.tmp / f"state-{n}.db"}
 """
             + (f"tasks:{section}\n" if section else "")
@@ -279,29 +289,34 @@ state:
         tasks: dict[str, object] | None = None,
         state: Path | None = None,
         extra: str = "",
+        without: Collection[str] = (),
+        wrap: list[str] | None = None,
     ) -> Iterator[Proc]:
         """The gateway as a real process; its access log (stdout) goes to /dev/null.
-        `proc.extra["usage_log"]` is its usage ledger."""
+        `proc.extra["usage_log"]` is its usage ledger. `wrap`: a command it runs under
+        (valgrind), which may take a minute to start it."""
         port = procs.free_port()
         cfg = self.tmp / f"gateway-{port}.yaml"
-        cfg.write_text(self.gateway_yaml(port, workers, tasks, state, extra))
+        cfg.write_text(self.gateway_yaml(port, workers, tasks, state, extra, without))
         usage = self.usage_log(self._n)
         with procs.running(
             "gateway",
-            [procs.python(), "-m", "proxy", "--config", str(cfg)],
+            [*(wrap or []), procs.python(), "-m", "proxy", "--config", str(cfg)],
             port,
             self.sut_cpus if pinned else None,
             self.tmp,
+            timeout=120.0 if wrap else 20.0,
         ) as proc:
             proc.extra["usage_log"] = usage
             yield proc
 
     @contextlib.contextmanager
-    def reference(self) -> Iterator[Proc]:
+    def reference(self, wrap: list[str] | None = None) -> Iterator[Proc]:
         port = procs.free_port()
         with procs.running(
             "reference",
             [
+                *(wrap or []),
                 procs.python(),
                 "-m",
                 "bench.reference_proxy",
@@ -315,6 +330,7 @@ state:
             port,
             self.sut_cpus,
             self.tmp,
+            timeout=120.0 if wrap else 20.0,
         ) as proc:
             yield proc
 
@@ -371,6 +387,7 @@ http {{
         duration: float | None = None,
         mode: str = "closed",
         rate: float | None = None,
+        count: int | None = None,
         warmup: float | None = None,
         timeout: float = 60.0,
         cpus: set[int] | None | str = "load",
@@ -388,6 +405,7 @@ http {{
             "duration": duration if duration is not None else self.s.duration,
             "warmup": warmup or 0.0,
             "rate": rate,
+            "count": count,
         }
         if mode == "closed" and len(requests) == 1 and self.wrk:
             return loadgen.run_wrk(spec, pin)

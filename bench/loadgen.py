@@ -10,6 +10,8 @@ Modes:
     closed  `connections` loops, each sending its next request when the last
             answered, for `duration` seconds after `warmup` (throughput, latency)
     rate    the same loops paced to `rate` requests/s in total (the soak)
+    count   `connections` keep-alive loops sending `count` requests in all, then
+            stopping (instruction counts per request: a fixed amount of work)
     once    `connections` connections opened in quick batches, one request each,
             all held at once (the held-requests test): how many succeed
 """
@@ -173,7 +175,10 @@ async def _loop(
     start_at: float,
     stop_at: float,
     interval: float | None,
+    left: list[int] | None = None,
 ) -> None:
+    """One connection's loop until `stop_at`, or (`left`: the requests left to send, shared
+    by the loops) until none are left."""
     host, port, timeout = spec["host"], spec["port"], spec.get("timeout", 60.0)
     client: _Client | None = None
     i = index
@@ -182,6 +187,10 @@ async def _loop(
         now = time.perf_counter()
         if now >= stop_at:
             break
+        if left is not None:
+            if left[0] <= 0:
+                break
+            left[0] -= 1
         if interval is not None:
             if next_at > now:
                 await asyncio.sleep(next_at - now)
@@ -202,6 +211,11 @@ async def _loop(
             continue
         if t0 >= start_at and time.perf_counter() <= stop_at:
             stats.record(status, nbytes, time.perf_counter() - t0)
+        if b"\r\nconnection: close" in raw[: raw.find(b"\r\n\r\n")].lower():
+            # The server closes it; don't race its FIN with the next request.
+            if client.transport is not None:
+                client.transport.close()
+            client = None
     if client is not None and client.transport is not None:
         client.transport.close()
 
@@ -244,6 +258,15 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     if spec["mode"] == "once":
         extra = await _once(spec, raws, stats)
+        seconds = time.perf_counter() - t0
+    elif spec["mode"] == "count":
+        left = [spec["count"]]
+        await asyncio.gather(
+            *(
+                _loop(spec, raws, i, stats, t0, float("inf"), None, left)
+                for i in range(spec["connections"])
+            )
+        )
         seconds = time.perf_counter() - t0
     else:
         warmup = spec.get("warmup", 0.0)

@@ -8,7 +8,9 @@ from .core import Metric, ScenarioResult
 
 # `proxied request` and `expected` are the reconciler row's same-run references;
 # `idle interpreter` the usage row's (the report's RSS before it reads anything);
-# `no key` the idempotency row's (the same gateway without an Idempotency-Key).
+# `no key` the idempotency row's (the same gateway without an Idempotency-Key);
+# `no access log` .. `none of the three` the instructions row's (the gateway with
+# features off, `bench.instructions.VARIANTS`).
 COLUMNS = (
     "direct",
     "reference",
@@ -18,6 +20,10 @@ COLUMNS = (
     "expected",
     "idle interpreter",
     "no key",
+    "no access log",
+    "no usage ledger",
+    "no limits or prices",
+    "none of the three",
     "gateway",
 )
 

@@ -24,6 +24,7 @@ from .core import (
     sync_request,
 )
 from .idempotency import idempotency
+from .instructions import instructions
 from .procs import Proc
 from .reconcile import reconciler
 from .redis_topology import redis_topology
@@ -484,4 +485,5 @@ SCENARIOS: dict[str, Scenario] = {
     "redis": redis_topology,
     "idempotency": idempotency,
     "storage": storage,
+    "instructions": instructions,
 }

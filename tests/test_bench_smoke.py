@@ -50,3 +50,11 @@ def test_bench_quick_produces_table_and_json(tmp_path: Path) -> None:
     assert re.search(r"^\| scenario +\| metric ", table, re.MULTILINE), table[-3000:]
     for name in SCENARIOS:
         assert f"| {name} " in table, name
+
+
+def test_every_instructions_variant_has_a_table_column() -> None:
+    # A variant without a column would be measured and never printed.
+    from bench.instructions import VARIANTS
+    from bench.report import COLUMNS
+
+    assert set(VARIANTS) <= set(COLUMNS)

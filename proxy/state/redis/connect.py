@@ -127,7 +127,7 @@ def _sentinel(config: StateConfig, common: dict[str, Any]) -> Connection:
     }
     if config.sentinel_password:
         to_sentinels["password"] = config.sentinel_password
-    sentinel = Sentinel(addresses, sentinel_kwargs=to_sentinels)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(addresses, sentinel_kwargs=to_sentinels)  # type: ignore[no-untyped-call, unused-ignore]
     assert config.sentinel_master is not None  # config validation requires it
     client: Redis = sentinel.master_for(
         config.sentinel_master,
