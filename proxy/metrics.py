@@ -297,7 +297,7 @@ class Metrics:
         self.image_counter = Children(self.images)
         self.cost_counter = Children(self.cost)
         self.inflight_gauge = Children(self.inflight)
-        self.remaining_gauge = Children(self.quota_remaining)
+        self.quota_left = SetWhenChanged(self.quota_remaining)
         self.upstream_timer = Children(self.upstream_duration)
 
     def config_loaded(self, when: float) -> None:
@@ -334,6 +334,24 @@ class Metrics:
 
 
 M = TypeVar("M", bound=MetricWrapperBase)
+
+
+class SetWhenChanged:
+    """A labelled gauge whose children are set only when their value changes: the
+    remaining-quota gauge is set twice per metered request (at admission and when the
+    images are counted) and most of those sets repeat the value already there.
+    Only this process sets it (with several workers each keeps its own value)."""
+
+    __slots__ = ("_children", "_last")
+
+    def __init__(self, gauge: Gauge) -> None:
+        self._children = Children(gauge)
+        self._last: dict[tuple[str, ...], float] = {}
+
+    def set(self, value: float, *labels: str) -> None:
+        if self._last.get(labels) != value:
+            self._last[labels] = value
+            self._children(*labels).set(value)
 
 
 class Children(Generic[M]):

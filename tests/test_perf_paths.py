@@ -25,8 +25,14 @@ from proxy.metrics import Metrics
 from proxy.ops.accesslog import AccessLog, rfc3339
 from proxy.ops.ledger import UsageLedger
 from proxy.runtime import RequestContext
-from proxy.state.limiter import TASK_HOLD_SECONDS, LocalLimiter, day_period, month_period
-from proxy.state.local import LocalStore, PersistedLimiter, current_periods
+from proxy.state.limiter import (
+    TASK_HOLD_SECONDS,
+    LocalLimiter,
+    current_periods,
+    day_period,
+    month_period,
+)
+from proxy.state.local import LocalStore, PersistedLimiter
 
 
 @settings(max_examples=60, deadline=None)
@@ -258,6 +264,8 @@ async def test_ledger_to_a_pipe_goes_through_the_thread_in_batches(tmp_path: Pat
 def test_cached_periods_are_the_utc_day_and_month(ts: float) -> None:
     assert day_period(ts) == time.strftime("%Y%m%d", time.gmtime(ts))
     assert month_period(ts) == time.strftime("%Y%m", time.gmtime(ts))
+    day, month = time.strftime("%Y%m%d", time.gmtime(ts)), time.strftime("%Y%m", time.gmtime(ts))
+    assert current_periods(ts) == ("d:" + day, "m:" + month)
 
 
 class _TimedStore(LocalStore):

@@ -51,10 +51,12 @@ log = logging.getLogger(__name__)
 GAUGE_REFRESH_SECONDS = 15.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Admission:
     """A request admitted under limits: `token` names its slot and reservation. Calling
-    it releases both: it is the request's cleanup, run however the request ends."""
+    it releases both: it is the request's cleanup, run however the request ends. (Not
+    frozen: made once or twice per limited request, and a frozen dataclass costs about
+    four times as much to make.)"""
 
     limiter: Limiter
     key: str
@@ -137,9 +139,9 @@ def set_remaining(
     metrics: Metrics, key: str, limits: LimitsConfig, used_day: int, used_month: int
 ) -> None:
     if limits.images_per_day is not None:
-        metrics.remaining_gauge(key, DAY).set(max(0, limits.images_per_day - used_day))
+        metrics.quota_left.set(max(0, limits.images_per_day - used_day), key, DAY)
     if limits.images_per_month is not None:
-        metrics.remaining_gauge(key, MONTH).set(max(0, limits.images_per_month - used_month))
+        metrics.quota_left.set(max(0, limits.images_per_month - used_month), key, MONTH)
 
 
 def usage_listener(app: web.Application) -> UsageListener:

@@ -42,7 +42,7 @@ from proxy.catalogue import family
 from proxy.config.model import ModelPrice, PricingConfig
 from proxy.metering import UsageEvent
 from proxy.runtime import METER, METRICS, RUNTIME, Runtime
-from proxy.state.limiter import day_period, month_period
+from proxy.state.limiter import current_periods
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +169,7 @@ class SpendBook:
         self.add(event.key, event.model, event.images, event.cost, event.timestamp)
 
     def add(self, key: str, model: str, images: int, cost: float | None, when: float) -> None:
-        day, month = "d:" + day_period(when), "m:" + month_period(when)
-        for period in (day, month):
+        for period in current_periods(when):
             spend = self._periods.get((key, period))
             if spend is None:
                 self._forget_old(when)
@@ -179,11 +178,12 @@ class SpendBook:
 
     def period(self, key: str, window: str, now: float) -> PeriodSpend:
         """`window` is "day" or "month"; an empty spend when nothing was metered."""
-        name = "d:" + day_period(now) if window == "day" else "m:" + month_period(now)
+        day, month = current_periods(now)
+        name = day if window == "day" else month
         return self._periods.get((key, name)) or PeriodSpend()
 
     def _forget_old(self, now: float) -> None:
-        keep = {"d:" + day_period(now), "m:" + month_period(now)}
+        keep = set(current_periods(now))
         for k in [k for k in self._periods if k[1] not in keep]:
             del self._periods[k]
 

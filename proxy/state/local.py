@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from proxy.config.model import StateConfig
 from proxy.state import Claim, owner_gone
 from proxy.state.idempotency import IdempotencyStore, SqliteIdempotency
-from proxy.state.limiter import Limiter, LocalLimiter, day_period, month_period
+from proxy.state.limiter import Limiter, LocalLimiter, current_periods
 from proxy.state.tasks import COLUMNS, SqliteTaskStore, TaskRecord, TaskStore, record_of_row
 
 log = logging.getLogger(__name__)
@@ -231,10 +231,6 @@ def _spool_row(row: tuple[object, ...]) -> SpoolRow:
     return SpoolRow(
         record_of_row(row[:-2]), int(str(row[-2])), None if claim is None else str(claim)
     )
-
-
-def current_periods(now: float) -> tuple[str, str]:
-    return "d:" + day_period(now), "m:" + month_period(now)
 
 
 class StateBackend(abc.ABC):

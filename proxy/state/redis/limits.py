@@ -11,10 +11,10 @@ from proxy.state.limiter import (
     WINDOW_SECONDS,
     Decision,
     LocalLimiter,
+    current_periods,
     decide,
     has_quota,
 )
-from proxy.state.local import current_periods
 from proxy.state.redis.common import DAY_TTL, LEASE_SECONDS, LIMIT_CODES, MONTH_TTL, Backend
 
 log = logging.getLogger(__name__)
