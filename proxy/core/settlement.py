@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from typing import NamedTuple
 
 from aiohttp import web
 
@@ -54,8 +55,7 @@ COUNTING: set[str] = set()
 COUNTED_UNDONE: set[str] = set()
 
 
-@dataclass(frozen=True, slots=True)
-class Origin:
+class Origin(NamedTuple):
     """Who observed an answer: the route and request id written with its count."""
 
     route: str

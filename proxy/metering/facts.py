@@ -18,8 +18,7 @@ memory, not 6 MiB. `SseSniffer` keeps only the last complete event.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from proxy.jsonutil import loads
 
@@ -44,8 +43,7 @@ NO_COUNT_FIELD = "no_count_field"  # neither image_count nor output_image_count
 INVALID_COUNT_FIELD = "invalid_count_field"  # present, but not a count
 
 
-@dataclass(frozen=True, slots=True)
-class BodyFacts:
+class BodyFacts(NamedTuple):
     """What metering and task routing need from a response body.
 
     `image_count` is DashScope's own count (`usage.image_count`, else

@@ -15,16 +15,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from proxy.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class UsageEvent:
+class UsageEvent(NamedTuple):
     """One metered outcome: `images` generated for `key` on `model`."""
 
     key: str
@@ -43,8 +41,7 @@ class UsageEvent:
     currency: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class UnmeteredEvent:
+class UnmeteredEvent(NamedTuple):
     """An answer that could carry images but was never received whole: DashScope may
     have generated (and billed) images that no count shows. `reason` is one of
     `proxy.metrics.UNMETERED_REASONS`."""
