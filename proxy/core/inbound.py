@@ -13,7 +13,6 @@ that the dialect renderer turns into either shape.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from aiohttp import web
@@ -105,8 +104,7 @@ def set_model(ctx: RequestContext, rt: Runtime, model: str) -> None:
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 
-@dataclass(frozen=True, slots=True)
-class NativeRequest:
+class NativeRequest(NamedTuple):
     """A native-body generation request, authenticated and checked."""
 
     key: KeyConfig

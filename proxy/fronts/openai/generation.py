@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 from aiohttp import web
@@ -57,8 +56,7 @@ _RETRY_POLL = frozenset({503, 504})
 _FORWARDED = ("X-DashScope-WorkSpace", "X-DashScope-DataInspection")
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
+class Answer(NamedTuple):
     """One DashScope JSON answer, read whole."""
 
     status: int

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from proxy.catalogue import (
     BodyShape,
@@ -37,8 +37,7 @@ RESPONSE_FORMATS = ("b64_json", "url")
 SEED_MAX = 2147483647
 
 
-@dataclass(frozen=True, slots=True)
-class ImageRequest:
+class ImageRequest(NamedTuple):
     """An OpenAI images request, validated and normalised."""
 
     model: str
