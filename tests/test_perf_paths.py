@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.auth import KeyRing
 from proxy.config import KeyConfig, LimitsConfig, sha256_hex
+from proxy.core.spend import spend_caps
 from proxy.errors import GatewayError
 from proxy.metering import PARSE_LIMIT, BodySniffer, UsageEvent, facts_from_bytes
 from proxy.metrics import Metrics
@@ -30,6 +31,7 @@ from proxy.state.limiter import (
     LocalLimiter,
     current_periods,
     day_period,
+    has_limits,
     month_period,
 )
 from proxy.state.local import LocalStore, PersistedLimiter
@@ -352,3 +354,32 @@ def test_the_reserved_sum_is_what_a_scan_of_the_reservations_gives(
         else:
             now += TASK_HOLD_SECONDS * images / 3
         assert lim.reserved_now("k", now) == live()
+
+
+_cap = st.one_of(st.none(), st.integers(1, 10**9))
+
+
+@settings(max_examples=200, deadline=None)
+@given(rpm=_cap, conc=_cap, day=_cap, month=_cap, spend=st.one_of(st.none(), st.floats(0.01, 1e6)))
+def test_limits_answers_memoised_by_identity_match_a_fresh_computation(
+    rpm: int | None, conc: int | None, day: int | None, month: int | None, spend: float | None
+) -> None:
+    # has_limits / spend_caps are memoised per config object: equal objects made
+    # separately (a reload) must get the same answers, each its own.
+    def make() -> LimitsConfig:
+        return LimitsConfig(
+            requests_per_minute=rpm,
+            concurrent_requests=conc,
+            images_per_day=day,
+            images_per_month=month,
+            spend_per_day=spend,
+        )
+
+    first, second = make(), make()
+    expected = any(v is not None for v in (rpm, conc, day, month))
+    for limits in (first, second, first):
+        assert has_limits(limits) is expected
+        caps = spend_caps(limits)
+        assert (caps is None) == (spend is None)
+        if caps is not None:
+            assert caps.images_per_day == spend_caps(make()).images_per_day  # type: ignore[union-attr]

@@ -67,10 +67,6 @@ class Admission:
         self.limiter.release(self.key, self.token)
 
 
-ADMISSION = web.RequestKey("admission", Admission)
-SPEND_ADMISSION = web.RequestKey("spend_admission", Admission)
-
-
 async def admit(request: web.Request, key: KeyConfig, *, model: str, images: int) -> None:
     """Admit a generation request of `key` that may generate `images`, or raise 429.
 
@@ -93,8 +89,7 @@ async def admit(request: web.Request, key: KeyConfig, *, model: str, images: int
         if not decision.allowed:
             metrics.limit_rejections.labels(name, decision.limit or "unknown").inc()
             raise refusal(decision, limits, images)
-        request[ADMISSION] = admitted = Admission(limiter, name, token, reserve)
-        ctx.cleanups.append(admitted)
+        ctx.cleanups.append(Admission(limiter, name, token, reserve))
     if caps is not None:
         pricing = app[RUNTIME].current.config.pricing
         units = reservation(images, highest_price(pricing, model))
@@ -103,16 +98,18 @@ async def admit(request: web.Request, key: KeyConfig, *, model: str, images: int
             limit = SPEND_DAY if decision.limit == IMAGES_DAY else SPEND_MONTH
             metrics.limit_rejections.labels(name, limit).inc()
             raise spend_refusal(decision, limits, pricing.currency, units, now)
-        request[SPEND_ADMISSION] = admitted = Admission(limiter, spend_key(name), token, units)
-        ctx.cleanups.append(admitted)
+        ctx.cleanups.append(Admission(limiter, spend_key(name), token, units))
 
 
 async def task_created(request: web.Request, task_id: str) -> None:
     """An async submit of this request created `task_id`: its reservations (images, and
     spend) move to the task until the task's images are metered or it ends."""
+    ctx = request.get(CTX)
+    if ctx is None:
+        return
     limiter = request.app[STATE].limiter
-    for admitted in (request.get(ADMISSION), request.get(SPEND_ADMISSION)):
-        if admitted is not None and admitted.images:
+    for admitted in ctx.cleanups:  # the image reservation, then the spend one
+        if isinstance(admitted, Admission) and admitted.images:
             await limiter.hold_for_task(admitted.key, admitted.token, task_id, time.time())
 
 

@@ -18,7 +18,6 @@ Pure functions only; `proxy.core.admission` applies them.
 
 from __future__ import annotations
 
-import functools
 import math
 
 from proxy.config.model import LimitsConfig
@@ -27,6 +26,7 @@ from proxy.errors import GatewayError
 from proxy.state.limiter import (
     IMAGES_DAY,
     Decision,
+    by_identity,
     seconds_to_next_day,
     seconds_to_next_month,
 )
@@ -39,7 +39,7 @@ def spend_key(key: str) -> str:
     return key + ":spend"
 
 
-@functools.lru_cache(maxsize=1024)
+@by_identity
 def spend_caps(limits: LimitsConfig) -> LimitsConfig | None:
     """Pure: the spend limits as limiter caps in nano-units, or None without any.
     (Memoised: asked on every request and every metered image.)"""
