@@ -383,3 +383,39 @@ def test_limits_answers_memoised_by_identity_match_a_fresh_computation(
         assert (caps is None) == (spend is None)
         if caps is not None:
             assert caps.images_per_day == spend_caps(make()).images_per_day  # type: ignore[union-attr]
+
+
+_pattern = st.sampled_from(["qwen-image*", "qwen-image-plus", "wan2.6-*", "wan*", "*-t2i", "flux"])
+_model = st.sampled_from(["qwen-image", "qwen-image-plus", "wan2.6-t2i", "wanx-v1", "flux", "x"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(patterns=st.lists(_pattern, max_size=8), models=st.lists(_model, min_size=1, max_size=6))
+def test_price_entries_memoised_per_table_match_a_plain_scan(
+    patterns: list[str], models: list[str]
+) -> None:
+    # price_entry remembers, per price table object, the entry of each model asked: it
+    # must answer what scanning the table (the model, then its family) answers, for
+    # equal tables made separately too (a reload).
+    from fnmatch import fnmatchcase
+
+    from proxy.catalogue import family
+    from proxy.config.model import ModelPrice, PricingConfig
+    from proxy.core.pricing import price_entry
+
+    def table() -> PricingConfig:
+        return PricingConfig(
+            models=tuple(ModelPrice(p, 0.01 * (i + 1)) for i, p in enumerate(patterns))
+        )
+
+    def scan(pricing: PricingConfig, model: str) -> ModelPrice | None:
+        for name in (model, family(model)):
+            for entry in pricing.models:
+                if fnmatchcase(name, entry.pattern):
+                    return entry
+        return None
+
+    first, second = table(), table()
+    for pricing in (first, second, first):
+        for model in models:
+            assert price_entry(pricing, model) == scan(pricing, model)

@@ -34,11 +34,11 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from functools import lru_cache
 
 from aiohttp import web
 
 from proxy.catalogue import family
+from proxy.config.memo import per_config
 from proxy.config.model import ModelPrice, PricingConfig
 from proxy.metering import UsageEvent
 from proxy.runtime import METER, METRICS, RUNTIME, Runtime
@@ -57,14 +57,31 @@ FOLLOW_SECONDS = 1.0
 # ------------------------------------------------------------------------ prices
 
 
-@lru_cache(maxsize=4096)
+# Models whose price entry each table remembers (model names come from clients).
+MAX_MODELS = 4096
+
+
+@per_config
+def _entries(pricing: PricingConfig) -> dict[str, ModelPrice | None]:
+    return {}  # filled by price_entry: model -> its entry in this table
+
+
 def price_entry(pricing: PricingConfig, model: str) -> ModelPrice | None:
-    """The first entry whose pattern matches `model`, else its family's; None: unpriced."""
+    """The first entry whose pattern matches `model`, else its family's; None: unpriced.
+    (Memoised per table and model: asked at admission and when images are metered.)"""
+    known = _entries(pricing)
+    try:
+        return known[model]
+    except KeyError:
+        pass
+    found = None
     for name in dict.fromkeys((model, family(model))):
-        for entry in pricing.models:
-            if fnmatchcase(name, entry.pattern):
-                return entry
-    return None
+        found = next((e for e in pricing.models if fnmatchcase(name, e.pattern)), None)
+        if found is not None:
+            break
+    if len(known) < MAX_MODELS:
+        known[model] = found
+    return found
 
 
 def unit_price(entry: ModelPrice, width: int | None, height: int | None) -> float:

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import math
 
+from proxy.config.memo import per_config
 from proxy.config.model import LimitsConfig
 from proxy.core.pricing import amount, nanos
 from proxy.errors import GatewayError
 from proxy.state.limiter import (
     IMAGES_DAY,
     Decision,
-    by_identity,
     seconds_to_next_day,
     seconds_to_next_month,
 )
@@ -39,7 +39,7 @@ def spend_key(key: str) -> str:
     return key + ":spend"
 
 
-@by_identity
+@per_config
 def spend_caps(limits: LimitsConfig) -> LimitsConfig | None:
     """Pure: the spend limits as limiter caps in nano-units, or None without any.
     (Memoised: asked on every request and every metered image.)"""

@@ -35,11 +35,12 @@ import heapq
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import NamedTuple, Protocol, TypeVar
+from typing import NamedTuple, Protocol
 
+from proxy.config.memo import per_config
 from proxy.config.model import LimitsConfig
 
 WINDOW_SECONDS = 60.0
@@ -93,31 +94,7 @@ def seconds_to_next_month(ts: float) -> int:
     return max(1, math.ceil(calendar.timegm((year, month, 1, 0, 0, 0)) - ts))
 
 
-T = TypeVar("T")
-
-
-def by_identity(fn: Callable[[LimitsConfig], T]) -> Callable[[LimitsConfig], T]:
-    """`fn`, memoised per `LimitsConfig` object. A config's values live as long as the
-    config, and hashing a frozen dataclass (every field, in Python) costs more than
-    what is asked of it on every request; the object is kept with its answer, so an
-    id is never mistaken for a later object's."""
-    memo: dict[int, tuple[LimitsConfig, T]] = {}
-
-    def memoised(limits: LimitsConfig) -> T:
-        hit = memo.get(id(limits))
-        if hit is not None and hit[0] is limits:
-            return hit[1]
-        if len(memo) >= 1024:  # configs reloaded many times: forget the old ones
-            memo.clear()
-        value = fn(limits)
-        memo[id(limits)] = (limits, value)
-        return value
-
-    memoised.__doc__ = fn.__doc__
-    return memoised
-
-
-@by_identity
+@per_config
 def has_limits(limits: LimitsConfig) -> bool:
     """Does `limits` set any request or image limit? (Memoised: asked on every request.)"""
     return any(
