@@ -18,6 +18,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.catalogue import is_dashscope_model
+from proxy.config.memo import per_config
 from proxy.config.model import Config, TimeoutsConfig, UpstreamConfig
 from proxy.errors import GatewayError, no_upstream, upstream_timeout, upstream_unavailable
 from proxy.jsonutil import loads
@@ -144,9 +145,10 @@ def client_timeout(upstream: UpstreamConfig) -> aiohttp.ClientTimeout:
     return _client_timeout(upstream.timeouts)
 
 
-@functools.lru_cache(maxsize=256)
+@per_config
 def _client_timeout(t: TimeoutsConfig) -> aiohttp.ClientTimeout:
-    # One (immutable) ClientTimeout per distinct setting, not one kept by every request.
+    # One (immutable) ClientTimeout per upstream's setting, not one kept by every request
+    # (and no hash of the setting per request, as an lru_cache would make).
     return aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.read)
 
 
