@@ -179,42 +179,75 @@ class _Walk:
 
     async def __aenter__(self) -> UpstreamCall:
         """The first candidate that takes the request (its slot held until the exit),
-        or the error to raise."""
+        or the error to raise. Each try runs here, not in a coroutine of its own: this
+        frame is what waits on DashScope, thousands at once."""
         pinned = self.pinned
         order = self.order
         index = 0  # (no iterator object kept while DashScope answers)
-        while index < len(order):
-            u = order[index]
-            index += 1
-            if not self._available(u):
-                continue
-            gate = self.health.gate(u.name)
-            if pinned:
-                # Pinned requests must land where their upload did: wait, never skip.
-                if not await gate.enter(capacity(u), u.timeouts.connect):
+        last_resort = False  # waiting for the preferred full upstream, once all refused
+        while True:
+            if index < len(order):
+                u = order[index]
+                index += 1
+                if not self._available(u):
+                    continue
+                gate = self.health.gate(u.name)
+                if pinned:
+                    # Pinned requests must land where their upload did: wait, never skip.
+                    if not await gate.enter(capacity(u), u.timeouts.connect):
+                        self._full(u)
+                        raise self._no_answer()
+                elif not gate.try_enter(capacity(u)):
                     self._full(u)
-                    break
-            elif not gate.try_enter(capacity(u)):
-                self._full(u)
-                self._failing_over(u.name, "busy")
-                continue
-            outcome = await self.attempt(u, None if pinned else index)
+                    self._failing_over(u.name, "busy")
+                    continue
+                rest = None if pinned else index
+            else:
+                busy = self.busy
+                if last_resort or not busy or pinned:
+                    raise self._no_answer()
+                # Every candidate was full, open or refused: wait for the preferred full one.
+                last_resort = True
+                u = busy[0]
+                if not await self.health.gate(u.name).enter(capacity(u), u.timeouts.connect):
+                    raise self._no_answer()
+                rest = None
+            # One try, u's slot held: the call to yield, or a failover reason (the slot
+            # then released). Failures not worth another upstream are raised.
+            if not self._begin(u):
+                outcome: UpstreamCall | str = "circuit_open"
+            else:
+                t0 = time.perf_counter()
+                try:
+                    resp = await send_upstream(
+                        self.session,
+                        u,
+                        self.method,
+                        u.base_url + self.path,
+                        self.headers(u),
+                        self.body,
+                        self.params,
+                    )
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    outcome = self._transport_failed(u, exc, rest)
+                except BaseException:
+                    self.health.breaker(u.name).abandon()
+                    self.health.gate(u.name).leave()
+                    raise
+                else:
+                    self._answered(u, resp, t0)
+                    if resp.status in (401, 403, 429, 503):
+                        outcome = await self._refused(u, resp, rest)
+                    else:
+                        outcome = UpstreamCall(u, resp)
             if isinstance(outcome, UpstreamCall):
                 self.chosen = outcome
                 return outcome
+            if last_resort:
+                raise self._no_answer()
             if outcome == "circuit_open":  # another request took the probe meanwhile
                 self.soonest = min(self.soonest, 1.0)
             self._failing_over(u.name, outcome)
-        busy = self.busy
-        if busy and not pinned:
-            # Every candidate was full, open or refused: wait for the preferred full one.
-            u = busy[0]
-            if await self.health.gate(u.name).enter(capacity(u), u.timeouts.connect):
-                outcome = await self.attempt(u, None)
-                if isinstance(outcome, UpstreamCall):
-                    self.chosen = outcome
-                    return outcome
-        raise self._no_answer()
 
     async def __aexit__(self, *exc: object) -> None:
         chosen = self.chosen
@@ -254,53 +287,53 @@ class _Walk:
         now = time.monotonic()
         return any(self.health.breaker(v.name).available(now) for v in self.order[rest:])
 
-    async def attempt(self, u: UpstreamConfig, rest: int | None) -> UpstreamCall | str:
-        """One try, the upstream's slot held: the call to yield, or a failover reason
-        (the slot then released). Failures not worth another upstream are raised.
-        `rest`: where in the order the upstreams after this one start (None: none may be
-        tried after it)."""
-        gate = self.health.gate(u.name)
-        breaker = self.health.breaker(u.name)
-        if not breaker.begin(time.monotonic()):
-            gate.leave()
-            return "circuit_open"
+    def _begin(self, u: UpstreamConfig) -> bool:
+        """Start a try on `u`, its slot held: False (the slot released) when its circuit
+        let another request take the probe meanwhile."""
+        if not self.health.breaker(u.name).begin(time.monotonic()):
+            self.health.gate(u.name).leave()
+            return False
         if self.pending:
             for name, reason in self.pending:
                 self.metrics.upstream_failovers.labels(name, reason).inc()
             self.pending = None
         if self.ctx is not None:
             self.ctx.upstream = u.name
-        t0 = time.perf_counter()
-        try:
-            # Awaited here, not in a helper coroutine: one frame less per request
-            # waiting on DashScope.
-            resp = await send_upstream(
-                self.session,
-                u,
-                self.method,
-                u.base_url + self.path,
-                self.headers(u),
-                self.body,
-                self.params,
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            failure = upstream_failure(self.metrics, u, exc)
-            self.health.record(u, ok=False)
-            gate.leave()
-            if failure.kind not in RETRYABLE_KINDS:
-                self._sent()  # it may have reached DashScope (a read timeout, say)
-            if failure.kind in RETRYABLE_KINDS and self._more(rest):
-                self.last_failure = failure
-                return failure.kind
-            raise failure from None
-        except BaseException:
-            breaker.abandon()
-            gate.leave()
-            raise
+        return True
+
+    def _transport_failed(
+        self, u: UpstreamConfig, exc: aiohttp.ClientError | TimeoutError, rest: int | None
+    ) -> str:
+        """The try on `u` failed in transport (its slot released): the failover reason, or
+        raised when no other upstream may take the request. `rest`: where in the order
+        the upstreams after `u` start (None: none may be tried after it)."""
+        failure = upstream_failure(self.metrics, u, exc)
+        self.health.record(u, ok=False)
+        self.health.gate(u.name).leave()
+        if failure.kind not in RETRYABLE_KINDS:
+            self._sent()  # it may have reached DashScope (a read timeout, say)
+        if failure.kind in RETRYABLE_KINDS and self._more(rest):
+            self.last_failure = failure
+            return failure.kind
+        raise failure from None
+
+    def _answered(self, u: UpstreamConfig, resp: aiohttp.ClientResponse, t0: float) -> None:
+        """What every answer of `u` records: its time, its health, whether it ran."""
         self.metrics.upstream_timer(u.name, self.endpoint).observe(time.perf_counter() - t0)
-        self.health.record(u, ok=not counts_as_failure(resp.status))
-        if resp.status not in (401, 403, 429, 503):
+        status = resp.status
+        self.health.record(u, ok=not counts_as_failure(status))
+        if status not in (401, 403, 429, 503):
             self._sent()
+            if status < 400:
+                self.health.key_accepted(u.name)
+
+    async def _refused(
+        self, u: UpstreamConfig, resp: aiohttp.ClientResponse, rest: int | None
+    ) -> UpstreamCall | str:
+        """A 401, 403, 429 or 503 from `u`: the call to yield (relayed as DashScope's
+        answer), or a failover reason (its slot released) when another upstream may
+        take it: `u` refused the gateway's key, or refused the request before running it."""
+        gate = self.health.gate(u.name)
         if resp.status in (401, 403):
             # DashScope refusing the gateway's own key is the operator's problem, never
             # the caller's: try the next upstream, else answer 502 naming the upstream.
@@ -320,9 +353,7 @@ class _Walk:
                 self.rejected.append(u.name)
                 return "key_rejected"
             self._sent()  # DashScope's own 401/403 for the request (AccessDenied, say)
-        elif resp.status < 400:
-            self.health.key_accepted(u.name)
-        if resp.status in (429, 503) and self._more(rest):
+        elif self._more(rest):  # 429 or 503
             try:
                 refused, code = (
                     await _peek_429(resp) if resp.status == 429 else (True, str(resp.status))
