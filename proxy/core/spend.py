@@ -35,8 +35,17 @@ SPEND_DAY, SPEND_MONTH = "spend_per_day", "spend_per_month"
 
 
 def spend_key(key: str) -> str:
-    """The limiter key that counts `key`'s spend."""
-    return key + ":spend"
+    """The limiter key that counts `key`'s spend (memoised: one string per key, not one
+    more kept by every request in flight)."""
+    found = _SPEND_KEYS.get(key)
+    if found is None:
+        if len(_SPEND_KEYS) >= 4096:  # key names come from configs: bounded
+            _SPEND_KEYS.clear()
+        found = _SPEND_KEYS[key] = key + ":spend"
+    return found
+
+
+_SPEND_KEYS: dict[str, str] = {}
 
 
 @per_config

@@ -39,6 +39,8 @@ HTTP_PARSER_LIMITS: Mapping[str, int] = MappingProxyType(
 class _SafeRequestHandler(web.RequestHandler):
     """aiohttp's connection handler, minus the echo of malformed input."""
 
+    __slots__ = ()  # as aiohttp's own: no instance dict per connection
+
     def handle_error(
         self,
         request: BaseRequest,

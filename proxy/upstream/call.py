@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Iterable, Mapping
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from proxy.catalogue import is_dashscope_model
 from proxy.config.memo import per_config
@@ -226,11 +227,29 @@ class UpstreamRouter:
         return self._by_name.get(name)
 
 
+# Upstream URLs parsed once per (base URL, path): generation requests name a handful of
+# paths, and a URL made per request is parsed again and kept by every request in flight.
+_URLS: dict[tuple[str, str], URL] = {}
+MAX_URLS = 1024
+
+
+def upstream_url(upstream: UpstreamConfig, path: str) -> URL:
+    """`upstream.base_url` + `path` as a URL, memoised (for the bounded paths of
+    generation requests; task ids in a path would only churn it)."""
+    key = (upstream.base_url, path)
+    url = _URLS.get(key)
+    if url is None:
+        if len(_URLS) >= MAX_URLS:
+            _URLS.clear()
+        url = _URLS[key] = URL(upstream.base_url + path)
+    return url
+
+
 def send_upstream(
     session: aiohttp.ClientSession,
     upstream: UpstreamConfig,
     method: str,
-    url: str,
+    url: str | URL,
     headers: CIMultiDict[str],
     body: bytes | None,
     params: object = None,

@@ -66,6 +66,7 @@ from proxy.upstream.call import (
     rejects_key,
     send_upstream,
     upstream_failure,
+    upstream_url,
 )
 from proxy.upstream.health import UPSTREAMS, UpstreamHealth, capacity
 
@@ -223,7 +224,7 @@ class _Walk:
                         self.session,
                         u,
                         self.method,
-                        u.base_url + self.path,
+                        upstream_url(u, self.path),
                         self.headers(u),
                         self.body,
                         self.params,
