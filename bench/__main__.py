@@ -1,6 +1,6 @@
 """`python -m bench`: run the scenarios, print the table, write the JSON.
 
-    python -m bench                      every scenario, 3 runs each (~8 min)
+    python -m bench                      every scenario, 3 runs each (~18 min)
     python -m bench --quick              seconds-long smoke (CI): tiny counts, no speed claims
     python -m bench --only rps,latency   a subset (names: rps latency hold relay b64 soak workers
                                          reconciler usage redis idempotency
