@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from .core import Metric, ScenarioResult
+from .instructions import VARIANTS
 
 # `proxied request` and `expected` are the reconciler row's same-run references;
 # `idle interpreter` the usage row's (the report's RSS before it reads anything);
 # `no key` the idempotency row's (the same gateway without an Idempotency-Key);
-# `no access log` .. `none of the three` the instructions row's (the gateway with
-# features off, `bench.instructions.VARIANTS`).
+# `VARIANTS` the instructions rows' (the gateway with features off).
 COLUMNS = (
     "direct",
     "reference",
@@ -20,10 +20,7 @@ COLUMNS = (
     "expected",
     "idle interpreter",
     "no key",
-    "no access log",
-    "no usage ledger",
-    "no limits or prices",
-    "none of the three",
+    *VARIANTS,
     "gateway",
 )
 

@@ -419,3 +419,22 @@ def test_price_entries_memoised_per_table_match_a_plain_scan(
     for pricing in (first, second, first):
         for model in models:
             assert price_entry(pricing, model) == scan(pricing, model)
+
+
+def test_upstream_urls_are_parsed_once_and_a_bad_one_is_left_to_aiohttp() -> None:
+    # The parsed URL is shared by every request to the same path; one yarl cannot parse
+    # stays a string, so aiohttp reports it as a transport failure, as it always did.
+    from types import SimpleNamespace
+    from typing import cast
+
+    from yarl import URL
+
+    from proxy.config.model import UpstreamConfig
+    from proxy.upstream.call import upstream_url
+
+    good = cast(UpstreamConfig, SimpleNamespace(base_url="http://127.0.0.1:1/api/v1"))
+    first = upstream_url(good, "/services/aigc/x")
+    assert isinstance(first, URL) and str(first) == "http://127.0.0.1:1/api/v1/services/aigc/x"
+    assert upstream_url(good, "/services/aigc/x") is first
+    bad = cast(UpstreamConfig, SimpleNamespace(base_url="http://h:99999/api/v1"))
+    assert upstream_url(bad, "/services/aigc/x") == "http://h:99999/api/v1/services/aigc/x"

@@ -10,6 +10,7 @@ request, growing with the size of the price table.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -35,6 +36,4 @@ def per_config(fn: Callable[[K], T]) -> Callable[[K], T]:
         memo[id(value)] = (value, answer)
         return answer
 
-    memoised.__doc__ = fn.__doc__
-    memoised.__name__ = getattr(fn, "__name__", "memoised")
-    return memoised
+    return functools.update_wrapper(memoised, fn)

@@ -18,6 +18,7 @@ Pure functions only; `proxy.core.admission` applies them.
 
 from __future__ import annotations
 
+import functools
 import math
 
 from proxy.config.memo import per_config
@@ -34,18 +35,11 @@ from proxy.state.limiter import (
 SPEND_DAY, SPEND_MONTH = "spend_per_day", "spend_per_month"
 
 
+@functools.lru_cache(maxsize=4096)
 def spend_key(key: str) -> str:
     """The limiter key that counts `key`'s spend (memoised: one string per key, not one
     more kept by every request in flight)."""
-    found = _SPEND_KEYS.get(key)
-    if found is None:
-        if len(_SPEND_KEYS) >= 4096:  # key names come from configs: bounded
-            _SPEND_KEYS.clear()
-        found = _SPEND_KEYS[key] = key + ":spend"
-    return found
-
-
-_SPEND_KEYS: dict[str, str] = {}
+    return key + ":spend"
 
 
 @per_config

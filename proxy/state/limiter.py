@@ -55,33 +55,27 @@ IMAGES_DAY, IMAGES_MONTH = "images_per_day", "images_per_month"
 
 
 @lru_cache(maxsize=64)
-def _periods(day_index: int) -> tuple[str, str]:
-    """The UTC day and month of day number `day_index` since the epoch (POSIX time has
-    no leap seconds: every UTC day is 86,400 of its seconds)."""
-    t = time.gmtime(day_index * 86400)
-    return time.strftime("%Y%m%d", t), time.strftime("%Y%m", t)
-
-
-def day_period(ts: float) -> str:
-    """`20250131`: the UTC day a timestamp falls in."""
-    return _periods(math.floor(ts) // 86400)[0]
-
-
-def month_period(ts: float) -> str:
-    """`202501`: the UTC month a timestamp falls in."""
-    return _periods(math.floor(ts) // 86400)[1]
-
-
-@lru_cache(maxsize=64)
 def _period_keys(day_index: int) -> tuple[str, str]:
-    day, month = _periods(day_index)
-    return "d:" + day, "m:" + month
+    """The counter keys of the UTC day and month of day number `day_index` since the
+    epoch (POSIX time has no leap seconds: every UTC day is 86,400 of its seconds)."""
+    t = time.gmtime(day_index * 86400)
+    return "d:" + time.strftime("%Y%m%d", t), "m:" + time.strftime("%Y%m", t)
 
 
 def current_periods(ts: float) -> tuple[str, str]:
     """`("d:20250131", "m:202501")`: the keys of the UTC day's and month's counters that
     `ts` counts in (memoised per day: asked several times per metered request)."""
     return _period_keys(int(ts // 86400))
+
+
+def day_period(ts: float) -> str:
+    """`20250131`: the UTC day a timestamp falls in."""
+    return current_periods(ts)[0][2:]
+
+
+def month_period(ts: float) -> str:
+    """`202501`: the UTC month a timestamp falls in."""
+    return current_periods(ts)[1][2:]
 
 
 def seconds_to_next_day(ts: float) -> int:

@@ -227,22 +227,20 @@ class UpstreamRouter:
         return self._by_name.get(name)
 
 
-# Upstream URLs parsed once per (base URL, path): generation requests name a handful of
-# paths, and a URL made per request is parsed again and kept by every request in flight.
-_URLS: dict[tuple[str, str], URL] = {}
-MAX_URLS = 1024
+def upstream_url(upstream: UpstreamConfig, path: str) -> URL | str:
+    """`upstream.base_url` + `path`, parsed once per (base URL, path): generation requests
+    name a handful of paths, and a URL string made per request is parsed again and kept
+    by every request in flight. One that does not parse is left to aiohttp, which
+    reports it as the transport failure it always was."""
+    try:
+        return _url(upstream.base_url, path)
+    except ValueError:
+        return upstream.base_url + path
 
 
-def upstream_url(upstream: UpstreamConfig, path: str) -> URL:
-    """`upstream.base_url` + `path` as a URL, memoised (for the bounded paths of
-    generation requests; task ids in a path would only churn it)."""
-    key = (upstream.base_url, path)
-    url = _URLS.get(key)
-    if url is None:
-        if len(_URLS) >= MAX_URLS:
-            _URLS.clear()
-        url = _URLS[key] = URL(upstream.base_url + path)
-    return url
+@functools.lru_cache(maxsize=1024)
+def _url(base_url: str, path: str) -> URL:
+    return URL(base_url + path)
 
 
 def send_upstream(
