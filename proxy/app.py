@@ -151,6 +151,16 @@ def _client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
+def _release(ctx: RequestContext) -> None:
+    """Run the request's cleanups (limits: the concurrency slot, the reservation), once."""
+    for cleanup in ctx.cleanups:
+        try:
+            cleanup()
+        except Exception:
+            log.exception("request cleanup failed (request %s)", ctx.request_id)
+    ctx.cleanups.clear()
+
+
 def _awaiting_dashscope(request: web.Request, ctx: RequestContext) -> bool:
     """Was a DashScope answer outstanding (sent, not yet received whole)?"""
     state = request.get(ANSWER)
@@ -234,16 +244,25 @@ def pipeline(handler: Handler, route: str) -> Handler:
             # A client that went away while DashScope answered: the handler ran on (the
             # images are counted), but the client got nothing.
             status = 499 if _client_gone(request) else response.status
+            # The concurrency slot is free before the client has the answer (its next
+            # request may come at once); the request's own bookkeeping (the request
+            # metrics, the access line) waits until the answer is on its way.
+            _release(ctx)
+            if status != 499 and not response.prepared:
+                try:
+                    await response.prepare(request)
+                    await response.write_eof()
+                except ConnectionError:
+                    status = 499
+                except asyncio.CancelledError:
+                    status = 499
+                    raise
             return response
         finally:
             if task is not None:
                 activity.end(task)
             gauge.dec()
-            for cleanup in ctx.cleanups:  # limits: the concurrency slot, the reservation
-                try:
-                    cleanup()
-                except Exception:
-                    log.exception("request cleanup failed (request %s)", ctx.request_id)
+            _release(ctx)
             seconds = time.perf_counter() - ctx.started
             metrics.count_request(route, ctx.key, ctx.model_label, status, seconds)
             config = app[RUNTIME].current.config

@@ -127,6 +127,24 @@ def test_concurrent_requests(start_gateway: GatewayFactory, sim: Live, tmp_path:
     assert post(gw, body()).status_code == 200
 
 
+def test_the_slot_is_free_once_the_answer_arrives(
+    start_gateway: GatewayFactory, sim: Live, tmp_path: Path
+) -> None:
+    """The gateway writes an answer before its own bookkeeping (metrics, access line),
+    but frees the concurrency slot first: a client whose next request follows its answer
+    at once, on another connection, is never refused."""
+    gw = limited(start_gateway, sim, tmp_path, "concurrent_requests: 1")
+    sessions = [requests.Session(), requests.Session()]
+    codes = [
+        sessions[i % 2].post(gw.url + MM, json=body(), headers=A, timeout=10).status_code
+        for i in range(40)
+    ]
+    assert codes == [200] * 40
+    # Each answer's bookkeeping still happened, once, with its status.
+    assert [line["status"] for line in gw.log_lines() if line["route"] != "metrics"] == codes
+    assert gw.images("team-a", "qwen-image-2.0") == 40
+
+
 def test_daily_image_quota_uses_the_models_default_n(
     start_gateway: GatewayFactory, sim: Live, tmp_path: Path
 ) -> None:
