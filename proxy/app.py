@@ -259,17 +259,21 @@ def pipeline(handler: Handler, route: str) -> Handler:
                     raise
             return response
         finally:
-            if task is not None:
-                activity.end(task)
-            gauge.dec()
             _release(ctx)
-            seconds = time.perf_counter() - ctx.started
-            metrics.count_request(route, ctx.key, ctx.model_label, status, seconds)
-            config = app[RUNTIME].current.config
-            if config.server.access_log:
-                app[ACCESS_LOG].write(
-                    ctx, request.method, status, seconds, config.server.log_prompts
-                )
+            try:
+                seconds = time.perf_counter() - ctx.started
+                metrics.count_request(route, ctx.key, ctx.model_label, status, seconds)
+                config = app[RUNTIME].current.config
+                if config.server.access_log:
+                    app[ACCESS_LOG].write(
+                        ctx, request.method, status, seconds, config.server.log_prompts
+                    )
+            finally:
+                # In flight until its bookkeeping is done: a drain (and the in-flight
+                # gauge) sees a request end only once its counter and line are written.
+                if task is not None:
+                    activity.end(task)
+                gauge.dec()
 
     return in_pipeline
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from tests.support import Live, LoopThread
 UPSTREAM_KEY = "sk-sim-upstream"
 KEY_A = "gw-team-a-secret-0001"
 KEY_B = "gw-team-b-secret-0002"
+# Metrics the gateway sets just after a request's answer is written.
+AFTER_THE_ANSWER = ("dashscope_proxy_requests_total", "dashscope_proxy_request_duration")
 
 
 def gateway_yaml(sim_url: str, state_path: Path, extra: str = "") -> str:
@@ -64,8 +67,26 @@ class Gateway:
         return self.live.url + "/api/v1"
 
     def metric(self, name: str, **labels: str) -> float:
+        if name.startswith(AFTER_THE_ANSWER):
+            self.settled()
         value = self.registry.get_sample_value(name, labels)
         return 0.0 if value is None else value
+
+    def settled(self, timeout: float = 2.0) -> None:
+        """Wait (up to `timeout`) until no request is in flight. The gateway writes a
+        request's counter, duration and access line just after its answer, so a client
+        thread can have the answer a moment before they exist."""
+        deadline = time.monotonic() + timeout
+        while self._in_flight() and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def _in_flight(self) -> float:
+        return sum(
+            sample.value
+            for family in self.registry.collect()
+            if family.name == "dashscope_proxy_inflight_requests"
+            for sample in family.samples
+        )
 
     def images(self, key: str, model: str) -> float:
         return self.metric("dashscope_proxy_images_total", key=key, model=model)
@@ -73,6 +94,7 @@ class Gateway:
     def log_lines(self) -> list[dict[str, Any]]:
         import json
 
+        self.settled()
         return [json.loads(line) for line in self.access.getvalue().splitlines() if line]
 
 
