@@ -160,3 +160,21 @@ def test_two_replicas_share_the_spend_limit(
     finally:
         for gw in gws:
             gw.stop()
+
+
+def test_with_redis_a_failed_request_frees_its_spend_and_image_reservations(
+    start_gateway: GatewayFactory, sim: Live, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A key under an image quota and a spend limit on Redis: a request DashScope refuses
+    (nothing generated) frees both its reservations when it ends, so the next request
+    that needs the whole remaining room is admitted at once, not after the lease lapses."""
+    state = f"  backend: redis\n  url: {redis_server.url}\n"
+    gw = start_gateway(
+        yaml_text=config(sim, tmp_path, "images_per_day: 2, spend_per_day: 0.1", state)
+    )
+    for _ in range(3):
+        r = post(gw.url, body("a cat [sim:fail]", model="qwen-image-2.0"))
+        assert r.status_code == 400, r.text
+    assert post(gw.url, body(model="qwen-image-2.0")).status_code == 200  # spent 0.10
+    assert_spend_refusal(post(gw.url, body(model="qwen-image-2.0")))
+    assert gw.images("team-a", "qwen-image-2.0") == 1

@@ -107,3 +107,68 @@ async def test_reservations_written_without_the_sum_still_count_and_drain(
         assert await _stored_sum(state, "k") == (5, 5)
     finally:
         await state.close()
+
+
+async def test_a_request_admitted_under_two_keys_keeps_and_frees_both(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A request under an image quota and a spend limit is admitted twice with one token
+    (the key, and its spend key): the lease refresh extends both, and its end frees both,
+    with Redis up and from the in-process fallback while Redis is down."""
+    state = await RedisState.open(
+        StateConfig("redis", str(tmp_path / "spool.db"), redis_server.url),
+        Metrics(CollectorRegistry()),
+    )
+    small = LimitsConfig(images_per_day=3)
+    keys = ("k", "k:spend")
+    try:
+        for key in keys:
+            assert (await state.limiter.admit(key, small, "req-1", 2, time.time())).allowed
+        conc = {key: state.keys.limits(key)[1] for key in keys}
+        leased = {key: await state.redis.zscore(conc[key], "req-1") for key in keys}
+        await asyncio.sleep(0.05)
+        await state.limiter.refresh()
+        for key in keys:
+            assert await state.redis.zscore(conc[key], "req-1") > leased[key], key
+        for key in keys:
+            state.limiter.release(key, "req-1")
+        for key in keys:
+            await _released(state, key, "req-1")
+            assert await _stored_sum(state, key) == (0, 0), key
+            # What was reserved is free again: a second request fits the same room.
+            assert (await state.limiter.admit(key, small, "req-2", 2, time.time())).allowed
+            state.limiter.release(key, "req-2")
+            await _released(state, key, "req-2")
+
+        redis_server.stop()
+        for token in ("req-3", "req-4"):  # served by the fallback: freed there too
+            for key in keys:
+                decision = await state.limiter.admit(key, small, token, 2, time.time())
+                assert decision.allowed, (token, key, decision)
+            assert not state.up
+            for key in keys:
+                state.limiter.release(key, token)
+    finally:
+        await state.close()
+
+
+async def test_a_replicas_next_admission_sees_its_last_release(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A release goes to Redis in the background; the same replica's next admission of
+    the key waits for it, so a client's next request finds the room its last one freed."""
+    state = await RedisState.open(
+        StateConfig("redis", str(tmp_path / "spool.db"), redis_server.url),
+        Metrics(CollectorRegistry()),
+    )
+    small = LimitsConfig(images_per_day=2, concurrent_requests=1)
+    try:
+        for n in range(5):  # no pause between the release and the next admission
+            token = f"req-{n}"
+            decision = await state.limiter.admit("k", small, token, 2, time.time())
+            assert decision.allowed, (token, decision)
+            state.limiter.release("k", token)
+        await _released(state, "k", "req-4")
+        assert await _stored_sum(state, "k") == (0, 0)
+    finally:
+        await state.close()

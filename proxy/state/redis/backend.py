@@ -54,7 +54,7 @@ class RedisState(StateBackend):
         self._down_since: float | None = None
         self.recovered_at = 0.0
         self.recovering = False
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Future[None]] = set()
         self._closing = False
         self._reconciled = asyncio.Event()
         self.scripts = {name: client.register_script(script_source(name)) for name in SCRIPT_NAMES}
@@ -126,10 +126,11 @@ class RedisState(StateBackend):
             self.mark_down(exc)
             return None
 
-    def spawn(self, coro: Awaitable[None]) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+    def spawn(self, coro: Awaitable[None]) -> asyncio.Future[None]:
+        task: asyncio.Future[None] = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def _monitor(self) -> None:
         while not self._closing:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -154,4 +155,4 @@ class Backend(Protocol):
 
     async def call(self, op: Callable[[], Awaitable[T]]) -> T | None: ...
 
-    def spawn(self, coro: Awaitable[None]) -> None: ...
+    def spawn(self, coro: Awaitable[None]) -> asyncio.Future[None]: ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 
@@ -30,10 +31,15 @@ class RedisLimiter:
     def __init__(self, state: Backend) -> None:
         self._s = state
         self.local = LocalLimiter()
-        # Tokens admitted through Redis and still in flight: token -> key.
-        self._held: dict[str, str] = {}
-        # Tokens admitted by the local fallback (released locally).
-        self._local_tokens: set[str] = set()
+        # (key, token) admitted through Redis and still in flight. By key and token: a
+        # request under an image quota and a spend limit holds one token under two keys
+        # (the key and its spend key), each leased, refreshed and released on its own.
+        self._held: set[tuple[str, str]] = set()
+        # (key, token) admitted by the local fallback (released locally).
+        self._local_tokens: set[tuple[str, str]] = set()
+        # Releases on their way to Redis, by key: this replica's next admission of the key
+        # waits for them, so a client's next request sees its last one's room freed.
+        self._releasing: dict[str, set[asyncio.Future[None]]] = {}
         # Releases that failed while Redis was down: (key, token).
         self._orphans: set[tuple[str, str]] = set()
         self.spooled = False
@@ -53,6 +59,9 @@ class RedisLimiter:
             return -1 if v is None else v
 
         reserve = images if has_quota(limits) else 0
+        releasing = self._releasing.get(key)
+        if releasing:  # asyncio.wait, not gather: a cancelled admission leaves them be
+            await asyncio.wait(set(releasing))
         script = self._s.scripts["admit"]
         result = await self._s.call(
             lambda: script(
@@ -74,12 +83,12 @@ class RedisLimiter:
             self._s.fallback("limits")
             decision = self.local.admit_now(key, limits, token, reserve, now)
             if decision.allowed:
-                self._local_tokens.add(token)
+                self._local_tokens.add((key, token))
             return decision
         code, now_ms, recent, oldest, inflight, used_d, used_m, reserved = (int(x) for x in result)
         self._seed(key, now, used_d, used_m)
         if code == 0:
-            self._held[token] = key
+            self._held.add((key, token))
             return Decision(True, used_day=used_d, used_month=used_m, reserved=reserved)
         decision = decide(
             limits,
@@ -102,13 +111,25 @@ class RedisLimiter:
         self.local.used[(key, month)] = used_m
 
     def release(self, key: str, token: str) -> None:
-        if token in self._local_tokens:
-            self._local_tokens.discard(token)
+        held = (key, token)
+        if held in self._local_tokens:
+            self._local_tokens.discard(held)
             self.local.release(key, token)
             return
-        if self._held.pop(token, None) is None:
+        if held not in self._held:
             return
-        self._s.spawn(self._release_remote(key, [token]))
+        self._held.discard(held)
+        task = self._s.spawn(self._release_remote(key, [token]))
+        releasing = self._releasing.setdefault(key, set())
+        releasing.add(task)
+        task.add_done_callback(lambda done: self._released(key, done))
+
+    def _released(self, key: str, task: asyncio.Future[None]) -> None:
+        releasing = self._releasing.get(key)
+        if releasing is not None:
+            releasing.discard(task)
+            if not releasing:
+                del self._releasing[key]
 
     async def _release_remote(self, key: str, tokens: list[str]) -> None:
         script = self._s.scripts["release"]
@@ -117,7 +138,7 @@ class RedisLimiter:
             self._orphans.update((key, t) for t in tokens)
 
     async def hold_for_task(self, key: str, token: str, task_id: str, now: float) -> None:
-        if token in self._local_tokens:
+        if (key, token) in self._local_tokens:
             self.local.hold_now(key, token, task_id, now)
             return
         script = self._s.scripts["hold"]
@@ -169,7 +190,7 @@ class RedisLimiter:
         if not self._s.up or not self._held:
             return
         by_key: dict[str, list[str]] = {}
-        for token, key in self._held.items():
+        for key, token in self._held:
             by_key.setdefault(key, []).append(token)
         script = self._s.scripts["refresh"]
         for key, tokens in by_key.items():
