@@ -61,7 +61,7 @@ class RedisLimiter:
         reserve = images if has_quota(limits) else 0
         releasing = self._releasing.get(key)
         if releasing:  # asyncio.wait, not gather: a cancelled admission leaves them be
-            await asyncio.wait(set(releasing))
+            await asyncio.wait(releasing)  # it copies the set
         script = self._s.scripts["admit"]
         result = await self._s.call(
             lambda: script(
@@ -118,18 +118,12 @@ class RedisLimiter:
             return
         if held not in self._held:
             return
-        self._held.discard(held)
+        self._held.remove(held)
         task = self._s.spawn(self._release_remote(key, [token]))
+        # One set per limiter key (configured keys and their spend keys), kept when empty.
         releasing = self._releasing.setdefault(key, set())
         releasing.add(task)
-        task.add_done_callback(lambda done: self._released(key, done))
-
-    def _released(self, key: str, task: asyncio.Future[None]) -> None:
-        releasing = self._releasing.get(key)
-        if releasing is not None:
-            releasing.discard(task)
-            if not releasing:
-                del self._releasing[key]
+        task.add_done_callback(releasing.discard)
 
     async def _release_remote(self, key: str, tokens: list[str]) -> None:
         script = self._s.scripts["release"]
