@@ -64,6 +64,7 @@ from proxy.runtime import (
 from proxy.state.backends import open_state
 from proxy.storage.keeper import keeper_ctx
 from proxy.upstream.call import make_session
+from proxy.upstream.deadline import DEADLINES, Deadlines
 from proxy.upstream.health import UPSTREAMS, UpstreamHealth
 from proxy.upstream.relay import ABORTED, ANSWER, AWAITED, answer_lost, lost_reason
 
@@ -356,9 +357,12 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The ClientSession (`app[SESSION]`), and the deadlines of its generation calls."""
     session = make_session(app[RUNTIME].current.config.upstreams)
     app[SESSION] = session
+    deadlines = app[DEADLINES] = Deadlines()
     yield
+    deadlines.close()
     await session.close()
 
 

@@ -153,6 +153,17 @@ def _client_timeout(t: TimeoutsConfig) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.read)
 
 
+def socket_timeout(upstream: UpstreamConfig) -> aiohttp.ClientTimeout:
+    """`client_timeout` without `total`, for a call whose `timeouts.total` is watched by
+    the app's `Deadlines` (proxy.upstream.deadline)."""
+    return _socket_timeout(upstream.timeouts)
+
+
+@per_config
+def _socket_timeout(t: TimeoutsConfig) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=None, sock_connect=t.connect, sock_read=t.read)
+
+
 def make_session(upstreams: Iterable[UpstreamConfig]) -> aiohttp.ClientSession:
     """The one ClientSession of the app.
 
@@ -251,17 +262,19 @@ def send_upstream(
     headers: CIMultiDict[str],
     body: bytes | None,
     params: object = None,
+    timeout: aiohttp.ClientTimeout | None = None,
 ) -> Awaitable[aiohttp.ClientResponse]:
     """The request to `upstream`, to await: its response, or aiohttp's `ClientError` /
     `TimeoutError` (give those to `upstream_failure`). Awaited where it is needed, so a
-    request waiting on DashScope holds no coroutine of ours for it."""
+    request waiting on DashScope holds no coroutine of ours for it. `timeout`: the
+    upstream's `client_timeout` unless the caller watches `timeouts.total` itself."""
     return session.request(
         method,
         url,
         data=body,
         headers=headers,
         params=params,  # type: ignore[arg-type]
-        timeout=client_timeout(upstream),
+        timeout=client_timeout(upstream) if timeout is None else timeout,
         allow_redirects=False,
     )
 
@@ -337,3 +350,15 @@ def key_headers(api_key: str) -> CIMultiDict[str]:
     headers["Accept"] = "application/json"
     headers["Accept-Encoding"] = "identity"
     return headers
+
+
+async def peek_throttling(resp: aiohttp.ClientResponse) -> tuple[bool, str]:
+    """Is this 429 DashScope's `Throttling*`, and its code? A body that cannot be read as
+    a small JSON error is assumed to be: every 429 DashScope documents is `Throttling*`."""
+    code, _ = await peek_error(resp)
+    return (True, "429") if code is None else (code.startswith("Throttling"), code)
+
+
+def counts_as_failure(status: int) -> bool:
+    """Does this answer count against the upstream's circuit breaker?"""
+    return status == 429 or status >= 500

@@ -45,6 +45,7 @@ and relaying the answer (`relay`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -62,12 +63,16 @@ from proxy.metrics import Metrics
 from proxy.runtime import CTX, METRICS, SESSION, RequestContext
 from proxy.upstream.call import (
     UpstreamFailure,
+    counts_as_failure,
     peek_error,
+    peek_throttling,
     rejects_key,
     send_upstream,
+    socket_timeout,
     upstream_failure,
     upstream_url,
 )
+from proxy.upstream.deadline import DEADLINES, Deadlines, Watch
 from proxy.upstream.health import UPSTREAMS, UpstreamHealth, capacity
 
 log = logging.getLogger(__name__)
@@ -78,36 +83,12 @@ RETRYABLE_KINDS = frozenset({"connect", "connect_timeout"})
 HeadersFor = Callable[[UpstreamConfig], CIMultiDict[str]]
 
 
-# --------------------------------------------------------------------- breaker
-
-
-# ------------------------------------------------------------------------ gate
-
-
-# -------------------------------------------------------------------- registry
-
-
-# ------------------------------------------------------------------------ calls
-
-
 @dataclass(slots=True)
 class UpstreamCall:
     """The upstream that answered, and its response (not yet read)."""
 
     upstream: UpstreamConfig
     response: aiohttp.ClientResponse
-
-
-async def _peek_429(resp: aiohttp.ClientResponse) -> tuple[bool, str]:
-    """Is this 429 DashScope's `Throttling*`, and its code? A body that cannot be read as
-    a small JSON error is assumed to be: every 429 DashScope documents is `Throttling*`."""
-    code, _ = await peek_error(resp)
-    return (True, "429") if code is None else (code.startswith("Throttling"), code)
-
-
-def counts_as_failure(status: int) -> bool:
-    """Does this answer count against the upstream's circuit breaker?"""
-    return status == 429 or status >= 500
 
 
 def call_with_failover(
@@ -138,6 +119,7 @@ def call_with_failover(
         health,
         app[METRICS],
         app[SESSION],
+        app[DEADLINES],
         request.get(CTX),
         health.order(candidates, pinned=pinned),
         pinned,
@@ -159,6 +141,7 @@ class _Walk:
     health: UpstreamHealth
     metrics: Metrics
     session: aiohttp.ClientSession
+    deadlines: Deadlines
     ctx: RequestContext | None
     order: Sequence[UpstreamConfig]  # the candidates, in this request's order
     pinned: bool
@@ -177,6 +160,7 @@ class _Walk:
     soonest: float = math.inf  # when an open circuit may take a probe
     rejected: list[str] | None = None  # upstreams that refused their key
     chosen: UpstreamCall | None = None
+    watch: Watch | None = None  # the answered try's `timeouts.total`, while it is read
 
     async def __aenter__(self) -> UpstreamCall:
         """The first candidate that takes the request (its slot held until the exit),
@@ -219,6 +203,7 @@ class _Walk:
                 outcome: UpstreamCall | str = "circuit_open"
             else:
                 t0 = time.perf_counter()
+                watch = self.deadlines.watch(u.timeouts.total)
                 try:
                     resp = await send_upstream(
                         self.session,
@@ -228,14 +213,23 @@ class _Walk:
                         self.headers(u),
                         self.body,
                         self.params,
+                        socket_timeout(u),
                     )
                 except (aiohttp.ClientError, TimeoutError) as exc:
+                    watch.done()
                     outcome = self._transport_failed(u, exc, rest)
+                except asyncio.CancelledError:
+                    if not watch.timed_out():
+                        self._abandon(u)
+                        raise
+                    outcome = self._transport_failed(u, TimeoutError(), rest)
                 except BaseException:
-                    self.health.breaker(u.name).abandon()
-                    self.health.gate(u.name).leave()
+                    watch.done()
+                    self._abandon(u)
                     raise
                 else:
+                    watch.answered(resp)
+                    self.watch = watch
                     self._answered(u, resp, t0)
                     if resp.status in (401, 403, 429, 503):
                         outcome = await self._refused(u, resp, rest)
@@ -244,6 +238,7 @@ class _Walk:
             if isinstance(outcome, UpstreamCall):
                 self.chosen = outcome
                 return outcome
+            self._end_watch()
             if last_resort:
                 raise self._no_answer()
             if outcome == "circuit_open":  # another request took the probe meanwhile
@@ -251,11 +246,23 @@ class _Walk:
             self._failing_over(u.name, outcome)
 
     async def __aexit__(self, *exc: object) -> None:
+        self._end_watch()
         chosen = self.chosen
         if chosen is not None:
             self.chosen = None
             chosen.response.release()
             self.health.gate(chosen.upstream.name).leave()
+
+    def _abandon(self, u: UpstreamConfig) -> None:
+        """The try on `u` ends with neither an answer nor a failure (its slot released)."""
+        self.health.breaker(u.name).abandon()
+        self.health.gate(u.name).leave()
+
+    def _end_watch(self) -> None:
+        watch = self.watch
+        if watch is not None:
+            self.watch = None
+            watch.done()
 
     def _available(self, u: UpstreamConfig) -> bool:
         """Is `u`'s circuit letting requests through? (If not, noted as a failover.)"""
@@ -357,7 +364,7 @@ class _Walk:
         elif self._more(rest):  # 429 or 503
             try:
                 refused, code = (
-                    await _peek_429(resp) if resp.status == 429 else (True, str(resp.status))
+                    await peek_throttling(resp) if resp.status == 429 else (True, str(resp.status))
                 )
             except BaseException:
                 resp.release()

@@ -14,8 +14,14 @@ from multidict import CIMultiDict
 from proxy.config.model import UpstreamConfig
 from proxy.errors import upstream_key_rejected, upstream_unavailable_now
 from proxy.runtime import METRICS, SESSION
-from proxy.upstream.call import UpstreamFailure, call_upstream, peek_error, rejects_key
-from proxy.upstream.failover import UpstreamCall, counts_as_failure
+from proxy.upstream.call import (
+    UpstreamFailure,
+    call_upstream,
+    counts_as_failure,
+    peek_error,
+    rejects_key,
+)
+from proxy.upstream.failover import UpstreamCall
 from proxy.upstream.health import UPSTREAMS, capacity
 
 
