@@ -18,6 +18,15 @@ from tests.resilience_support import MM, A, body, config_yaml, upstream_yaml
 from tests.support import Live, LoopThread
 
 ERRORS = "dashscope_proxy_upstream_errors_total"
+SSE = {"X-DashScope-SSE": "enable", "Accept": "text/event-stream"}
+
+
+def _interleave() -> dict[str, object]:
+    return {
+        "model": "wan2.6-image",
+        "input": {"messages": [{"role": "user", "content": [{"text": "a tutorial"}]}]},
+        "parameters": {"enable_interleave": True, "max_images": 3, "size": "1280*1280"},
+    }
 
 
 def test_total_runs_out_before_dashscope_answers_504_and_the_next_call_is_untouched(
@@ -51,16 +60,10 @@ def test_total_runs_out_while_the_answer_streams_the_stream_is_cut(
     try:
         upstream = upstream_yaml("up", slow.url, extra="timeouts: {read: 2, total: 1}")
         gw = start_gateway(yaml_text=config_yaml([upstream], tmp_path / "s.db"))
-        payload = {
-            "model": "wan2.6-image",
-            "input": {"messages": [{"role": "user", "content": [{"text": "a tutorial"}]}]},
-            "parameters": {"enable_interleave": True, "max_images": 3, "size": "1280*1280"},
-        }
         events, t0 = 0, time.monotonic()
-        sse = {"X-DashScope-SSE": "enable", "Accept": "text/event-stream"}
         try:
             with requests.post(
-                gw.url + MM, json=payload, headers={**A, **sse}, stream=True, timeout=10
+                gw.url + MM, json=_interleave(), headers={**A, **SSE}, stream=True, timeout=10
             ) as r:
                 assert r.status_code == 200
                 for line in r.iter_lines():
@@ -77,9 +80,46 @@ def test_total_runs_out_while_the_answer_streams_the_stream_is_cut(
         loop_thread.stop(slow)
 
 
+def test_read_runs_out_before_dashscope_answers_504(
+    start_gateway: GatewayFactory, sim: Live, tmp_path: Path
+) -> None:
+    upstream = upstream_yaml(
+        "up", sim.url, extra="timeouts: {read: 0.4, total: 30}\ncircuit_breaker: {failures: 1000}"
+    )
+    gw = start_gateway(yaml_text=config_yaml([upstream], tmp_path / "s.db"))
+    t0 = time.monotonic()
+    r = requests.post(gw.url + MM, json=body("[sim:slow=3]"), headers=A, timeout=10)
+    assert r.status_code == 504 and r.json()["code"] == "GatewayTimeout", r.text
+    assert time.monotonic() - t0 < 2.0
+    assert gw.metric(ERRORS, upstream="up", code="timeout") == 1
+
+
+def test_an_answer_that_keeps_coming_outlasts_read_and_is_whole(
+    start_gateway: GatewayFactory, tmp_path: Path, loop_thread: LoopThread
+) -> None:
+    # Events 0.3 s apart for longer than `read` (0.5 s): the wait's `read` deadline passes
+    # while the answer streams, and must not cut it (aiohttp's read follows the bytes).
+    slow = loop_thread.serve(create_sim_app(SimSettings(sse_event_delay_seconds=0.3)))
+    try:
+        upstream = upstream_yaml("up", slow.url, extra="timeouts: {read: 0.5, total: 30}")
+        gw = start_gateway(yaml_text=config_yaml([upstream], tmp_path / "s.db"))
+        t0 = time.monotonic()
+        with requests.post(
+            gw.url + MM, json=_interleave(), headers={**A, **SSE}, stream=True, timeout=10
+        ) as r:
+            assert r.status_code == 200
+            events = sum(line.startswith(b"data:") for line in r.iter_lines())
+        assert time.monotonic() - t0 > 0.5  # it did outlast `read`
+        assert events >= 3
+        assert gw.images("team-a", "wan2.6-image") == 3
+        assert gw.metric(ERRORS, upstream="up", code="timeout") == 0
+    finally:
+        loop_thread.stop(slow)
+
+
 async def test_a_deadline_cancels_the_wait_and_names_itself() -> None:
     deadlines = Deadlines()
-    watch = deadlines.watch(0.05)
+    watch = deadlines.watch(5, 0.05)
     t0 = time.monotonic()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.sleep(5)
@@ -96,7 +136,7 @@ async def test_a_cancellation_from_elsewhere_is_not_a_timeout() -> None:
     outcomes: list[str] = []
 
     async def call(seconds: float) -> None:
-        watch = deadlines.watch(seconds)
+        watch = deadlines.watch(5, seconds)
         try:
             await asyncio.sleep(5)
         except asyncio.CancelledError:
@@ -122,8 +162,8 @@ async def test_a_cancellation_from_elsewhere_is_not_a_timeout() -> None:
 async def test_ended_calls_are_never_cancelled_and_are_not_kept() -> None:
     deadlines = Deadlines()
     for _ in range(5000):
-        deadlines.watch(0.02).done()
-    live = deadlines.watch(10)
+        deadlines.watch(0.02, 5).done()
+    live = deadlines.watch(10, 10)
     await asyncio.sleep(0.1)  # every ended call's deadline has passed: none fired
     assert len(deadlines) == 1
     # Ended calls do not pile up until their deadline (a busy gateway: thousands a second).

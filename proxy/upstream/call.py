@@ -153,15 +153,15 @@ def _client_timeout(t: TimeoutsConfig) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.read)
 
 
-def socket_timeout(upstream: UpstreamConfig) -> aiohttp.ClientTimeout:
-    """`client_timeout` without `total`, for a call whose `timeouts.total` is watched by
-    the app's `Deadlines` (proxy.upstream.deadline)."""
-    return _socket_timeout(upstream.timeouts)
+def connect_timeout(upstream: UpstreamConfig) -> aiohttp.ClientTimeout:
+    """`client_timeout` with only `timeouts.connect`, for a call whose `read` and `total`
+    the app's `Deadlines` keeps (proxy.upstream.deadline)."""
+    return _connect_timeout(upstream.timeouts)
 
 
 @per_config
-def _socket_timeout(t: TimeoutsConfig) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=None, sock_connect=t.connect, sock_read=t.read)
+def _connect_timeout(t: TimeoutsConfig) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=None, sock_connect=t.connect, sock_read=None)
 
 
 def make_session(upstreams: Iterable[UpstreamConfig]) -> aiohttp.ClientSession:
@@ -267,7 +267,7 @@ def send_upstream(
     """The request to `upstream`, to await: its response, or aiohttp's `ClientError` /
     `TimeoutError` (give those to `upstream_failure`). Awaited where it is needed, so a
     request waiting on DashScope holds no coroutine of ours for it. `timeout`: the
-    upstream's `client_timeout` unless the caller watches `timeouts.total` itself."""
+    upstream's `client_timeout` unless the caller keeps `read` and `total` itself."""
     return session.request(
         method,
         url,

@@ -1,23 +1,27 @@
-"""`timeouts.total` of generation calls to DashScope: one loop timer per app, not per call.
+"""The timeouts of a generation call while it waits on DashScope: one loop timer per app.
 
-aiohttp's own total timeout (`ClientTimeout(total=...)`) gives every call a timeout
-handle, a timer context entered around every read of the answer, and a loop timer
-of its own: about 32k instructions per request and 0.7 KB per request waiting on
-DashScope (docs/performance.md). `Deadlines` keeps every watched call in one heap
-and arms a single loop timer for the earliest deadline. When a call's deadline
-passes:
+A generation call spends its 5-60 s waiting for DashScope's status and headers,
+thousands of calls at once. aiohttp's timeouts would give each of them its own
+state for that wait: for `total` a timeout handle, a timer context entered around
+every read and a loop timer; for `sock_read` a loop timer of its own (about 1.4 KB
+per waiting request together, docs/performance.md). `Deadlines` keeps every
+watched call in one heap and arms a single loop timer for the earliest deadline.
 
-- while it waits for DashScope's status and headers (where a request spends its
-  5-60 s), its task is cancelled, and the caller turns exactly that cancellation
-  into `TimeoutError` (`Watch.timed_out`), as `asyncio.timeout` does: a
-  cancellation from elsewhere (the client gone, a drain) still propagates;
-- once the answer is being read, its body fails with `aiohttp.ServerTimeoutError`
-  at the next read, what every reader of a body already handles (the same error
-  as `timeouts.read` running out), and the connection is closed on release.
+- While a call waits for the answer, its deadline is the sooner of
+  `timeouts.read` (no byte has come back yet; counted from the start of the
+  call, a new connection's connect included) and `timeouts.total`. When it
+  passes, the call's task is cancelled, and the caller turns exactly that
+  cancellation into `TimeoutError` (`Watch.timed_out`), as `asyncio.timeout`
+  does: a cancellation from elsewhere (a drain) still propagates.
+- Once the answer has arrived (`Watch.answered`), `timeouts.read` is aiohttp's
+  again (its `sock_read`, which follows the socket: each arriving chunk restarts
+  it, and it stops while the reader is paused), and the deadline is `total`
+  alone: when it passes, the body fails with `aiohttp.ServerTimeoutError` at the
+  next read, what every reader of a body already handles (the error a read
+  timeout raises), and the connection is closed on release.
 
-`timeouts.read` and `timeouts.connect` stay aiohttp's: they measure the socket.
-Task polls and cancels keep aiohttp's total timeout too (`call_upstream`): they
-are short calls that never wait on a generation.
+`timeouts.connect` stays aiohttp's. Task polls and cancels (`call_upstream`) keep
+all of aiohttp's timeouts: they are short calls that never wait on a generation.
 """
 
 from __future__ import annotations
@@ -35,22 +39,33 @@ _EARLY = 0.001
 
 
 class Watch:
-    """One call's deadline (`Deadlines.watch`)."""
+    """One call's deadlines (`Deadlines.watch`)."""
 
-    __slots__ = ("_deadlines", "_task", "_cancelling", "_response", "state")
+    __slots__ = ("_deadlines", "_task", "_cancelling", "_response", "_read", "_total_at", "state")
 
-    def __init__(self, deadlines: Deadlines, task: asyncio.Task[object] | None) -> None:
+    def __init__(
+        self, deadlines: Deadlines, task: asyncio.Task[object] | None, read: float, total_at: float
+    ) -> None:
         self._deadlines = deadlines
         self._task = task
         self._cancelling = task.cancelling() if task is not None else 0
         self._response: aiohttp.ClientResponse | None = None
+        self._read = read
+        self._total_at = total_at
         self.state = WAITING
 
     def answered(self, response: aiohttp.ClientResponse) -> None:
-        """The status and headers arrived: the deadline now bounds reading `response`."""
+        """The status and headers arrived: `total` now bounds reading `response`, and
+        `read` is aiohttp's, on the connection, from now."""
         if self.state == WAITING:
             self.state = READING
             self._response = response
+            connection = response.connection
+            if connection is not None:  # None: the body is already in (or there is none)
+                protocol = connection.protocol
+                if protocol is not None:
+                    protocol.read_timeout = self._read
+                    protocol.start_timeout()
 
     def done(self) -> None:
         """The call ended (its answer released, or it failed): the deadline no longer applies.
@@ -70,12 +85,15 @@ class Watch:
         self.done()
         return cancelled and task is not None and task.uncancel() <= self._cancelling
 
-    def _expire(self) -> None:
+    def _due(self, now: float) -> float | None:
+        """Its heap entry came due at `now`: act, and None; or when it is due again."""
         if self.state == WAITING:
             self.state = CANCELLED  # the task is kept for `timed_out`
             if self._task is not None:
                 self._task.cancel()
         elif self.state == READING:
+            if now < self._total_at:  # it was the wait's `read`: the answer came in time
+                return self._total_at
             self.state = EXPIRED
             self._task = None
             response, self._response = self._response, None
@@ -83,6 +101,7 @@ class Watch:
                 response.content.set_exception(
                     aiohttp.ServerTimeoutError("timeouts.total ran out reading the answer")
                 )
+        return None
 
 
 class Deadlines:
@@ -97,11 +116,13 @@ class Deadlines:
         self._timer: asyncio.TimerHandle | None = None
         self._armed_at = math.inf
 
-    def watch(self, seconds: float) -> Watch:
-        """A deadline `seconds` from now for the call the current task is about to make."""
+    def watch(self, read: float, total: float) -> Watch:
+        """The deadlines of the call the current task is about to make: `timeouts.read`
+        and `.total`, in seconds from now."""
         loop = asyncio.get_running_loop()
-        w = Watch(self, asyncio.current_task(loop))
-        when = loop.time() + seconds
+        now = loop.time()
+        w = Watch(self, asyncio.current_task(loop), read, now + total)
+        when = now + min(read, total)
         heapq.heappush(self._heap, (when, id(w), w))
         if when < self._armed_at:
             self._arm(loop, when)
@@ -143,7 +164,9 @@ class Deadlines:
             if w.state == DONE:
                 self._finished_in_heap -= 1
             else:
-                w._expire()
+                again = w._due(now)
+                if again is not None:
+                    heapq.heappush(heap, (again, id(w), w))
         if heap:
             self._arm(loop, heap[0][0])
 

@@ -63,12 +63,12 @@ from proxy.metrics import Metrics
 from proxy.runtime import CTX, METRICS, SESSION, RequestContext
 from proxy.upstream.call import (
     UpstreamFailure,
+    connect_timeout,
     counts_as_failure,
     peek_error,
     peek_throttling,
     rejects_key,
     send_upstream,
-    socket_timeout,
     upstream_failure,
     upstream_url,
 )
@@ -160,7 +160,7 @@ class _Walk:
     soonest: float = math.inf  # when an open circuit may take a probe
     rejected: list[str] | None = None  # upstreams that refused their key
     chosen: UpstreamCall | None = None
-    watch: Watch | None = None  # the answered try's `timeouts.total`, while it is read
+    watch: Watch | None = None  # the answered try's deadline, while it is read
 
     async def __aenter__(self) -> UpstreamCall:
         """The first candidate that takes the request (its slot held until the exit),
@@ -203,7 +203,7 @@ class _Walk:
                 outcome: UpstreamCall | str = "circuit_open"
             else:
                 t0 = time.perf_counter()
-                watch = self.deadlines.watch(u.timeouts.total)
+                watch = self.deadlines.watch(u.timeouts.read, u.timeouts.total)
                 try:
                     resp = await send_upstream(
                         self.session,
@@ -213,7 +213,7 @@ class _Walk:
                         self.headers(u),
                         self.body,
                         self.params,
-                        socket_timeout(u),
+                        connect_timeout(u),
                     )
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     watch.done()
